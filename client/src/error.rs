@@ -1,0 +1,91 @@
+//! The one error type every client call returns.
+
+use profiled_protocol::{ErrorCode, FrameError};
+
+/// Why a client call failed.
+///
+/// Each variant's message includes the error it wraps, so printing the
+/// error alone says everything; no variant repeats it as a `source`.
+///
+/// [`ClientError::Daemon`] is the daemon answering a well-formed request
+/// with a typed refusal, and is usually handled by matching on
+/// [`ClientError::code`]. Every other variant means the call could not be
+/// carried out at all.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Connecting failed, or the socket failed during the handshake.
+    #[error("i/o error: {0}")]
+    Io(std::io::Error),
+    /// A frame could not be encoded or decoded. A request over the frame
+    /// limit is refused locally with [`FrameError::TooLarge`] before anything
+    /// is sent, and the connection stays usable.
+    #[error(transparent)]
+    Frame(FrameError),
+    /// The daemon refused the handshake, for example with
+    /// [`ErrorCode::UnsupportedVersion`].
+    #[error("handshake refused: {0}")]
+    Refused(profiled_protocol::Error),
+    /// The daemon answered the request with an error.
+    #[error("request failed: {0}")]
+    Daemon(profiled_protocol::Error),
+    /// The connection closed before the response arrived. Whether a write in
+    /// flight was applied is unknown; the lease's epoch settles it, since a
+    /// lease is released when its connection closes.
+    #[error("connection closed before the response arrived")]
+    Disconnected,
+    /// The daemon sent something the protocol does not allow at that point.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The daemon's error code, for [`ClientError::Refused`] and
+    /// [`ClientError::Daemon`]; `None` for failures the daemon did not name.
+    pub fn code(&self) -> Option<&ErrorCode> {
+        match self {
+            Self::Refused(err) | Self::Daemon(err) => Some(&err.code),
+            _ => None,
+        }
+    }
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(err: std::io::Error) -> Self {
+        Self::Io(err)
+    }
+}
+
+impl From<FrameError> for ClientError {
+    /// Socket failures surface as [`ClientError::Io`] whichever layer saw
+    /// them, so callers match on one variant for them.
+    fn from(err: FrameError) -> Self {
+        match err {
+            FrameError::Io(err) => Self::Io(err),
+            other => Self::Frame(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_exposed_for_daemon_answers_only() {
+        let err = ClientError::Daemon(profiled_protocol::Error::new(ErrorCode::LeaseLost, "x"));
+        assert_eq!(err.code(), Some(&ErrorCode::LeaseLost));
+        assert_eq!(ClientError::Disconnected.code(), None);
+    }
+
+    #[test]
+    fn socket_failures_inside_frame_errors_become_io_errors() {
+        let err = ClientError::from(FrameError::Io(std::io::Error::other("gone")));
+        assert!(matches!(err, ClientError::Io(_)));
+        let err = ClientError::from(FrameError::TooLarge { len: 10, max: 5 });
+        assert!(matches!(
+            err,
+            ClientError::Frame(FrameError::TooLarge { .. })
+        ));
+    }
+}

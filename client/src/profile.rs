@@ -1,0 +1,135 @@
+//! A held lease on one profile, and the events the daemon sends about it.
+
+use profiled_protocol::{LossReason, ProfileMeta, SessionId};
+use tokio::sync::mpsc;
+
+use crate::{Client, ClientError};
+
+/// A lease on one profile, granted by [`Client::load`], with the data it
+/// was loaded with.
+///
+/// Saves and the release carry the lease's [`epoch`](Profile::epoch); the
+/// daemon refuses them with [`ErrorCode::LeaseLost`](crate::ErrorCode::LeaseLost)
+/// once another session has taken the profile.
+///
+/// Dropping a `Profile` only stops its events. It does not release the
+/// lease, which stays held until [`Profile::release`] or until the
+/// connection closes.
+pub struct Profile {
+    /// The connection the lease belongs to; a lease is only valid on it.
+    pub(crate) client: Client,
+    /// The profile's store.
+    pub(crate) store: String,
+    /// The profile's key within the store.
+    pub(crate) key: String,
+    /// The lease's fencing token.
+    pub(crate) epoch: u64,
+    /// The data as loaded; `None` for a profile never saved.
+    pub(crate) data: Option<Vec<u8>>,
+    /// The metadata as loaded.
+    pub(crate) meta: ProfileMeta,
+    /// The connection's reader task holds the sender and routes this
+    /// lease's events to it. It drops the sender when the connection closes
+    /// or the lease is released, which ends the stream.
+    pub(crate) events: mpsc::UnboundedReceiver<ProfileEvent>,
+}
+
+/// Something the daemon tells a lease holder without being asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProfileEvent {
+    /// Another session force-loads the profile. Save and release it
+    /// promptly, or it is taken once the daemon's `force_load_timeout`
+    /// passes.
+    ReleaseRequested {
+        /// The session that wants the profile.
+        requester: SessionId,
+    },
+    /// The lease was taken. Every later save or release under its epoch is
+    /// refused.
+    LeaseLost {
+        /// Why it was taken.
+        reason: LossReason,
+        /// Who holds the profile now, if the daemon said.
+        new_owner: Option<SessionId>,
+    },
+}
+
+impl Profile {
+    /// The profile's store.
+    pub fn store(&self) -> &str {
+        &self.store
+    }
+
+    /// The profile's key within its store.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The lease's fencing token, which every save and release carries.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The data as loaded, or `None` for a profile that was never saved.
+    /// Saving does not change it.
+    pub fn data(&self) -> Option<&[u8]> {
+        self.data.as_deref()
+    }
+
+    /// The profile's metadata as loaded.
+    pub fn meta(&self) -> &ProfileMeta {
+        &self.meta
+    }
+
+    /// Writes the profile's data under this lease, and returns the
+    /// profile's version after the write once it is durable.
+    pub async fn save(&self, data: Vec<u8>) -> Result<u64, ClientError> {
+        self.client
+            .save(&self.store, &self.key, self.epoch, data)
+            .await
+    }
+
+    /// Ends the lease, with a final write of `data` in the same atomic step
+    /// if given, and returns the profile's version after it.
+    pub async fn release(self, data: Option<Vec<u8>>) -> Result<u64, ClientError> {
+        self.client
+            .release(&self.store, &self.key, self.epoch, data)
+            .await
+    }
+
+    /// Waits for the next event about this lease; `None` once the
+    /// connection is gone or the lease was released.
+    pub async fn next_event(&mut self) -> Option<ProfileEvent> {
+        self.events.recv().await
+    }
+
+    /// The next event about this lease if one has arrived, without waiting.
+    pub fn try_next_event(&mut self) -> Option<ProfileEvent> {
+        self.events.try_recv().ok()
+    }
+}
+
+impl std::fmt::Debug for Profile {
+    /// Shows the data's length rather than its bytes, which may be megabytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Profile")
+            .field("store", &self.store)
+            .field("key", &self.key)
+            .field("epoch", &self.epoch)
+            .field("data_len", &self.data.as_ref().map(Vec::len))
+            .field("meta", &self.meta)
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Profile {
+    /// Stops routing this lease's events, so a dropped profile leaves no
+    /// route behind. A newer lease on the same key keeps its own.
+    fn drop(&mut self) {
+        self.client
+            .shared()
+            .unsubscribe(&self.store, &self.key, self.epoch);
+    }
+}

@@ -1,0 +1,535 @@
+//! The client against a scripted fake daemon on a temporary socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use profiled_protocol::{
+    ClientFrame, DEFAULT_MAX_FRAME, Error, ErrorCode, Event, FrameCodec, FrameError, LoadPolicy,
+    Loaded, LossReason, PROTOCOL_VERSION, ProfileMeta, Reply, Request, RequestBody, Response, Role,
+    ServerFrame, SessionId, Welcome,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::Framed;
+
+use crate::{Client, ClientError, ConnectOptions, LoadOptions, ProfileEvent};
+
+/// The daemon's side of one connection.
+type Conn = Framed<UnixStream, FrameCodec<ClientFrame, ServerFrame>>;
+
+/// How long a test waits for something that should happen at once.
+const PROMPTLY: Duration = Duration::from_secs(5);
+
+/// A listening socket in a directory removed when the test ends.
+struct FakeDaemon {
+    /// Keeps the socket's directory alive.
+    _dir: tempfile::TempDir,
+    /// Where clients connect.
+    path: PathBuf,
+    /// Accepts the client's connection.
+    listener: UnixListener,
+}
+
+impl FakeDaemon {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("profiled.sock");
+        let listener = UnixListener::bind(&path).expect("bind the fake daemon");
+        Self {
+            _dir: dir,
+            path,
+            listener,
+        }
+    }
+
+    /// Accepts one connection without reading from it.
+    async fn accept(&self) -> Conn {
+        let (stream, _) = self.listener.accept().await.expect("accept");
+        Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME))
+    }
+
+    /// Accepts one connection and welcomes it with the given frame limit.
+    async fn welcome(&self, max_frame: u32) -> Conn {
+        let mut conn = self.accept().await;
+        let hello = next(&mut conn).await;
+        assert!(
+            matches!(&hello, ClientFrame::Hello(h) if h.protocol_version == PROTOCOL_VERSION),
+            "{hello:?}"
+        );
+        conn.send(ServerFrame::Welcome(Welcome {
+            daemon_version: "test".into(),
+            protocol_version: PROTOCOL_VERSION,
+            max_frame,
+            connection_id: 42,
+        }))
+        .await
+        .expect("send welcome");
+        conn
+    }
+}
+
+fn session() -> SessionId {
+    SessionId {
+        place_id: 7,
+        job_id: "job".into(),
+    }
+}
+
+fn meta() -> ProfileMeta {
+    ProfileMeta {
+        created_at_ms: 1,
+        updated_at_ms: 0,
+        load_count: 1,
+        version: 0,
+        active: None,
+    }
+}
+
+/// The next frame from the client, which must come.
+async fn next(conn: &mut Conn) -> ClientFrame {
+    tokio::time::timeout(PROMPTLY, conn.next())
+        .await
+        .expect("a frame in time")
+        .expect("a frame before eof")
+        .expect("a well-formed frame")
+}
+
+/// The next frame from the client, which must be a request.
+async fn request(conn: &mut Conn) -> Request {
+    match next(conn).await {
+        ClientFrame::Request(request) => request,
+        other => panic!("expected a request, got {other:?}"),
+    }
+}
+
+/// Waits until the client closes its end.
+async fn expect_eof(conn: &mut Conn) {
+    let frame = tokio::time::timeout(PROMPTLY, conn.next())
+        .await
+        .expect("eof in time");
+    assert!(frame.is_none(), "expected eof, got {frame:?}");
+}
+
+/// Connects a client to `daemon`, which welcomes it.
+async fn connected(daemon: &FakeDaemon, max_frame: u32) -> (Client, Conn) {
+    let (client, conn) = tokio::join!(
+        Client::connect(&daemon.path, session()),
+        daemon.welcome(max_frame)
+    );
+    (client.expect("connect"), conn)
+}
+
+/// Serves one load of `s/k` with the given epoch.
+async fn serve_load(conn: &mut Conn, epoch: u64) {
+    let Request { id, body } = request(conn).await;
+    assert!(matches!(body, RequestBody::Load { .. }), "{body:?}");
+    conn.send(ServerFrame::Response(Response {
+        id,
+        result: Ok(Reply::Loaded(Loaded {
+            epoch,
+            data: Some(b"old".to_vec()),
+            meta: meta(),
+        })),
+    }))
+    .await
+    .expect("send loaded");
+}
+
+#[tokio::test]
+async fn the_handshake_sends_hello_and_keeps_the_welcome() {
+    let daemon = FakeDaemon::new();
+    let options = ConnectOptions {
+        role: Role::Admin,
+        ..ConnectOptions::default()
+    };
+    let server = async {
+        let mut conn = daemon.accept().await;
+        let hello = next(&mut conn).await;
+        conn.send(ServerFrame::Welcome(Welcome {
+            daemon_version: "9.9.9".into(),
+            protocol_version: PROTOCOL_VERSION,
+            max_frame: 1000,
+            connection_id: 3,
+        }))
+        .await
+        .expect("send welcome");
+        (hello, conn)
+    };
+    let (client, (hello, _conn)) = tokio::join!(
+        Client::connect_with(&daemon.path, session(), options),
+        server
+    );
+    let client = client.expect("connect");
+    let ClientFrame::Hello(hello) = hello else {
+        panic!("expected hello, got {hello:?}");
+    };
+    assert_eq!(hello.session, session());
+    assert_eq!(hello.role, Role::Admin);
+    assert_eq!(client.session(), &session());
+    assert_eq!(client.welcome().daemon_version, "9.9.9");
+    assert_eq!(client.welcome().connection_id, 3);
+}
+
+#[tokio::test]
+async fn a_refused_handshake_carries_the_daemons_code() {
+    let daemon = FakeDaemon::new();
+    let server = async {
+        let mut conn = daemon.accept().await;
+        next(&mut conn).await;
+        let code = ErrorCode::UnsupportedVersion {
+            client: PROTOCOL_VERSION,
+            daemon: PROTOCOL_VERSION + 1,
+        };
+        conn.send(ServerFrame::Refused(Error::new(code, "upgrade the client")))
+            .await
+            .expect("send refusal");
+    };
+    let (client, ()) = tokio::join!(Client::connect(&daemon.path, session()), server);
+    let err = client.expect_err("refused");
+    assert!(matches!(err, ClientError::Refused(_)), "{err}");
+    assert_eq!(
+        err.code(),
+        Some(&ErrorCode::UnsupportedVersion {
+            client: PROTOCOL_VERSION,
+            daemon: PROTOCOL_VERSION + 1
+        })
+    );
+}
+
+#[tokio::test]
+async fn a_handshake_answered_with_something_else_is_a_protocol_error() {
+    let daemon = FakeDaemon::new();
+    let server = async {
+        let mut conn = daemon.accept().await;
+        next(&mut conn).await;
+        conn.send(ServerFrame::Response(Response {
+            id: 1,
+            result: Ok(Reply::Pong),
+        }))
+        .await
+        .expect("send response");
+    };
+    let (client, ()) = tokio::join!(Client::connect(&daemon.path, session()), server);
+    assert!(
+        matches!(client, Err(ClientError::Protocol(_))),
+        "{client:?}"
+    );
+}
+
+#[tokio::test]
+async fn connecting_to_no_socket_is_an_io_error() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let client = Client::connect(dir.path().join("absent.sock"), session()).await;
+    assert!(matches!(client, Err(ClientError::Io(_))), "{client:?}");
+}
+
+#[tokio::test]
+async fn responses_out_of_order_reach_their_own_callers() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let server = async {
+        let mut requests = Vec::new();
+        for _ in 0..3 {
+            requests.push(request(&mut conn).await);
+        }
+        // A response to no request in flight is ignored.
+        conn.feed(ServerFrame::Response(Response {
+            id: u64::MAX,
+            result: Ok(Reply::Pong),
+        }))
+        .await
+        .expect("send stray response");
+        for Request { id, body } in requests.into_iter().rev() {
+            let reply = match body {
+                RequestBody::Save { epoch, .. } => Reply::Saved {
+                    version: epoch * 10,
+                },
+                RequestBody::Ping => Reply::Pong,
+                other => panic!("unexpected request {other:?}"),
+            };
+            conn.feed(ServerFrame::Response(Response {
+                id,
+                result: Ok(reply),
+            }))
+            .await
+            .expect("send response");
+        }
+        conn.flush().await.expect("flush");
+    };
+    let (first, second, ping, ()) = tokio::join!(
+        client.save("s", "a", 1, b"one".to_vec()),
+        client.save("s", "b", 2, b"two".to_vec()),
+        client.ping(),
+        server,
+    );
+    assert_eq!(first.expect("first save"), 10);
+    assert_eq!(second.expect("second save"), 20);
+    ping.expect("ping");
+}
+
+#[tokio::test]
+async fn a_daemon_error_is_returned_with_its_code() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let server = async {
+        let Request { id, .. } = request(&mut conn).await;
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Err(Error::new(ErrorCode::LeaseLost, "epoch 3 is not current")),
+        }))
+        .await
+        .expect("send error");
+    };
+    let (saved, ()) = tokio::join!(client.save("s", "k", 3, Vec::new()), server);
+    let err = saved.expect_err("lease lost");
+    assert_eq!(err.code(), Some(&ErrorCode::LeaseLost));
+    assert_eq!(
+        err.to_string(),
+        "request failed: lease lost: epoch 3 is not current"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_kind_of_reply_is_a_protocol_error() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let server = async {
+        let Request { id, .. } = request(&mut conn).await;
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Ok(Reply::Pong),
+        }))
+        .await
+        .expect("send pong");
+    };
+    let (saved, ()) = tokio::join!(client.save("s", "k", 3, Vec::new()), server);
+    assert!(matches!(saved, Err(ClientError::Protocol(_))), "{saved:?}");
+}
+
+#[tokio::test]
+async fn a_save_over_the_daemons_limit_fails_locally_and_the_connection_lives_on() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, 1000).await;
+    let err = client
+        .save("s", "k", 1, vec![0; 2000])
+        .await
+        .expect_err("too large");
+    assert!(
+        matches!(
+            err,
+            ClientError::Frame(FrameError::TooLarge { max: 1000, .. })
+        ),
+        "{err}"
+    );
+    let server = async {
+        let Request { id, body } = request(&mut conn).await;
+        assert_eq!(body, RequestBody::Ping, "the oversized save was never sent");
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Ok(Reply::Pong),
+        }))
+        .await
+        .expect("send pong");
+    };
+    let (ping, ()) = tokio::join!(client.ping(), server);
+    ping.expect("ping after the refused save");
+}
+
+#[tokio::test]
+async fn the_load_deadline_is_sent_in_milliseconds() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let options = LoadOptions {
+        policy: LoadPolicy::Repeat,
+        deadline: Some(Duration::from_micros(1500)),
+    };
+    let server = async {
+        let Request { id, body } = request(&mut conn).await;
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Err(Error::new(ErrorCode::Timeout, "deadline passed")),
+        }))
+        .await
+        .expect("send timeout");
+        body
+    };
+    let (loaded, body) = tokio::join!(client.load_with("s", "k", options), server);
+    assert_eq!(
+        loaded.expect_err("timeout").code(),
+        Some(&ErrorCode::Timeout)
+    );
+    assert_eq!(
+        body,
+        RequestBody::Load {
+            store: "s".into(),
+            key: "k".into(),
+            policy: LoadPolicy::Repeat,
+            deadline_ms: Some(2),
+        }
+    );
+}
+
+#[tokio::test]
+async fn events_sent_right_behind_the_load_reach_the_profile() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let thief = SessionId {
+        place_id: 7,
+        job_id: "thief".into(),
+    };
+    let server = async {
+        let Request { id, .. } = request(&mut conn).await;
+        // The response and the event leave in one write, so the client reads
+        // them back to back.
+        conn.feed(ServerFrame::Response(Response {
+            id,
+            result: Ok(Reply::Loaded(Loaded {
+                epoch: 4,
+                data: Some(b"old".to_vec()),
+                meta: meta(),
+            })),
+        }))
+        .await
+        .expect("feed loaded");
+        conn.feed(ServerFrame::Event(Event::ReleaseRequested {
+            store: "s".into(),
+            key: "k".into(),
+            epoch: 4,
+            requester: thief.clone(),
+        }))
+        .await
+        .expect("feed event");
+        conn.feed(ServerFrame::Event(Event::LeaseLost {
+            store: "s".into(),
+            key: "k".into(),
+            epoch: 4,
+            reason: LossReason::ForceLoadTimeout,
+            new_owner: Some(thief.clone()),
+        }))
+        .await
+        .expect("feed event");
+        conn.flush().await.expect("flush");
+    };
+    let (profile, ()) = tokio::join!(client.load("s", "k", LoadPolicy::ForceLoad), server);
+    let mut profile = profile.expect("load");
+    assert_eq!(
+        (profile.store(), profile.key(), profile.epoch()),
+        ("s", "k", 4)
+    );
+    assert_eq!(profile.data(), Some(&b"old"[..]));
+    assert_eq!(profile.meta(), &meta());
+    assert_eq!(
+        profile.next_event().await,
+        Some(ProfileEvent::ReleaseRequested {
+            requester: thief.clone()
+        })
+    );
+    assert_eq!(
+        profile.next_event().await,
+        Some(ProfileEvent::LeaseLost {
+            reason: LossReason::ForceLoadTimeout,
+            new_owner: Some(thief)
+        })
+    );
+    assert_eq!(profile.try_next_event(), None);
+
+    // The daemon goes away: the stream ends and requests fail.
+    drop(conn);
+    assert_eq!(profile.next_event().await, None);
+    let saved = profile.save(Vec::new()).await;
+    assert!(matches!(saved, Err(ClientError::Disconnected)), "{saved:?}");
+}
+
+#[tokio::test]
+async fn releasing_a_profile_sends_its_epoch_and_data_and_ends_its_events() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let (profile, ()) = tokio::join!(
+        client.load("s", "k", LoadPolicy::Steal),
+        serve_load(&mut conn, 9)
+    );
+    let mut profile = profile.expect("load");
+    let server = async {
+        let Request { id, body } = request(&mut conn).await;
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Ok(Reply::Released { version: 5 }),
+        }))
+        .await
+        .expect("send released");
+        body
+    };
+    let (released, body) = tokio::join!(client.release("s", "k", 9, Some(b"new".to_vec())), server);
+    assert_eq!(released.expect("release"), 5);
+    assert_eq!(
+        body,
+        RequestBody::Release {
+            store: "s".into(),
+            key: "k".into(),
+            epoch: 9,
+            data: Some(b"new".to_vec()),
+        }
+    );
+    assert_eq!(profile.next_event().await, None);
+}
+
+#[tokio::test]
+async fn a_response_in_flight_when_the_daemon_goes_away_is_disconnected() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let server = async {
+        request(&mut conn).await;
+        drop(conn);
+    };
+    let (ping, ()) = tokio::join!(client.ping(), server);
+    assert!(matches!(ping, Err(ClientError::Disconnected)), "{ping:?}");
+    let ping = client.ping().await;
+    assert!(matches!(ping, Err(ClientError::Disconnected)), "{ping:?}");
+}
+
+#[tokio::test]
+async fn a_malformed_frame_closes_the_connection_without_panicking() {
+    let daemon = FakeDaemon::new();
+    let (client, conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let mut stream = conn.into_inner();
+    let server = async {
+        // A four-byte payload holding an unknown ServerFrame variant.
+        stream
+            .write_all(&[0, 0, 0, 4, 0, 0, 0, 99])
+            .await
+            .expect("write garbage");
+    };
+    let (ping, ()) = tokio::join!(client.ping(), server);
+    assert!(matches!(ping, Err(ClientError::Disconnected)), "{ping:?}");
+}
+
+#[tokio::test]
+async fn close_shuts_the_socket_while_profiles_still_hold_the_client() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let (profile, ()) = tokio::join!(
+        client.load("s", "k", LoadPolicy::ForceLoad),
+        serve_load(&mut conn, 1)
+    );
+    let mut profile = profile.expect("load");
+    client.close().await;
+    expect_eof(&mut conn).await;
+    assert_eq!(profile.next_event().await, None);
+    let saved = profile.save(Vec::new()).await;
+    assert!(matches!(saved, Err(ClientError::Disconnected)), "{saved:?}");
+}
+
+#[tokio::test]
+async fn dropping_every_handle_closes_the_socket() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let (profile, ()) = tokio::join!(
+        client.load("s", "k", LoadPolicy::ForceLoad),
+        serve_load(&mut conn, 1)
+    );
+    let profile = profile.expect("load");
+    drop(client);
+    drop(profile);
+    expect_eof(&mut conn).await;
+}

@@ -1,0 +1,143 @@
+//! The profiled wire protocol, shared by the daemon and its clients.
+//!
+//! This page is the protocol's one written definition. A client in another
+//! language can be written from it alone.
+//!
+//! # Transport
+//!
+//! A Unix stream socket. The client speaks first. Both directions carry a
+//! sequence of frames and nothing else.
+//!
+//! # Frames
+//!
+//! ```text
+//! +----------------------+---------------------------+
+//! | length: u32, BE      | payload: `length` bytes   |
+//! +----------------------+---------------------------+
+//! ```
+//!
+//! `length` counts the payload only. The daemon's limit (`limits.max_frame`
+//! in its config, announced in [`Welcome::max_frame`]) applies to `length`:
+//! a longer prefix is refused as soon as its four bytes arrive, before any
+//! buffer is allocated for it, and the connection is closed. A payload that
+//! does not decode to exactly one message, with no bytes left over, is
+//! malformed and also closes the connection.
+//!
+//! # Payload encoding
+//!
+//! Payloads are [bincode] 2.0.1 in its serde mode, with one configuration
+//! ([`CONFIG`]): big-endian, fixed-width integers. That gives:
+//!
+//! | type | bytes |
+//! |---|---|
+//! | `u8`, `bool` | 1 (`bool` is 0 or 1) |
+//! | `u32` | 4, big-endian |
+//! | `u64` | 8, big-endian |
+//! | `String` | `u64` byte length, then that many bytes of UTF-8 |
+//! | byte string (`data`) | `u64` length, then the bytes |
+//! | `Option<T>` | `u8` 0 for none; `u8` 1 then `T` for some |
+//! | `Vec<T>` | `u64` count, then each `T` |
+//! | struct | its fields in declaration order, no padding, no names |
+//! | enum | `u32` variant index (0 for the first variant), then the variant's fields in order |
+//! | `Result<T, E>` | an enum: 0 then `T` for Ok, 1 then `E` for Err |
+//!
+//! Variant indexes are positions in the declarations below. Enums on the
+//! wire are append-only, so an index never changes meaning. Any change to a
+//! struct's fields changes [`PROTOCOL_VERSION`].
+//!
+//! # Messages
+//!
+//! The client sends [`ClientFrame`]s:
+//!
+//! ```text
+//! ClientFrame  0 Hello { protocol_version: u32, session: SessionId, role: Role }
+//!              1 Request { id: u64, body: RequestBody }
+//! SessionId      { place_id: u64, job_id: String }
+//! Role         0 Game   1 Admin
+//! RequestBody  0 Load { store: String, key: String, policy: LoadPolicy, deadline_ms: Option<u64> }
+//!              1 Save { store: String, key: String, epoch: u64, data: bytes }
+//!              2 Release { store: String, key: String, epoch: u64, data: Option<bytes> }
+//!              3 Ping
+//! LoadPolicy   0 ForceLoad   1 Steal   2 Repeat   3 Cancel
+//! ```
+//!
+//! The daemon sends [`ServerFrame`]s:
+//!
+//! ```text
+//! ServerFrame  0 Welcome { daemon_version: String, protocol_version: u32, max_frame: u32, connection_id: u64 }
+//!              1 Refused(Error)
+//!              2 Response { id: u64, result: Result<Reply, Error> }
+//!              3 Event(Event)
+//! Reply        0 Loaded { epoch: u64, data: Option<bytes>, meta: ProfileMeta }
+//!              1 Saved { version: u64 }
+//!              2 Released { version: u64 }
+//!              3 Pong
+//! ProfileMeta    { created_at_ms: u64, updated_at_ms: u64, load_count: u64, version: u64,
+//!                  active: Option<ActiveSession> }
+//! ActiveSession  { session: SessionId, epoch: u64, since_ms: u64 }
+//! Event        0 ReleaseRequested { store: String, key: String, epoch: u64, requester: SessionId }
+//!              1 LeaseLost { store: String, key: String, epoch: u64, reason: LossReason,
+//!                            new_owner: Option<SessionId> }
+//! LossReason   0 Stolen   1 ForceLoadTimeout
+//! Error          { code: ErrorCode, message: String }
+//! ErrorCode    0 UnsupportedVersion { client: u32, daemon: u32 }
+//!              1 InvalidRequest   2 TooLarge   3 AlreadyLoaded
+//!              4 Taken { owner: SessionId }
+//!              5 LeaseLost   6 Superseded   7 Timeout   8 ShuttingDown   9 Storage
+//! ```
+//!
+//! Times are milliseconds since the Unix epoch, by the daemon's clock.
+//!
+//! # Example
+//!
+//! `Request { id: 7, body: Ping }` is the frame
+//!
+//! ```text
+//! 00 00 00 10                length 16
+//! 00 00 00 01                ClientFrame::Request
+//! 00 00 00 00 00 00 00 07    id 7
+//! 00 00 00 03                RequestBody::Ping
+//! ```
+//!
+//! # Conversation
+//!
+//! 1. The client sends `Hello`. The daemon answers `Welcome`, or `Refused`
+//!    and closes the connection (a version mismatch is refused with
+//!    `UnsupportedVersion` naming both versions). A client that sends
+//!    anything else first is disconnected.
+//! 2. The client sends requests, each with an id of its choosing. Every
+//!    request gets exactly one `Response` with that id. Responses may come
+//!    in any order: a load waiting in a queue does not hold up the saves
+//!    sent after it.
+//! 3. The daemon may send an `Event` at any time after `Welcome`.
+//! 4. Either side may close the connection. The daemon then releases the
+//!    connection's leases and cancels its queued loads.
+//!
+//! # Leases
+//!
+//! A `Load` that succeeds grants a lease with an `epoch`, a fencing token
+//! that strictly increases for each profile, across daemon restarts too.
+//! `Save` and `Release` carry it; a write under any other epoch fails with
+//! `LeaseLost` and changes nothing. `Saved` and `Released` are sent only once
+//! the write is durable.
+//!
+//! [bincode]: https://docs.rs/bincode/2.0.1
+
+mod frame;
+mod wire;
+
+pub use frame::{
+    CONFIG, FrameCodec, FrameError, LENGTH_PREFIX, MAX_FRAME_CEILING, decode_payload,
+    encode_frame, encode_frame_into, encode_payload,
+};
+pub use wire::{
+    ActiveSession, ClientFrame, Error, ErrorCode, Event, Hello, LoadPolicy, Loaded, LossReason,
+    ProfileMeta, Reply, Request, RequestBody, Response, Role, ServerFrame, SessionId, Welcome,
+};
+
+/// The protocol version this crate speaks. A daemon refuses a `Hello` with
+/// any other.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The daemon's default frame limit: 4 MiB.
+pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;

@@ -1,0 +1,305 @@
+//! The daemon's configuration, read from a TOML file.
+//!
+//! Every section and field has a default, so a missing file means defaults
+//! and a file only names what it changes. Unknown keys are errors, so a typo
+//! is caught at start instead of silently ignored. `config.toml` at the root
+//! of the repository documents every setting.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect.
+    pub listen: ListenConfig,
+    /// Where and how profiles are kept.
+    pub storage: StorageConfig,
+    /// The rules of session leases.
+    pub leases: LeaseConfig,
+    /// Bounds on what a client may send.
+    pub limits: LimitsConfig,
+    /// How the daemon stops.
+    pub shutdown: ShutdownConfig,
+    /// What the daemon logs.
+    pub log: LogConfig,
+}
+
+/// The Unix socket.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// The socket's path. A stale socket file left by a dead daemon is
+    /// replaced; a live daemon on the same path stops this one from starting.
+    pub socket: PathBuf,
+}
+
+/// The RocksDB database.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The database directory, created if missing.
+    pub path: PathBuf,
+    /// Whether a write is acknowledged only after the write-ahead log is
+    /// synced to disk. Turning it off trades the last moments of
+    /// acknowledged writes on power loss for latency.
+    pub sync: bool,
+    /// The most writes gathered into one commit and one sync.
+    pub max_batch: usize,
+}
+
+/// Lease rules.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// How long a ForceLoad waits for the owner to release after asking it,
+    /// before taking the lease anyway.
+    #[serde(with = "humantime_serde")]
+    pub force_load_timeout: Duration,
+}
+
+/// Limits on client input. Each is checked before the work it bounds.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The largest frame payload, in bytes, in either direction.
+    pub max_frame: u32,
+    /// The largest profile data, in bytes.
+    pub max_data: usize,
+    /// The longest store name or key, in bytes.
+    pub max_name: usize,
+    /// The most requests a connection may have in flight before the daemon
+    /// stops reading from it.
+    pub max_in_flight: usize,
+    /// The most client connections at once.
+    pub max_connections: usize,
+    /// How long a new connection has to send its `Hello`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+/// Shutdown.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// The longest the daemon waits, after a stop signal, for in-flight
+    /// work before it releases the remaining leases itself.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+/// Logging.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `profiled=debug`. `RUST_LOG`
+    /// overrides it.
+    pub level: String,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the
+    /// wrong type; the message names the key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and the line.
+        message: String,
+    },
+    /// A value is well-formed but unusable.
+    #[error("{path}: {key}: {problem}")]
+    Invalid {
+        /// The file, or `<defaults>`.
+        path: PathBuf,
+        /// The dotted key.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads `path`. A missing file yields the defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.to_string().trim_end().to_owned(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            problem: problem.to_owned(),
+        };
+        let limits = &self.limits;
+        if limits.max_frame < 1024 || limits.max_frame > profiled_protocol::MAX_FRAME_CEILING {
+            return Err(invalid(
+                "limits.max_frame",
+                "must be between 1024 and 1073741824 bytes",
+            ));
+        }
+        if limits.max_data == 0 || limits.max_data as u64 + 1024 > u64::from(limits.max_frame) {
+            return Err(invalid(
+                "limits.max_data",
+                "must be above zero and at least 1 KiB below limits.max_frame",
+            ));
+        }
+        if limits.max_name == 0 || limits.max_name > 1024 {
+            return Err(invalid("limits.max_name", "must be between 1 and 1024"));
+        }
+        if limits.max_in_flight == 0 {
+            return Err(invalid("limits.max_in_flight", "must be above zero"));
+        }
+        if limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be above zero"));
+        }
+        if limits.handshake_timeout.is_zero() {
+            return Err(invalid("limits.handshake_timeout", "must be above zero"));
+        }
+        if self.storage.max_batch == 0 {
+            return Err(invalid("storage.max_batch", "must be above zero"));
+        }
+        if self.listen.socket.as_os_str().is_empty() {
+            return Err(invalid("listen.socket", "must not be empty"));
+        }
+        if self.storage.path.as_os_str().is_empty() {
+            return Err(invalid("storage.path", "must not be empty"));
+        }
+        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            return Err(invalid("log.level", "is not a valid tracing filter"));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("profiled.sock"),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data"),
+            sync: true,
+            max_batch: 1024,
+        }
+    }
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            force_load_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame: profiled_protocol::DEFAULT_MAX_FRAME,
+            max_data: profiled_protocol::DEFAULT_MAX_FRAME as usize - 64 * 1024,
+            max_name: 200,
+            max_in_flight: 256,
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_is_the_defaults() {
+        let config = Config::parse("", Path::new("x.toml")).expect("defaults");
+        assert_eq!(config.listen.socket, PathBuf::from("profiled.sock"));
+        assert!(config.storage.sync);
+        assert_eq!(config.leases.force_load_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let config = Config::parse("[leases]\nforce_load_timeout = \"250ms\"\n", Path::new("x"))
+            .expect("valid");
+        assert_eq!(config.leases.force_load_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn an_unknown_key_names_the_file_and_the_key() {
+        let err = Config::parse("[storage]\nsink = true\n", Path::new("/etc/p.toml"))
+            .expect_err("unknown key");
+        let text = err.to_string();
+        assert!(text.contains("/etc/p.toml"), "{text}");
+        assert!(text.contains("sink"), "{text}");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key() {
+        let err = Config::parse("[limits]\nmax_name = 0\n", Path::new("p.toml")).expect_err("zero");
+        assert!(err.to_string().contains("limits.max_name"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_config_file_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let shipped = Config::load(&path).expect("config.toml parses");
+        let defaults = Config::default();
+        assert_eq!(format!("{shipped:?}"), format!("{defaults:?}"));
+    }
+}

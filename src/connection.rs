@@ -1,0 +1,416 @@
+//! One client connection: handshake, then requests until either side
+//! closes.
+//!
+//! The reader decodes frames and starts each request; requests run
+//! concurrently and answer in whatever order they finish, so a load waiting
+//! in a queue never holds up a save behind it. A separate writer task drains
+//! the connection's outbound queue, which the lease driver also feeds with
+//! load answers and events. At most `limits.max_in_flight` saves and
+//! releases are in flight; beyond that the reader stops reading, and the
+//! kernel's socket buffer pushes back on the client.
+
+use std::sync::Arc;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::{FutureExt, SinkExt, future::BoxFuture};
+use profiled_protocol::{
+    ClientFrame, Error, ErrorCode, FrameCodec, FrameError, Hello, PROTOCOL_VERSION, Reply,
+    Request, RequestBody, Response, ServerFrame, SessionId, Welcome,
+};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+use crate::ProfileKey;
+use crate::config::LimitsConfig;
+use crate::leases::{ConnId, ConnLink, Leases};
+use crate::storage::{Storage, WriteError};
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct Context {
+    /// The lease driver.
+    pub leases: Leases,
+    /// The database, for saves and releases.
+    pub storage: Storage,
+    /// The limits to enforce.
+    pub limits: LimitsConfig,
+}
+
+type Transport = Framed<UnixStream, FrameCodec<ClientFrame, ServerFrame>>;
+
+/// Outbound frames queued beyond the in-flight requests, for events.
+const EVENT_SLACK: usize = 1024;
+
+/// Serves one connection until it closes or `stop` is cancelled.
+pub async fn serve(stream: UnixStream, conn: ConnId, context: Arc<Context>, stop: CancellationToken) {
+    let mut transport = Framed::new(stream, FrameCodec::new(context.limits.max_frame));
+    let Some(session) = handshake(&mut transport, &context, &stop).await else {
+        return;
+    };
+    let (outbound, queue) = mpsc::channel(context.limits.max_in_flight + EVENT_SLACK);
+    let kill = stop.child_token();
+    let link = ConnLink {
+        outbound: outbound.clone(),
+        kill: kill.clone(),
+    };
+    if let Err(err) = context.leases.connect(conn, session.clone(), link).await {
+        refuse(&mut transport, ErrorCode::InvalidRequest, err.to_string()).await;
+        return;
+    }
+    let welcome = ServerFrame::Welcome(Welcome {
+        daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+        protocol_version: PROTOCOL_VERSION,
+        max_frame: context.limits.max_frame,
+        connection_id: conn,
+    });
+    if transport.send(welcome).await.is_err() {
+        context.leases.disconnect(conn);
+        return;
+    }
+    tracing::debug!(conn, %session, "session connected");
+    let (sink, frames) = transport.split();
+    let writer = tokio::spawn(write_frames(sink, queue, kill.clone()));
+    let session = Session {
+        conn,
+        session,
+        context: Arc::clone(&context),
+        outbound,
+    };
+    session.read_requests(frames, &kill).await;
+    context.leases.disconnect(conn);
+    // The writer ends once every sender is gone (ours just dropped with the
+    // session; the driver drops its copy on disconnect) or on kill.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;
+    tracing::debug!(conn, "session disconnected");
+}
+
+/// A connection after its handshake.
+struct Session {
+    conn: ConnId,
+    session: SessionId,
+    context: Arc<Context>,
+    /// Feeds the writer task, which holds the receiver.
+    outbound: mpsc::Sender<ServerFrame>,
+}
+
+impl Session {
+    async fn read_requests(
+        self,
+        mut frames: futures::stream::SplitStream<Transport>,
+        kill: &CancellationToken,
+    ) {
+        let max_in_flight = self.context.limits.max_in_flight;
+        let mut in_flight: FuturesUnordered<BoxFuture<'static, ServerFrame>> =
+            FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                () = kill.cancelled() => break,
+                Some(frame) = in_flight.next(), if !in_flight.is_empty() => {
+                    if self.outbound.send(frame).await.is_err() {
+                        break;
+                    }
+                }
+                next = frames.next(), if in_flight.len() < max_in_flight => {
+                    let request = match next {
+                        None => break,
+                        Some(Ok(ClientFrame::Request(request))) => request,
+                        Some(Ok(ClientFrame::Hello(_))) => {
+                            self.close_with(ErrorCode::InvalidRequest, "hello after the handshake").await;
+                            break;
+                        }
+                        Some(Err(err)) => {
+                            self.frame_error(err).await;
+                            break;
+                        }
+                    };
+                    let id = request.id;
+                    match self.start(request) {
+                        Started::Done(result) => {
+                            let frame = ServerFrame::Response(Response { id, result });
+                            if self.outbound.send(frame).await.is_err() {
+                                break;
+                            }
+                        }
+                        Started::Pending(future) => in_flight.push(future),
+                        Started::Queued => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Validates a request and starts it.
+    fn start(&self, request: Request) -> Started {
+        let id = request.id;
+        let limits = &self.context.limits;
+        match request.body {
+            RequestBody::Ping => Started::Done(Ok(Reply::Pong)),
+            RequestBody::Load {
+                store,
+                key,
+                policy,
+                deadline_ms,
+            } => {
+                let key = match profile_key(store, key, limits) {
+                    Ok(key) => key,
+                    Err(err) => return Started::Done(Err(err)),
+                };
+                let wait = deadline_ms.map(std::time::Duration::from_millis);
+                self.context.leases.load(self.conn, id, key, policy, wait);
+                Started::Queued
+            }
+            RequestBody::Save {
+                store,
+                key,
+                epoch,
+                data,
+            } => {
+                let key = match profile_key(store, key, limits).and_then(|key| {
+                    check_data(data.len(), limits)?;
+                    Ok(key)
+                }) {
+                    Ok(key) => key,
+                    Err(err) => return Started::Done(Err(err)),
+                };
+                let write = self.context.storage.save(key, self.session.clone(), epoch, data);
+                Started::Pending(
+                    write
+                        .map(move |result| ServerFrame::Response(Response {
+                            id,
+                            result: result
+                                .map(|version| Reply::Saved { version })
+                                .map_err(|err| write_error(err, epoch)),
+                        }))
+                        .boxed(),
+                )
+            }
+            RequestBody::Release {
+                store,
+                key,
+                epoch,
+                data,
+            } => {
+                let key = match profile_key(store, key, limits).and_then(|key| {
+                    check_data(data.as_ref().map_or(0, Vec::len), limits)?;
+                    Ok(key)
+                }) {
+                    Ok(key) => key,
+                    Err(err) => return Started::Done(Err(err)),
+                };
+                let write =
+                    self.context
+                        .storage
+                        .release(key.clone(), self.session.clone(), epoch, data);
+                let leases = self.context.leases.clone();
+                Started::Pending(
+                    async move {
+                        let result = write.await;
+                        if result.is_ok() {
+                            leases.released(key, epoch);
+                        }
+                        ServerFrame::Response(Response {
+                            id,
+                            result: result
+                                .map(|version| Reply::Released { version })
+                                .map_err(|err| write_error(err, epoch)),
+                        })
+                    }
+                    .boxed(),
+                )
+            }
+        }
+    }
+
+    async fn frame_error(&self, err: FrameError) {
+        match err {
+            FrameError::Io(err) => {
+                tracing::debug!(conn = self.conn, error = %err, "connection failed");
+            }
+            FrameError::TooLarge { .. } => {
+                tracing::warn!(conn = self.conn, error = %err, "closing a connection that sent an oversized frame");
+                self.close_with(ErrorCode::TooLarge, err.to_string()).await;
+            }
+            FrameError::Malformed(_) => {
+                tracing::warn!(conn = self.conn, error = %err, "closing a connection that sent a malformed frame");
+                self.close_with(ErrorCode::InvalidRequest, err.to_string()).await;
+            }
+        }
+    }
+
+    /// Tells the client why the daemon is closing its connection.
+    async fn close_with(&self, code: ErrorCode, message: impl Into<String>) {
+        let _ = self
+            .outbound
+            .send(ServerFrame::Refused(Error::new(code, message)))
+            .await;
+    }
+}
+
+/// How a request was started.
+enum Started {
+    /// Answered at once.
+    Done(Result<Reply, Error>),
+    /// Answered when the future resolves.
+    Pending(BoxFuture<'static, ServerFrame>),
+    /// Handed to the lease driver, which answers through the outbound queue.
+    Queued,
+}
+
+/// Reads and checks the `Hello`. On failure the client is told why and
+/// `None` is returned.
+async fn handshake(
+    transport: &mut Transport,
+    context: &Context,
+    stop: &CancellationToken,
+) -> Option<SessionId> {
+    let first = tokio::select! {
+        () = stop.cancelled() => return None,
+        first = tokio::time::timeout(context.limits.handshake_timeout, transport.next()) => first,
+    };
+    let hello = match first {
+        Err(_) => {
+            refuse(transport, ErrorCode::InvalidRequest, "no hello within the handshake timeout").await;
+            return None;
+        }
+        Ok(None) => return None,
+        Ok(Some(Ok(ClientFrame::Hello(hello)))) => hello,
+        Ok(Some(Ok(ClientFrame::Request(_)))) => {
+            refuse(transport, ErrorCode::InvalidRequest, "the first frame must be a hello").await;
+            return None;
+        }
+        Ok(Some(Err(FrameError::Io(_)))) => return None,
+        Ok(Some(Err(err @ FrameError::TooLarge { .. }))) => {
+            refuse(transport, ErrorCode::TooLarge, err.to_string()).await;
+            return None;
+        }
+        Ok(Some(Err(err))) => {
+            refuse(transport, ErrorCode::InvalidRequest, err.to_string()).await;
+            return None;
+        }
+    };
+    let Hello {
+        protocol_version,
+        session,
+        role: _,
+    } = hello;
+    if protocol_version != PROTOCOL_VERSION {
+        let code = ErrorCode::UnsupportedVersion {
+            client: protocol_version,
+            daemon: PROTOCOL_VERSION,
+        };
+        let message = format!(
+            "client speaks protocol {protocol_version}, daemon speaks {PROTOCOL_VERSION}"
+        );
+        refuse(transport, code, message).await;
+        return None;
+    }
+    if let Err(err) = check_name("job id", &session.job_id, context.limits.max_name) {
+        refuse(transport, err.code, err.message).await;
+        return None;
+    }
+    Some(session)
+}
+
+/// Sends `Refused` during the handshake, before the writer task exists.
+async fn refuse(transport: &mut Transport, code: ErrorCode, message: impl Into<String>) {
+    let _ = transport
+        .send(ServerFrame::Refused(Error::new(code, message)))
+        .await;
+}
+
+/// Writes queued frames, flushing once per burst rather than per frame.
+async fn write_frames(
+    mut sink: futures::stream::SplitSink<Transport, ServerFrame>,
+    mut queue: mpsc::Receiver<ServerFrame>,
+    kill: CancellationToken,
+) {
+    loop {
+        let frame = tokio::select! {
+            () = kill.cancelled() => break,
+            frame = queue.recv() => frame,
+        };
+        let Some(frame) = frame else {
+            break;
+        };
+        if feed(&mut sink, frame).await.is_err() {
+            break;
+        }
+        while let Ok(frame) = queue.try_recv() {
+            if feed(&mut sink, frame).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Queues one frame on the sink. A frame too large to send (a profile that
+/// grew past `max_frame` under an older limit) is logged and skipped, not
+/// treated as a broken connection.
+async fn feed(
+    sink: &mut futures::stream::SplitSink<Transport, ServerFrame>,
+    frame: ServerFrame,
+) -> Result<(), FrameError> {
+    match sink.feed(frame).await {
+        Err(err @ FrameError::TooLarge { .. }) => {
+            tracing::error!(error = %err, "dropped an outbound frame over the frame limit");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Checks a store name and key and forms the profile key.
+fn profile_key(store: String, key: String, limits: &LimitsConfig) -> Result<ProfileKey, Error> {
+    check_name("store", &store, limits.max_name)?;
+    check_name("key", &key, limits.max_name)?;
+    Ok(ProfileKey { store, key })
+}
+
+/// Names must be non-empty, within the length limit, and free of control
+/// characters, so they print safely in logs and tools.
+fn check_name(what: &str, name: &str, max: usize) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(Error::new(ErrorCode::InvalidRequest, format!("{what} is empty")));
+    }
+    if name.len() > max {
+        return Err(Error::new(
+            ErrorCode::TooLarge,
+            format!("{what} is {} bytes, over the limit of {max}", name.len()),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::new(
+            ErrorCode::InvalidRequest,
+            format!("{what} contains a control character"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_data(len: usize, limits: &LimitsConfig) -> Result<(), Error> {
+    if len > limits.max_data {
+        return Err(Error::new(
+            ErrorCode::TooLarge,
+            format!("data is {len} bytes, over the limit of {}", limits.max_data),
+        ));
+    }
+    Ok(())
+}
+
+/// The wire form of a refused write.
+fn write_error(err: WriteError, epoch: u64) -> Error {
+    match err {
+        WriteError::LeaseLost => Error::new(
+            ErrorCode::LeaseLost,
+            format!("epoch {epoch} is not the current lease of this session"),
+        ),
+        WriteError::Storage(message) => Error::new(ErrorCode::Storage, message),
+        WriteError::Closed => Error::new(ErrorCode::ShuttingDown, "storage is closed"),
+    }
+}

@@ -1,0 +1,430 @@
+//! Session leases: the table of holders and queues, and the task that
+//! drives it.
+//!
+//! One task (the driver) owns the [`LeaseTable`]. Connections send it
+//! commands through a [`Leases`] handle; it applies them to the table with
+//! the current time, carries out the resulting effects, and feeds storage
+//! outcomes back in. Answers to loads and pushed events go straight into
+//! each connection's outbound queue, in the order the table produced them,
+//! so a client always sees `Loaded` before any event about that lease.
+
+mod table;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::{FutureExt, future::BoxFuture};
+use profiled_protocol::{
+    self as protocol, ActiveSession, ErrorCode, Event, LoadPolicy, Loaded, ProfileMeta, Reply,
+    Response, ServerFrame, SessionId,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::ProfileKey;
+use crate::storage::{Granted, Storage, WriteError};
+pub use table::{ConnId, Effect, LeaseEvent, LeaseTable, LoadError, LoadRequest, SessionInUse};
+
+/// A handle to the lease driver. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Leases {
+    /// The driver task holds the receiving end.
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// Counts for status and shutdown reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseCounts {
+    /// Leases held.
+    pub held: usize,
+    /// Loads waiting in queues.
+    pub queued: usize,
+}
+
+/// What a connection registers with the driver.
+#[derive(Debug)]
+pub struct ConnLink {
+    /// The connection's outbound queue; its writer task holds the receiver.
+    pub outbound: mpsc::Sender<ServerFrame>,
+    /// Cancelled by the driver if the connection stops reading, so one
+    /// stuck client cannot make the driver buffer without bound.
+    pub kill: CancellationToken,
+}
+
+#[derive(Debug)]
+enum Command {
+    Connect {
+        conn: ConnId,
+        session: SessionId,
+        link: ConnLink,
+        reply: oneshot::Sender<Result<(), SessionInUse>>,
+    },
+    Disconnect {
+        conn: ConnId,
+    },
+    Load {
+        conn: ConnId,
+        request_id: u64,
+        key: ProfileKey,
+        policy: LoadPolicy,
+        wait: Option<Duration>,
+    },
+    Released {
+        key: ProfileKey,
+        epoch: u64,
+    },
+    StopLoads,
+    ReleaseAll {
+        reply: oneshot::Sender<usize>,
+    },
+    Counts {
+        reply: oneshot::Sender<LeaseCounts>,
+    },
+}
+
+/// A storage write the driver started, finished.
+enum Completion {
+    Grant {
+        key: ProfileKey,
+        ticket: u64,
+        result: Result<Granted, WriteError>,
+    },
+    Release {
+        key: ProfileKey,
+        result: Result<u64, WriteError>,
+    },
+}
+
+/// The driver task's state.
+struct Driver {
+    table: LeaseTable,
+    storage: Storage,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Every registered connection's link, by id.
+    links: HashMap<ConnId, ConnLink>,
+    /// Grants and releases being written.
+    writes: FuturesUnordered<BoxFuture<'static, Completion>>,
+    /// Callers of `release_all` waiting for the table to become idle.
+    idle_waiters: Vec<(oneshot::Sender<usize>, usize)>,
+}
+
+impl Leases {
+    /// Starts the driver on the current runtime. It runs until every handle
+    /// is dropped and its last writes have finished.
+    pub fn start(storage: Storage, force_load_timeout: Duration) -> Self {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let driver = Driver {
+            table: LeaseTable::new(force_load_timeout),
+            storage,
+            commands: receiver,
+            links: HashMap::new(),
+            writes: FuturesUnordered::new(),
+            idle_waiters: Vec::new(),
+        };
+        tokio::spawn(driver.run());
+        Self { commands }
+    }
+
+    /// Registers a connection's session. Fails if the session is connected
+    /// already.
+    pub async fn connect(
+        &self,
+        conn: ConnId,
+        session: SessionId,
+        link: ConnLink,
+    ) -> Result<(), SessionInUse> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Connect {
+            conn,
+            session: session.clone(),
+            link,
+            reply,
+        };
+        if self.commands.send(command).is_err() {
+            return Err(SessionInUse(session));
+        }
+        answer.await.unwrap_or(Err(SessionInUse(session)))
+    }
+
+    /// Cancels a connection's waits and releases its leases.
+    pub fn disconnect(&self, conn: ConnId) {
+        let _ = self.commands.send(Command::Disconnect { conn });
+    }
+
+    /// Queues a load. The answer goes to the connection's outbound queue as
+    /// a `Response` to `request_id`.
+    pub fn load(
+        &self,
+        conn: ConnId,
+        request_id: u64,
+        key: ProfileKey,
+        policy: LoadPolicy,
+        wait: Option<Duration>,
+    ) {
+        let _ = self.commands.send(Command::Load {
+            conn,
+            request_id,
+            key,
+            policy,
+            wait,
+        });
+    }
+
+    /// Reports that a holder's release is durable, so waiters can move up.
+    pub fn released(&self, key: ProfileKey, epoch: u64) {
+        let _ = self.commands.send(Command::Released { key, epoch });
+    }
+
+    /// Ends every waiting load with `ShuttingDown` and refuses new ones.
+    pub fn stop_loads(&self) {
+        let _ = self.commands.send(Command::StopLoads);
+    }
+
+    /// Releases every held lease and waits until each release is durable.
+    /// Returns how many the daemon released.
+    pub async fn release_all(&self) -> usize {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::ReleaseAll { reply }).is_err() {
+            return 0;
+        }
+        answer.await.unwrap_or(0)
+    }
+
+    /// Current counts.
+    pub async fn counts(&self) -> LeaseCounts {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::Counts { reply }).is_err() {
+            return LeaseCounts::default();
+        }
+        answer.await.unwrap_or_default()
+    }
+}
+
+impl Driver {
+    async fn run(mut self) {
+        loop {
+            let timer = self.table.next_timer();
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => break,
+                },
+                Some(done) = self.writes.next(), if !self.writes.is_empty() => {
+                    self.completion(done);
+                }
+                () = sleep_until(timer), if timer.is_some() => {
+                    self.table.fire_timers(Instant::now());
+                }
+            }
+            self.apply_effects();
+            self.wake_idle_waiters();
+        }
+        // Every handle is gone; finish the writes already started so their
+        // outcomes are not lost mid-flight.
+        while let Some(done) = self.writes.next().await {
+            self.completion(done);
+            self.apply_effects();
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        let now = Instant::now();
+        match command {
+            Command::Connect {
+                conn,
+                session,
+                link,
+                reply,
+            } => {
+                let result = self.table.connect(conn, session);
+                if result.is_ok() {
+                    self.links.insert(conn, link);
+                }
+                let _ = reply.send(result);
+            }
+            Command::Disconnect { conn } => {
+                self.links.remove(&conn);
+                self.table.disconnect(conn, now);
+            }
+            Command::Load {
+                conn,
+                request_id,
+                key,
+                policy,
+                wait,
+            } => self.table.load(
+                LoadRequest {
+                    conn,
+                    request_id,
+                    key,
+                    policy,
+                    deadline: wait.map(|wait| now + wait),
+                },
+                now,
+            ),
+            Command::Released { key, epoch } => self.table.released(&key, epoch, now),
+            Command::StopLoads => self.table.stop_loads(),
+            Command::ReleaseAll { reply } => {
+                let started = self.table.release_all();
+                self.idle_waiters.push((reply, started));
+            }
+            Command::Counts { reply } => {
+                let _ = reply.send(LeaseCounts {
+                    held: self.table.held(),
+                    queued: self.table.queued(),
+                });
+            }
+        }
+    }
+
+    fn completion(&mut self, done: Completion) {
+        let now = Instant::now();
+        match done {
+            Completion::Grant {
+                key,
+                ticket,
+                result,
+            } => self.table.grant_done(&key, ticket, result, now),
+            Completion::Release { key, result } => {
+                if let Err(err) = result {
+                    tracing::warn!(profile = %key, error = %err, "releasing a lease failed");
+                }
+                self.table.release_done(&key, now);
+            }
+        }
+    }
+
+    fn apply_effects(&mut self) {
+        for effect in self.table.take_effects() {
+            match effect {
+                Effect::Grant { key, ticket, owner } => {
+                    let write = self.storage.grant(key.clone(), owner);
+                    self.writes.push(
+                        write
+                            .map(move |result| Completion::Grant {
+                                key,
+                                ticket,
+                                result,
+                            })
+                            .boxed(),
+                    );
+                }
+                Effect::Release { key, owner, epoch } => {
+                    let write = self.storage.release(key.clone(), owner, epoch, None);
+                    self.writes.push(
+                        write
+                            .map(move |result| Completion::Release { key, result })
+                            .boxed(),
+                    );
+                }
+                Effect::Answer {
+                    conn,
+                    request_id,
+                    result,
+                } => {
+                    let frame = ServerFrame::Response(Response {
+                        id: request_id,
+                        result: result.map(loaded).map_err(load_error),
+                    });
+                    self.send(conn, frame);
+                }
+                Effect::Push { conn, event } => self.send(conn, ServerFrame::Event(wire_event(event))),
+            }
+        }
+    }
+
+    /// Queues a frame for a connection without waiting. A connection whose
+    /// queue is full has stopped reading; it is closed rather than buffered
+    /// for without bound.
+    fn send(&mut self, conn: ConnId, frame: ServerFrame) {
+        let Some(link) = self.links.get(&conn) else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = link.outbound.try_send(frame) {
+            tracing::warn!(conn, "closing a connection that stopped reading");
+            link.kill.cancel();
+        }
+    }
+
+    fn wake_idle_waiters(&mut self) {
+        if self.idle_waiters.is_empty() || !self.table.is_idle() || !self.writes.is_empty() {
+            return;
+        }
+        for (reply, started) in self.idle_waiters.drain(..) {
+            let _ = reply.send(started);
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever if there is no deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The wire form of a granted lease.
+fn loaded(granted: Granted) -> Reply {
+    let Granted { lease, meta, data } = granted;
+    Reply::Loaded(Loaded {
+        epoch: lease.epoch,
+        data,
+        meta: ProfileMeta {
+            created_at_ms: meta.created_at_ms,
+            updated_at_ms: meta.updated_at_ms,
+            load_count: meta.load_count,
+            version: meta.version,
+            active: Some(ActiveSession {
+                session: lease.session,
+                epoch: lease.epoch,
+                since_ms: lease.since_ms,
+            }),
+        },
+    })
+}
+
+/// The wire form of a failed load.
+fn load_error(err: LoadError) -> protocol::Error {
+    let message = err.to_string();
+    let code = match err {
+        LoadError::AlreadyLoaded(_) => ErrorCode::AlreadyLoaded,
+        LoadError::Taken { owner, .. } => ErrorCode::Taken { owner },
+        LoadError::Superseded(_) => ErrorCode::Superseded,
+        LoadError::Timeout(_) => ErrorCode::Timeout,
+        LoadError::ShuttingDown => ErrorCode::ShuttingDown,
+        LoadError::Storage(WriteError::Closed) => ErrorCode::ShuttingDown,
+        LoadError::Storage(_) => ErrorCode::Storage,
+    };
+    protocol::Error::new(code, message)
+}
+
+/// The wire form of a lease event.
+fn wire_event(event: LeaseEvent) -> Event {
+    match event {
+        LeaseEvent::ReleaseRequested {
+            key,
+            epoch,
+            requester,
+        } => Event::ReleaseRequested {
+            store: key.store,
+            key: key.key,
+            epoch,
+            requester,
+        },
+        LeaseEvent::LeaseLost {
+            key,
+            epoch,
+            reason,
+            new_owner,
+        } => Event::LeaseLost {
+            store: key.store,
+            key: key.key,
+            epoch,
+            reason,
+            new_owner,
+        },
+    }
+}

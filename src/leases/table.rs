@@ -1,0 +1,1044 @@
+//! The lease table: who holds each profile, who waits for it, and what must
+//! happen next.
+//!
+//! The table is a plain state machine. It performs no I/O and reads no
+//! clock: every method takes the current time, and every consequence is
+//! queued as an [`Effect`] for the driver to carry out (a storage write, an
+//! answer to a load, an event for a connection). The driver reports storage
+//! outcomes back through [`LeaseTable::grant_done`] and
+//! [`LeaseTable::release_done`]. That keeps the rules of DESIGN.md section 3
+//! in one place, testable without sockets, disks or sleeps.
+//!
+//! The table decides who should hold a profile; storage enforces it. Every
+//! grant writes a new epoch, and storage refuses writes under any other, so
+//! even a wrong decision here could not let two sessions write one profile.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use profiled_protocol::{LoadPolicy, LossReason, SessionId};
+use tokio::time::Instant;
+
+use crate::ProfileKey;
+use crate::storage::{Granted, WriteError};
+
+/// The daemon's id for a client connection.
+pub type ConnId = u64;
+
+/// A load, as the table sees it.
+#[derive(Clone, Debug)]
+pub struct LoadRequest {
+    /// The connection asking; its session becomes the owner.
+    pub conn: ConnId,
+    /// The request id to answer.
+    pub request_id: u64,
+    /// The profile.
+    pub key: ProfileKey,
+    /// What to do if it is held.
+    pub policy: LoadPolicy,
+    /// When to give up waiting, if ever.
+    pub deadline: Option<Instant>,
+}
+
+/// Why a load did not grant a lease.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// This session already holds or is loading the profile.
+    #[error("{0} is already loaded by this session")]
+    AlreadyLoaded(ProfileKey),
+    /// Another session holds it and the policy was `Cancel`.
+    #[error("{key} is held by {owner}")]
+    Taken {
+        /// The profile.
+        key: ProfileKey,
+        /// Its holder.
+        owner: SessionId,
+    },
+    /// A newer ForceLoad or Steal of the same profile replaced this one.
+    #[error("a newer force load of {0} replaced this one")]
+    Superseded(ProfileKey),
+    /// The caller's deadline passed.
+    #[error("timed out waiting for {0}")]
+    Timeout(ProfileKey),
+    /// The daemon is stopping.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    /// Storage failed to record the grant.
+    #[error("{0}")]
+    Storage(WriteError),
+}
+
+/// Something the table needs done.
+#[derive(Debug)]
+pub enum Effect {
+    /// Durably grant `owner` the lease, then call
+    /// [`LeaseTable::grant_done`] with `ticket`.
+    Grant {
+        /// The profile.
+        key: ProfileKey,
+        /// Identifies this grant when its outcome comes back.
+        ticket: u64,
+        /// The new holder.
+        owner: SessionId,
+    },
+    /// Durably end a lease whose holder is gone, then call
+    /// [`LeaseTable::release_done`].
+    Release {
+        /// The profile.
+        key: ProfileKey,
+        /// The holder.
+        owner: SessionId,
+        /// The lease's epoch.
+        epoch: u64,
+    },
+    /// Answer a load.
+    Answer {
+        /// The connection that asked.
+        conn: ConnId,
+        /// The request to answer.
+        request_id: u64,
+        /// The outcome.
+        result: Result<Granted, LoadError>,
+    },
+    /// Tell a connection something it did not ask about.
+    Push {
+        /// The connection.
+        conn: ConnId,
+        /// What to tell it.
+        event: LeaseEvent,
+    },
+}
+
+/// Events for lease holders.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseEvent {
+    /// Another session force-loads `key`.
+    ReleaseRequested {
+        /// The profile.
+        key: ProfileKey,
+        /// The holder's epoch.
+        epoch: u64,
+        /// Who asks.
+        requester: SessionId,
+    },
+    /// The lease was taken.
+    LeaseLost {
+        /// The profile.
+        key: ProfileKey,
+        /// The epoch that ended.
+        epoch: u64,
+        /// Why.
+        reason: LossReason,
+        /// The new holder.
+        new_owner: Option<SessionId>,
+    },
+}
+
+/// A connection's session is already connected elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("session {0} is already connected")]
+pub struct SessionInUse(pub SessionId);
+
+/// The lease table.
+#[derive(Debug)]
+pub struct LeaseTable {
+    /// How long a ForceLoad waits for the holder after asking it.
+    force_load_timeout: Duration,
+    /// Only profiles with a holder or a waiter have an entry.
+    keys: HashMap<ProfileKey, KeyState>,
+    /// Live connections, with what each holds and waits for, so a
+    /// disconnect can clean up without scanning every profile.
+    conns: HashMap<ConnId, Conn>,
+    /// Which connection each session is on; a session has at most one.
+    sessions: HashMap<SessionId, ConnId>,
+    /// Pending deadlines. A timer whose waiter has already gone simply
+    /// finds nothing when it fires.
+    timers: BTreeMap<(Instant, u64), Timer>,
+    /// Source of tickets, waiter ids and timer tie-breakers.
+    next_id: u64,
+    /// Set once the daemon stops taking loads.
+    stopping: bool,
+    /// Effects not yet collected by the driver.
+    effects: Vec<Effect>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    session: SessionId,
+    held: HashSet<ProfileKey>,
+    waiting: HashSet<ProfileKey>,
+}
+
+#[derive(Debug, Default)]
+struct KeyState {
+    holder: Holder,
+    /// Waiting loads. ForceLoads and Steals go ahead of Repeats; only the
+    /// head is ever considered.
+    queue: VecDeque<Waiter>,
+    /// While a ForceLoad heads the queue: when the holder, already asked to
+    /// release, loses the lease anyway.
+    force_deadline: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+enum Holder {
+    #[default]
+    Free,
+    /// A grant is being written.
+    Granting(Granting),
+    Held(Held),
+    /// The daemon is writing the release of a lease whose holder left.
+    Releasing { session: SessionId },
+}
+
+#[derive(Debug)]
+struct Granting {
+    ticket: u64,
+    waiter: Waiter,
+    /// The holder the grant takes the lease from, told once it is durable.
+    previous: Option<(Held, LossReason)>,
+}
+
+#[derive(Clone, Debug)]
+struct Held {
+    conn: ConnId,
+    session: SessionId,
+    epoch: u64,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    conn: ConnId,
+    session: SessionId,
+    request_id: u64,
+    policy: LoadPolicy,
+}
+
+#[derive(Debug)]
+enum Timer {
+    /// A waiter's own deadline.
+    Deadline { key: ProfileKey, waiter: u64 },
+    /// A ForceLoad's patience with the holder.
+    Force { key: ProfileKey },
+}
+
+impl LeaseTable {
+    /// An empty table.
+    pub fn new(force_load_timeout: Duration) -> Self {
+        Self {
+            force_load_timeout,
+            keys: HashMap::new(),
+            conns: HashMap::new(),
+            sessions: HashMap::new(),
+            timers: BTreeMap::new(),
+            next_id: 0,
+            stopping: false,
+            effects: Vec::new(),
+        }
+    }
+
+    /// Takes the effects queued so far, in order.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Registers a connection for `session`.
+    pub fn connect(&mut self, conn: ConnId, session: SessionId) -> Result<(), SessionInUse> {
+        if self.sessions.contains_key(&session) {
+            return Err(SessionInUse(session));
+        }
+        self.sessions.insert(session.clone(), conn);
+        self.conns.insert(
+            conn,
+            Conn {
+                session,
+                held: HashSet::new(),
+                waiting: HashSet::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Forgets a connection: its waits are cancelled and its leases
+    /// released, keeping the last saved data.
+    pub fn disconnect(&mut self, conn: ConnId, now: Instant) {
+        let Some(gone) = self.conns.remove(&conn) else {
+            return;
+        };
+        self.sessions.remove(&gone.session);
+        for key in gone.waiting {
+            if let Some(state) = self.keys.get_mut(&key) {
+                state.queue.retain(|waiter| waiter.conn != conn);
+            }
+            self.pump(&key, now);
+        }
+        for key in gone.held {
+            let Some(state) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            match &mut state.holder {
+                Holder::Held(held) if held.conn == conn => {
+                    let (session, epoch) = (held.session.clone(), held.epoch);
+                    state.holder = Holder::Releasing {
+                        session: session.clone(),
+                    };
+                    self.effects.push(Effect::Release {
+                        key: key.clone(),
+                        owner: session,
+                        epoch,
+                    });
+                }
+                Holder::Granting(granting) => {
+                    // The lease is being taken from this connection anyway;
+                    // nobody is left to tell.
+                    if granting.previous.as_ref().is_some_and(|(p, _)| p.conn == conn) {
+                        granting.previous = None;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Handles a load.
+    pub fn load(&mut self, request: LoadRequest, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&request.conn) else {
+            return;
+        };
+        let session = conn.session.clone();
+        let key = request.key;
+        let answer = |result| Effect::Answer {
+            conn: request.conn,
+            request_id: request.request_id,
+            result,
+        };
+        if self.stopping {
+            self.effects.push(answer(Err(LoadError::ShuttingDown)));
+            return;
+        }
+        let state = self.keys.entry(key.clone()).or_default();
+        if state.involves(&session) {
+            self.effects.push(answer(Err(LoadError::AlreadyLoaded(key))));
+            return;
+        }
+        if request.policy == LoadPolicy::Cancel {
+            if let Some(owner) = state.owner() {
+                let owner = owner.clone();
+                self.effects.push(answer(Err(LoadError::Taken { key, owner })));
+                return;
+            }
+        }
+        self.next_id += 1;
+        let waiter = Waiter {
+            id: self.next_id,
+            conn: request.conn,
+            session,
+            request_id: request.request_id,
+            policy: request.policy,
+        };
+        if matches!(request.policy, LoadPolicy::ForceLoad | LoadPolicy::Steal) {
+            // The newest demand wins: older ForceLoads of this key give way.
+            let mut superseded = Vec::new();
+            state.queue.retain(|w| {
+                let old = w.policy == LoadPolicy::ForceLoad;
+                if old {
+                    superseded.push((w.conn, w.request_id));
+                }
+                !old
+            });
+            for (old_conn, request_id) in superseded {
+                if let Some(c) = self.conns.get_mut(&old_conn) {
+                    c.waiting.remove(&key);
+                }
+                self.effects.push(Effect::Answer {
+                    conn: old_conn,
+                    request_id,
+                    result: Err(LoadError::Superseded(key.clone())),
+                });
+            }
+        }
+        let waiter_id = waiter.id;
+        match request.policy {
+            LoadPolicy::Steal => state.queue.push_front(waiter),
+            LoadPolicy::ForceLoad => {
+                let at = state
+                    .queue
+                    .iter()
+                    .position(|w| w.policy != LoadPolicy::Steal)
+                    .unwrap_or(state.queue.len());
+                state.queue.insert(at, waiter);
+            }
+            LoadPolicy::Repeat | LoadPolicy::Cancel => state.queue.push_back(waiter),
+        }
+        if let Some(conn) = self.conns.get_mut(&request.conn) {
+            conn.waiting.insert(key.clone());
+        }
+        if let Some(deadline) = request.deadline {
+            self.arm(
+                deadline,
+                Timer::Deadline {
+                    key: key.clone(),
+                    waiter: waiter_id,
+                },
+            );
+        }
+        self.pump(&key, now);
+    }
+
+    /// Records that a holder's own release of `key` under `epoch` is durable.
+    pub fn released(&mut self, key: &ProfileKey, epoch: u64, now: Instant) {
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        match &mut state.holder {
+            Holder::Held(held) if held.epoch == epoch => {
+                let conn = held.conn;
+                state.holder = Holder::Free;
+                state.force_deadline = None;
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.held.remove(key);
+                }
+                self.pump(key, now);
+            }
+            Holder::Granting(granting) => {
+                if let Some((previous, _)) = &granting.previous {
+                    if previous.epoch == epoch {
+                        let conn = previous.conn;
+                        granting.previous = None;
+                        if let Some(c) = self.conns.get_mut(&conn) {
+                            c.held.remove(key);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Records the outcome of an [`Effect::Grant`].
+    pub fn grant_done(
+        &mut self,
+        key: &ProfileKey,
+        ticket: u64,
+        result: Result<Granted, WriteError>,
+        now: Instant,
+    ) {
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        let Holder::Granting(granting) = &state.holder else {
+            return;
+        };
+        if granting.ticket != ticket {
+            return;
+        }
+        let Holder::Granting(granting) = std::mem::take(&mut state.holder) else {
+            return;
+        };
+        let Granting {
+            waiter, previous, ..
+        } = granting;
+        match result {
+            Ok(granted) => {
+                let epoch = granted.lease.epoch;
+                if let Some((previous, reason)) = previous {
+                    if let Some(c) = self.conns.get_mut(&previous.conn) {
+                        c.held.remove(key);
+                    }
+                    self.effects.push(Effect::Push {
+                        conn: previous.conn,
+                        event: LeaseEvent::LeaseLost {
+                            key: key.clone(),
+                            epoch: previous.epoch,
+                            reason,
+                            new_owner: Some(waiter.session.clone()),
+                        },
+                    });
+                }
+                let conn = self.conns.get_mut(&waiter.conn);
+                match conn {
+                    Some(conn) if !self.stopping => {
+                        conn.held.insert(key.clone());
+                        state.holder = Holder::Held(Held {
+                            conn: waiter.conn,
+                            session: waiter.session,
+                            epoch,
+                        });
+                        self.effects.push(Effect::Answer {
+                            conn: waiter.conn,
+                            request_id: waiter.request_id,
+                            result: Ok(granted),
+                        });
+                    }
+                    _ => {
+                        // Nobody can use the lease: the loader left, or the
+                        // daemon is stopping. Give it straight back.
+                        self.effects.push(Effect::Answer {
+                            conn: waiter.conn,
+                            request_id: waiter.request_id,
+                            result: Err(LoadError::ShuttingDown),
+                        });
+                        state.holder = Holder::Releasing {
+                            session: waiter.session.clone(),
+                        };
+                        self.effects.push(Effect::Release {
+                            key: key.clone(),
+                            owner: waiter.session,
+                            epoch,
+                        });
+                    }
+                }
+            }
+            Err(err) => {
+                self.effects.push(Effect::Answer {
+                    conn: waiter.conn,
+                    request_id: waiter.request_id,
+                    result: Err(LoadError::Storage(err)),
+                });
+                // Nothing was written, so whoever held the lease still does.
+                state.holder = match previous {
+                    Some((previous, _)) => Holder::Held(previous),
+                    None => Holder::Free,
+                };
+            }
+        }
+        self.pump(key, now);
+    }
+
+    /// Records that an [`Effect::Release`] finished. On failure the stored
+    /// lease may linger, which is harmless: the next grant replaces it.
+    pub fn release_done(&mut self, key: &ProfileKey, now: Instant) {
+        if let Some(state) = self.keys.get_mut(key) {
+            if matches!(state.holder, Holder::Releasing { .. }) {
+                state.holder = Holder::Free;
+                self.pump(key, now);
+            }
+        }
+    }
+
+    /// The earliest pending deadline.
+    pub fn next_timer(&self) -> Option<Instant> {
+        self.timers.keys().next().map(|(at, _)| *at)
+    }
+
+    /// Acts on every deadline at or before `now`.
+    pub fn fire_timers(&mut self, now: Instant) {
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            match entry.remove() {
+                Timer::Deadline { key, waiter } => self.expire_waiter(&key, waiter, now),
+                Timer::Force { key } => self.pump(&key, now),
+            }
+        }
+    }
+
+    /// Stops taking loads: every waiting and later load ends with
+    /// `ShuttingDown`. Leases stay held.
+    pub fn stop_loads(&mut self) {
+        self.stopping = true;
+        for (key, state) in &mut self.keys {
+            for waiter in state.queue.drain(..) {
+                if let Some(c) = self.conns.get_mut(&waiter.conn) {
+                    c.waiting.remove(key);
+                }
+                self.effects.push(Effect::Answer {
+                    conn: waiter.conn,
+                    request_id: waiter.request_id,
+                    result: Err(LoadError::ShuttingDown),
+                });
+            }
+            state.force_deadline = None;
+        }
+        self.timers.clear();
+    }
+
+    /// Releases every held lease, keeping the last saved data. Returns how
+    /// many releases were started.
+    pub fn release_all(&mut self) -> usize {
+        let mut started = 0;
+        for (key, state) in &mut self.keys {
+            if let Holder::Held(held) = &state.holder {
+                let held = held.clone();
+                if let Some(c) = self.conns.get_mut(&held.conn) {
+                    c.held.remove(key);
+                }
+                state.holder = Holder::Releasing {
+                    session: held.session.clone(),
+                };
+                self.effects.push(Effect::Release {
+                    key: key.clone(),
+                    owner: held.session,
+                    epoch: held.epoch,
+                });
+                started += 1;
+            }
+        }
+        started
+    }
+
+    /// Whether no lease is held, granted or being released.
+    pub fn is_idle(&self) -> bool {
+        self.keys
+            .values()
+            .all(|state| matches!(state.holder, Holder::Free))
+    }
+
+    /// How many leases are held.
+    pub fn held(&self) -> usize {
+        self.keys
+            .values()
+            .filter(|state| matches!(state.holder, Holder::Held(_)))
+            .count()
+    }
+
+    /// How many loads are waiting.
+    pub fn queued(&self) -> usize {
+        self.keys.values().map(|state| state.queue.len()).sum()
+    }
+
+    /// Moves `key` forward: grants a free profile to the head of its queue,
+    /// lets a Steal take it, asks the holder on behalf of a ForceLoad, or
+    /// takes it once the ForceLoad's patience is spent.
+    fn pump(&mut self, key: &ProfileKey, now: Instant) {
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        let head = state.queue.front().map(|w| w.policy);
+        if head != Some(LoadPolicy::ForceLoad) {
+            state.force_deadline = None;
+        }
+        match (&state.holder, head) {
+            (Holder::Free, Some(_)) => self.start_grant(key, None),
+            (Holder::Held(held), Some(LoadPolicy::Steal)) => {
+                let previous = (held.clone(), LossReason::Stolen);
+                self.start_grant(key, Some(previous));
+            }
+            (Holder::Held(held), Some(LoadPolicy::ForceLoad)) => match state.force_deadline {
+                None => {
+                    let deadline = now + self.force_load_timeout;
+                    state.force_deadline = Some(deadline);
+                    let requester = state
+                        .queue
+                        .front()
+                        .map(|w| w.session.clone())
+                        .unwrap_or_else(|| held.session.clone());
+                    self.effects.push(Effect::Push {
+                        conn: held.conn,
+                        event: LeaseEvent::ReleaseRequested {
+                            key: key.clone(),
+                            epoch: held.epoch,
+                            requester,
+                        },
+                    });
+                    self.arm(deadline, Timer::Force { key: key.clone() });
+                }
+                Some(deadline) if now >= deadline => {
+                    let previous = (held.clone(), LossReason::ForceLoadTimeout);
+                    self.start_grant(key, Some(previous));
+                }
+                Some(_) => {}
+            },
+            (Holder::Free, None) => {
+                self.keys.remove(key);
+            }
+            _ => {}
+        }
+    }
+
+    /// Pops the head of `key`'s queue and starts writing its grant.
+    fn start_grant(&mut self, key: &ProfileKey, previous: Option<(Held, LossReason)>) {
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        let Some(waiter) = state.queue.pop_front() else {
+            return;
+        };
+        self.next_id += 1;
+        let ticket = self.next_id;
+        if let Some(c) = self.conns.get_mut(&waiter.conn) {
+            c.waiting.remove(key);
+        }
+        self.effects.push(Effect::Grant {
+            key: key.clone(),
+            ticket,
+            owner: waiter.session.clone(),
+        });
+        state.force_deadline = None;
+        state.holder = Holder::Granting(Granting {
+            ticket,
+            waiter,
+            previous,
+        });
+    }
+
+    fn expire_waiter(&mut self, key: &ProfileKey, waiter_id: u64, now: Instant) {
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        let Some(at) = state.queue.iter().position(|w| w.id == waiter_id) else {
+            return;
+        };
+        let Some(waiter) = state.queue.remove(at) else {
+            return;
+        };
+        if let Some(c) = self.conns.get_mut(&waiter.conn) {
+            c.waiting.remove(key);
+        }
+        self.effects.push(Effect::Answer {
+            conn: waiter.conn,
+            request_id: waiter.request_id,
+            result: Err(LoadError::Timeout(key.clone())),
+        });
+        self.pump(key, now);
+    }
+
+    fn arm(&mut self, at: Instant, timer: Timer) {
+        self.next_id += 1;
+        self.timers.insert((at, self.next_id), timer);
+    }
+}
+
+impl KeyState {
+    /// Whether `session` holds, is being granted, or waits for this profile.
+    fn involves(&self, session: &SessionId) -> bool {
+        let holds = match &self.holder {
+            Holder::Granting(granting) => granting.waiter.session == *session,
+            Holder::Held(held) => held.session == *session,
+            Holder::Free | Holder::Releasing { .. } => false,
+        };
+        holds || self.queue.iter().any(|w| w.session == *session)
+    }
+
+    /// The session that holds, or is about to hold, the profile.
+    fn owner(&self) -> Option<&SessionId> {
+        match &self.holder {
+            Holder::Free => None,
+            Holder::Granting(granting) => Some(&granting.waiter.session),
+            Holder::Held(held) => Some(&held.session),
+            Holder::Releasing { session } => Some(session),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{LeaseRecord, MetaRecord};
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn key() -> ProfileKey {
+        ProfileKey::new("s", "k")
+    }
+
+    fn session(job: &str) -> SessionId {
+        SessionId {
+            place_id: 1,
+            job_id: job.to_owned(),
+        }
+    }
+
+    /// A table with connections 1..=n for sessions "s1".."sn".
+    fn table(n: u64) -> LeaseTable {
+        let mut table = LeaseTable::new(TIMEOUT);
+        for conn in 1..=n {
+            table
+                .connect(conn, session(&format!("s{conn}")))
+                .expect("connect");
+        }
+        table
+    }
+
+    fn load(table: &mut LeaseTable, conn: ConnId, policy: LoadPolicy, now: Instant) {
+        table.load(
+            LoadRequest {
+                conn,
+                request_id: conn * 100,
+                key: key(),
+                policy,
+                deadline: None,
+            },
+            now,
+        );
+    }
+
+    /// Completes the single pending grant with epoch `epoch` and returns the
+    /// effects that followed.
+    fn complete_grant(table: &mut LeaseTable, effects: Vec<Effect>, epoch: u64, now: Instant) -> Vec<Effect> {
+        let grants: Vec<_> = effects
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::Grant { key, ticket, owner } => Some((key, ticket, owner)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(grants.len(), 1, "exactly one grant pending");
+        let (key, ticket, owner) = grants.into_iter().next().expect("one grant");
+        let granted = Granted {
+            lease: LeaseRecord {
+                session: owner,
+                epoch,
+                since_ms: 0,
+            },
+            meta: MetaRecord::default(),
+            data: None,
+        };
+        table.grant_done(&key, ticket, Ok(granted), now);
+        table.take_effects()
+    }
+
+    fn answers(effects: &[Effect]) -> Vec<(ConnId, Result<u64, LoadError>)> {
+        effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::Answer { conn, result, .. } => Some((
+                    *conn,
+                    result.as_ref().map(|g| g.lease.epoch).map_err(Clone::clone),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pushes(effects: &[Effect]) -> Vec<(ConnId, LeaseEvent)> {
+        effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::Push { conn, event } => Some((*conn, event.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Session 1 holds the key with epoch 1.
+    fn held_by_one(n: u64, now: Instant) -> LeaseTable {
+        let mut table = table(n);
+        load(&mut table, 1, LoadPolicy::ForceLoad, now);
+        let effects = table.take_effects();
+        let done = complete_grant(&mut table, effects, 1, now);
+        assert_eq!(answers(&done), vec![(1, Ok(1))]);
+        table
+    }
+
+    #[test]
+    fn a_free_profile_is_granted_at_once() {
+        let now = Instant::now();
+        let table = held_by_one(1, now);
+        assert_eq!(table.held(), 1);
+    }
+
+    #[test]
+    fn the_same_session_cannot_load_twice() {
+        let now = Instant::now();
+        let mut table = held_by_one(1, now);
+        load(&mut table, 1, LoadPolicy::Steal, now);
+        assert_eq!(
+            answers(&table.take_effects()),
+            vec![(1, Err(LoadError::AlreadyLoaded(key())))]
+        );
+    }
+
+    #[test]
+    fn cancel_names_the_owner() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::Cancel, now);
+        assert_eq!(
+            answers(&table.take_effects()),
+            vec![(
+                2,
+                Err(LoadError::Taken {
+                    key: key(),
+                    owner: session("s1")
+                })
+            )]
+        );
+    }
+
+    #[test]
+    fn force_load_asks_then_takes_after_the_timeout() {
+        let start = Instant::now();
+        let mut table = held_by_one(2, start);
+        load(&mut table, 2, LoadPolicy::ForceLoad, start);
+        let effects = table.take_effects();
+        assert_eq!(
+            pushes(&effects),
+            vec![(
+                1,
+                LeaseEvent::ReleaseRequested {
+                    key: key(),
+                    epoch: 1,
+                    requester: session("s2")
+                }
+            )]
+        );
+        assert!(answers(&effects).is_empty());
+        assert_eq!(table.next_timer(), Some(start + TIMEOUT));
+
+        table.fire_timers(start + TIMEOUT - Duration::from_millis(1));
+        assert!(table.take_effects().is_empty(), "not before the timeout");
+
+        table.fire_timers(start + TIMEOUT);
+        let effects = table.take_effects();
+        let done = complete_grant(&mut table, effects, 2, start + TIMEOUT);
+        assert_eq!(answers(&done), vec![(2, Ok(2))]);
+        assert_eq!(
+            pushes(&done),
+            vec![(
+                1,
+                LeaseEvent::LeaseLost {
+                    key: key(),
+                    epoch: 1,
+                    reason: LossReason::ForceLoadTimeout,
+                    new_owner: Some(session("s2"))
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn force_load_is_granted_as_soon_as_the_owner_releases() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::ForceLoad, now);
+        table.take_effects();
+        table.released(&key(), 1, now);
+        let effects = table.take_effects();
+        let done = complete_grant(&mut table, effects, 2, now);
+        assert_eq!(answers(&done), vec![(2, Ok(2))]);
+        assert!(pushes(&done).is_empty(), "a cooperative owner loses nothing");
+    }
+
+    #[test]
+    fn the_newest_force_load_wins() {
+        let now = Instant::now();
+        let mut table = held_by_one(3, now);
+        load(&mut table, 2, LoadPolicy::ForceLoad, now);
+        table.take_effects();
+        load(&mut table, 3, LoadPolicy::ForceLoad, now);
+        assert_eq!(
+            answers(&table.take_effects()),
+            vec![(2, Err(LoadError::Superseded(key())))]
+        );
+        table.released(&key(), 1, now);
+        let effects = table.take_effects();
+        let done = complete_grant(&mut table, effects, 2, now);
+        assert_eq!(answers(&done), vec![(3, Ok(2))]);
+    }
+
+    #[test]
+    fn steal_takes_at_once() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::Steal, now);
+        let effects = table.take_effects();
+        let done = complete_grant(&mut table, effects, 2, now);
+        assert_eq!(answers(&done), vec![(2, Ok(2))]);
+        assert!(matches!(
+            pushes(&done).as_slice(),
+            [(1, LeaseEvent::LeaseLost { reason: LossReason::Stolen, .. })]
+        ));
+    }
+
+    #[test]
+    fn repeat_waits_without_asking_and_only_the_head_is_woken() {
+        let now = Instant::now();
+        let mut table = held_by_one(3, now);
+        load(&mut table, 2, LoadPolicy::Repeat, now);
+        load(&mut table, 3, LoadPolicy::Repeat, now);
+        assert!(table.take_effects().is_empty(), "no release request for Repeat");
+        assert_eq!(table.next_timer(), None);
+        table.released(&key(), 1, now);
+        let effects = table.take_effects();
+        let done = complete_grant(&mut table, effects, 2, now);
+        assert_eq!(answers(&done), vec![(2, Ok(2))]);
+        assert_eq!(table.queued(), 1, "the second waiter still waits");
+    }
+
+    #[test]
+    fn a_waiter_deadline_ends_with_timeout() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        table.load(
+            LoadRequest {
+                conn: 2,
+                request_id: 9,
+                key: key(),
+                policy: LoadPolicy::Repeat,
+                deadline: Some(now + Duration::from_secs(1)),
+            },
+            now,
+        );
+        table.fire_timers(now + Duration::from_secs(1));
+        assert_eq!(
+            answers(&table.take_effects()),
+            vec![(2, Err(LoadError::Timeout(key())))]
+        );
+        assert_eq!(table.queued(), 0);
+    }
+
+    #[test]
+    fn a_disconnect_releases_leases_and_cancels_waits() {
+        let now = Instant::now();
+        let mut table = held_by_one(3, now);
+        load(&mut table, 2, LoadPolicy::Repeat, now);
+        table.disconnect(1, now);
+        let effects = table.take_effects();
+        assert!(matches!(
+            effects.as_slice(),
+            [Effect::Release { epoch: 1, .. }]
+        ));
+        table.release_done(&key(), now);
+        let effects = table.take_effects();
+        let done = complete_grant(&mut table, effects, 2, now);
+        assert_eq!(answers(&done), vec![(2, Ok(2))]);
+
+        table.disconnect(2, now);
+        table.take_effects();
+        table.release_done(&key(), now);
+        assert!(table.is_idle());
+    }
+
+    #[test]
+    fn a_failed_grant_leaves_the_holder_in_place() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::Steal, now);
+        let Some(Effect::Grant { ticket, .. }) = table.take_effects().into_iter().next() else {
+            panic!("expected a grant");
+        };
+        table.grant_done(&key(), ticket, Err(WriteError::Storage("disk".into())), now);
+        let effects = table.take_effects();
+        assert!(matches!(
+            answers(&effects).as_slice(),
+            [(2, Err(LoadError::Storage(_)))]
+        ));
+        assert!(pushes(&effects).is_empty());
+        assert_eq!(table.held(), 1);
+    }
+
+    #[test]
+    fn stopping_refuses_loads_and_release_all_frees_everything() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::Repeat, now);
+        table.stop_loads();
+        assert_eq!(
+            answers(&table.take_effects()),
+            vec![(2, Err(LoadError::ShuttingDown))]
+        );
+        load(&mut table, 2, LoadPolicy::ForceLoad, now);
+        assert_eq!(
+            answers(&table.take_effects()),
+            vec![(2, Err(LoadError::ShuttingDown))]
+        );
+        assert_eq!(table.release_all(), 1);
+        table.take_effects();
+        assert!(!table.is_idle());
+        table.release_done(&key(), now);
+        assert!(table.is_idle());
+    }
+}

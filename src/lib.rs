@@ -1,0 +1,21 @@
+//! profiled: a sidecar daemon that keeps game players' profiles safe.
+//!
+//! Game servers connect over a Unix socket, take fenced leases on profiles,
+//! save under them, and release them; the daemon guarantees that no two
+//! sessions hold one profile at once and that no acknowledged save is lost.
+//! `ARCHITECTURE.md` maps the modules; the wire format is documented in the
+//! `profiled-protocol` crate.
+//!
+//! [`run`] starts the daemon on a listener of the caller's choosing, so
+//! tests can run it in-process.
+
+pub mod config;
+mod connection;
+pub mod leases;
+mod profile_key;
+mod server;
+pub mod storage;
+
+pub use config::Config;
+pub use profile_key::ProfileKey;
+pub use server::{ServerError, bind, run};

@@ -1,0 +1,194 @@
+//! The daemon: binding the socket, accepting connections, and stopping.
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use profiled_protocol::{Error, ErrorCode, FrameCodec, ServerFrame};
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+use tokio_util::codec::FramedWrite;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::connection::{self, Context};
+use crate::leases::Leases;
+use crate::storage::{Storage, StorageError};
+
+/// Why the daemon could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another daemon answers on the socket path.
+    #[error("another profiled is already listening on {0}")]
+    AlreadyRunning(PathBuf),
+    /// The socket path exists and is not a socket; it is left alone.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Binding the socket failed.
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A shutdown step ran out of time.
+    #[error("shutdown step '{0}' did not finish in time")]
+    ShutdownTimeout(&'static str),
+}
+
+/// How long each shutdown step after the grace period may take.
+const STEP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Binds the Unix socket at `path`.
+///
+/// A socket file nobody answers on is left over from a daemon that died,
+/// and is replaced. A socket somebody answers on belongs to a live daemon,
+/// and this one refuses to start rather than steal its clients.
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(ServerError::NotASocket(path.to_owned()));
+            }
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(ServerError::AlreadyRunning(path.to_owned())),
+                Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(path = %path.display(), "replacing a stale socket file");
+                    std::fs::remove_file(path).map_err(|source| ServerError::Bind {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                }
+                Err(source) => {
+                    return Err(ServerError::Bind {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ServerError::Bind {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
+    UnixListener::bind(path).map_err(|source| ServerError::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Runs the daemon on `listener` until `shutdown` resolves, then stops:
+/// no new loads, every remaining lease released with its last saved data,
+/// connections closed, storage flushed, and the socket file removed.
+pub async fn run(
+    config: Config,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let storage_config = config.storage.clone();
+    let (storage, recovery) =
+        tokio::task::spawn_blocking(move || Storage::open(&storage_config))
+            .await
+            .map_err(|err| StorageError::Committer(err.to_string()))??;
+    if recovery.leases_freed > 0 {
+        tracing::info!(
+            leases = recovery.leases_freed,
+            "freed leases left held by the previous run"
+        );
+    }
+    let leases = Leases::start(storage.clone(), config.leases.force_load_timeout);
+    let context = Arc::new(Context {
+        leases: leases.clone(),
+        storage: storage.clone(),
+        limits: config.limits.clone(),
+    });
+    let connections = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let slots = Arc::new(Semaphore::new(config.limits.max_connections));
+    let next_conn = AtomicU64::new(1);
+    tracing::info!(
+        socket = %config.listen.socket.display(),
+        data = %config.storage.path.display(),
+        "profiled is ready"
+    );
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        connections.spawn(turn_away(stream, config.limits.max_frame));
+                        continue;
+                    };
+                    let conn = next_conn.fetch_add(1, Ordering::Relaxed);
+                    let context = Arc::clone(&context);
+                    let stop = stop.clone();
+                    connections.spawn(async move {
+                        connection::serve(stream, conn, context, stop).await;
+                        drop(slot);
+                    });
+                }
+                Err(err) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+
+    let started = Instant::now();
+    tracing::info!("shutting down");
+    leases.stop_loads();
+    let released = tokio::time::timeout(STEP_DEADLINE, leases.release_all())
+        .await
+        .map_err(|_| ServerError::ShutdownTimeout("release leases"))?;
+    stop.cancel();
+    connections.close();
+    if tokio::time::timeout(STEP_DEADLINE, connections.wait()).await.is_err() {
+        tracing::warn!("some connections did not close in time");
+    }
+    drop(context);
+    drop(leases);
+    tokio::time::timeout(STEP_DEADLINE, storage.close())
+        .await
+        .map_err(|_| ServerError::ShutdownTimeout("flush storage"))??;
+    if let Err(err) = std::fs::remove_file(&config.listen.socket) {
+        if err.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(error = %err, "could not remove the socket file");
+        }
+    }
+    tracing::info!(
+        released_by_daemon = released,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "stopped"
+    );
+    Ok(())
+}
+
+/// Tells a client over the connection limit why it is refused.
+async fn turn_away(stream: tokio::net::UnixStream, max_frame: u32) {
+    use futures::SinkExt;
+    let mut framed = FramedWrite::new(stream, FrameCodec::<(), ServerFrame>::new(max_frame));
+    let refusal = ServerFrame::Refused(Error::new(
+        ErrorCode::TooLarge,
+        "too many connections; try again later",
+    ));
+    let _ = tokio::time::timeout(Duration::from_secs(1), framed.send(refusal)).await;
+}

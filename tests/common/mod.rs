@@ -1,0 +1,163 @@
+//! The harness shared by the integration tests: a real `profiled` process
+//! on a temporary directory, reached through the real client library.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use profiled_client::{Client, SessionId};
+use tempfile::TempDir;
+
+/// How long a daemon may take to start listening before a test gives up.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A `profiled` child process. Killed on drop.
+pub struct Daemon {
+    /// The process; `None` after it exited.
+    child: Option<Child>,
+    /// Holds the socket, data directory and config; removed on drop.
+    dir: TempDir,
+    /// The extra TOML the daemon was started with, kept for restarts.
+    extra_config: String,
+}
+
+impl Daemon {
+    /// Starts a daemon with the test defaults.
+    pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts a daemon with `extra` TOML appended to the test defaults
+    /// (which only set the socket and data paths, and a short
+    /// `force_load_timeout` under `[leases]`).
+    pub fn start_with(extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut daemon = Self {
+            child: None,
+            dir,
+            extra_config: extra.to_owned(),
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("profiled.sock")
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// The temporary directory everything lives in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Connects a client for session `job` of place 1.
+    pub async fn client(&self, job: &str) -> Client {
+        Client::connect(self.socket(), session(job))
+            .await
+            .expect("connect to the daemon")
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: Signal) {
+        let child = self.child.as_ref().expect("daemon is running");
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits"));
+        kill(pid, signal).expect("send signal");
+    }
+
+    /// SIGKILLs the daemon and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the daemon to exit on its own, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon is running");
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                panic!("daemon did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the daemon again on the same directory; it must not be running.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon before restarting it");
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let config = format!(
+            "[listen]\nsocket = {:?}\n[storage]\npath = {:?}\n{}\n",
+            self.socket(),
+            self.data_dir(),
+            self.extra_config,
+        );
+        std::fs::write(self.config_path(), config).expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_profiled"))
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn profiled");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Polls until the socket accepts connections.
+    fn wait_ready(&mut self) {
+        let until = Instant::now() + START_TIMEOUT;
+        loop {
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("try_wait"))
+            {
+                panic!("profiled exited during start: {status}");
+            }
+            assert!(Instant::now() < until, "profiled did not start listening");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The session id of test job `job`.
+pub fn session(job: &str) -> SessionId {
+    SessionId {
+        place_id: 1,
+        job_id: job.to_owned(),
+    }
+}

@@ -1,0 +1,270 @@
+//! The lease rules, end to end: the real daemon binary, the real client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Daemon, session};
+use profiled_client::{
+    Client, ClientError, ErrorCode, LoadOptions, LoadPolicy, LossReason, Profile, ProfileEvent,
+};
+
+const STORE: &str = "PlayerData";
+
+/// Starts `client.load(key, policy)` and returns once the daemon has read
+/// the request: a ping sent after it on the same connection has come back.
+async fn queued_load(
+    client: &Client,
+    key: &str,
+    options: LoadOptions,
+) -> tokio::task::JoinHandle<Result<Profile, ClientError>> {
+    let loader = client.clone();
+    let key = key.to_owned();
+    let (sent, was_sent) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut load = Box::pin(loader.load_with(STORE, &key, options));
+        // The first poll puts the request in the connection's queue.
+        let first = futures::poll!(&mut load);
+        let _ = sent.send(());
+        match first {
+            std::task::Poll::Ready(result) => result,
+            std::task::Poll::Pending => load.await,
+        }
+    });
+    was_sent.await.expect("load task started");
+    client.ping().await.expect("ping after the load");
+    task
+}
+
+fn policy(policy: LoadPolicy) -> LoadOptions {
+    LoadOptions {
+        policy,
+        deadline: None,
+    }
+}
+
+fn code(result: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
+    result.expect_err("expected an error").code().cloned().expect("a daemon error code")
+}
+
+#[tokio::test]
+async fn load_save_release_then_reload_keeps_the_data_and_raises_the_epoch() {
+    let daemon = Daemon::start();
+    let client = daemon.client("a").await;
+    let profile = client.load(STORE, "p1", LoadPolicy::ForceLoad).await.expect("load");
+    assert_eq!(profile.data(), None, "a new profile has no data");
+    assert_eq!(profile.meta().load_count, 1);
+    let first_epoch = profile.epoch();
+    assert_eq!(profile.save(b"gold=1".to_vec()).await.expect("save"), 1);
+    assert_eq!(profile.save(b"gold=2".to_vec()).await.expect("save"), 2);
+    profile.release(None).await.expect("release");
+
+    let again = client.load(STORE, "p1", LoadPolicy::ForceLoad).await.expect("reload");
+    assert_eq!(again.data(), Some(&b"gold=2"[..]));
+    assert!(again.epoch() > first_epoch);
+    assert_eq!(again.meta().load_count, 2);
+    assert_eq!(again.meta().version, 2);
+    let active = again.meta().active.as_ref().expect("active session");
+    assert_eq!(active.session, session("a"));
+    assert_eq!(active.epoch, again.epoch());
+}
+
+#[tokio::test]
+async fn release_with_data_writes_it_atomically() {
+    let daemon = Daemon::start();
+    let client = daemon.client("a").await;
+    let profile = client.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    profile.release(Some(b"final".to_vec())).await.expect("release");
+    let other = daemon.client("b").await;
+    let again = other.load(STORE, "p", LoadPolicy::Cancel).await.expect("free again");
+    assert_eq!(again.data(), Some(&b"final"[..]));
+}
+
+#[tokio::test]
+async fn loading_a_profile_this_session_holds_is_already_loaded() {
+    let daemon = Daemon::start();
+    let client = daemon.client("a").await;
+    let _held = client.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    for policy in [LoadPolicy::ForceLoad, LoadPolicy::Steal, LoadPolicy::Repeat, LoadPolicy::Cancel] {
+        assert_eq!(
+            code(client.load(STORE, "p", policy).await),
+            ErrorCode::AlreadyLoaded,
+            "{policy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stale_epoch_is_refused_and_changes_nothing() {
+    let daemon = Daemon::start();
+    let client = daemon.client("a").await;
+    let profile = client.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let old_epoch = profile.epoch();
+    profile.save(b"good".to_vec()).await.expect("save");
+    profile.release(None).await.expect("release");
+    let again = client.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("reload");
+
+    let stale = client.save(STORE, "p", old_epoch, b"stale".to_vec()).await;
+    assert_eq!(code(stale), ErrorCode::LeaseLost);
+    let stale_release = client.release(STORE, "p", old_epoch, Some(b"stale".to_vec())).await;
+    assert_eq!(code(stale_release), ErrorCode::LeaseLost);
+    let guessed = client.save(STORE, "p", again.epoch() + 1, b"guess".to_vec()).await;
+    assert_eq!(code(guessed), ErrorCode::LeaseLost);
+
+    // Another session cannot write under this session's epoch either.
+    let intruder = daemon.client("b").await;
+    let foreign = intruder.save(STORE, "p", again.epoch(), b"foreign".to_vec()).await;
+    assert_eq!(code(foreign), ErrorCode::LeaseLost);
+
+    again.release(None).await.expect("release");
+    let check = client.load(STORE, "p", LoadPolicy::Cancel).await.expect("load");
+    assert_eq!(check.data(), Some(&b"good"[..]));
+}
+
+#[tokio::test]
+async fn cancel_fails_at_once_naming_the_owner() {
+    let daemon = Daemon::start();
+    let a = daemon.client("a").await;
+    let b = daemon.client("b").await;
+    let _held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let err = b.load(STORE, "p", LoadPolicy::Cancel).await.expect_err("taken");
+    assert_eq!(err.code(), Some(&ErrorCode::Taken { owner: session("a") }));
+}
+
+#[tokio::test]
+async fn force_load_with_a_cooperative_owner_hands_over_the_saved_data() {
+    let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"60s\"\n");
+    let a = daemon.client("a").await;
+    let b = daemon.client("b").await;
+    let mut held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    held.save(b"v1".to_vec()).await.expect("save");
+
+    let taking = queued_load(&b, "p", policy(LoadPolicy::ForceLoad)).await;
+    let event = held.next_event().await.expect("an event");
+    assert_eq!(event, ProfileEvent::ReleaseRequested { requester: session("b") });
+    let held_epoch = held.epoch();
+    held.release(Some(b"v2".to_vec())).await.expect("cooperative release");
+
+    let taken = taking.await.expect("task").expect("force load");
+    assert_eq!(taken.data(), Some(&b"v2"[..]));
+    assert!(taken.epoch() > held_epoch);
+}
+
+#[tokio::test]
+async fn force_load_with_a_silent_owner_takes_the_lease_after_the_timeout() {
+    let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"300ms\"\n");
+    let a = daemon.client("a").await;
+    let b = daemon.client("b").await;
+    let mut held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    held.save(b"before".to_vec()).await.expect("save");
+
+    let taken = b.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("force load");
+    assert_eq!(taken.data(), Some(&b"before"[..]));
+    assert!(taken.epoch() > held.epoch());
+
+    assert_eq!(
+        held.next_event().await.expect("event"),
+        ProfileEvent::ReleaseRequested { requester: session("b") }
+    );
+    assert_eq!(
+        held.next_event().await.expect("event"),
+        ProfileEvent::LeaseLost {
+            reason: LossReason::ForceLoadTimeout,
+            new_owner: Some(session("b")),
+        }
+    );
+    assert_eq!(code(held.save(b"late".to_vec()).await), ErrorCode::LeaseLost);
+
+    taken.release(None).await.expect("release");
+    let check = a.load(STORE, "p", LoadPolicy::Cancel).await.expect("load");
+    assert_eq!(check.data(), Some(&b"before"[..]), "the late save changed nothing");
+}
+
+#[tokio::test]
+async fn steal_takes_the_lease_at_once_and_fences_the_owner() {
+    let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"60s\"\n");
+    let a = daemon.client("a").await;
+    let b = daemon.client("b").await;
+    let mut held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    held.save(b"mine".to_vec()).await.expect("save");
+
+    let stolen = b.load(STORE, "p", LoadPolicy::Steal).await.expect("steal");
+    assert_eq!(stolen.data(), Some(&b"mine"[..]));
+    assert_eq!(
+        held.next_event().await.expect("event"),
+        ProfileEvent::LeaseLost {
+            reason: LossReason::Stolen,
+            new_owner: Some(session("b")),
+        }
+    );
+    assert_eq!(code(held.save(b"after".to_vec()).await), ErrorCode::LeaseLost);
+    assert_eq!(code(held.release(None).await), ErrorCode::LeaseLost);
+    stolen.save(b"thief".to_vec()).await.expect("the new owner saves");
+}
+
+#[tokio::test]
+async fn repeat_waits_for_the_release_without_asking_the_owner() {
+    let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"300ms\"\n");
+    let a = daemon.client("a").await;
+    let b = daemon.client("b").await;
+    let mut held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+
+    let waiting = queued_load(&b, "p", policy(LoadPolicy::Repeat)).await;
+    // The owner keeps the lease well past force_load_timeout: Repeat never
+    // takes it and never asks.
+    held.save(b"one".to_vec()).await.expect("save");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    held.save(b"two".to_vec()).await.expect("still the owner");
+    assert_eq!(held.try_next_event(), None, "no release request for Repeat");
+    assert!(!waiting.is_finished());
+    held.release(None).await.expect("release");
+
+    let granted = waiting.await.expect("task").expect("repeat load");
+    assert_eq!(granted.data(), Some(&b"two"[..]));
+}
+
+#[tokio::test]
+async fn a_load_deadline_ends_the_wait_with_timeout() {
+    let daemon = Daemon::start();
+    let a = daemon.client("a").await;
+    let b = daemon.client("b").await;
+    let _held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let options = LoadOptions {
+        policy: LoadPolicy::Repeat,
+        deadline: Some(Duration::from_millis(100)),
+    };
+    assert_eq!(code(b.load_with(STORE, "p", options).await), ErrorCode::Timeout);
+}
+
+#[tokio::test]
+async fn the_newest_force_load_supersedes_older_ones() {
+    let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"60s\"\n");
+    let a = daemon.client("a").await;
+    let b = daemon.client("b").await;
+    let c = daemon.client("c").await;
+    let held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+
+    let older = queued_load(&b, "p", policy(LoadPolicy::ForceLoad)).await;
+    let newer = queued_load(&c, "p", policy(LoadPolicy::ForceLoad)).await;
+    let older = older.await.expect("task");
+    assert_eq!(code(older), ErrorCode::Superseded);
+
+    held.release(Some(b"handed".to_vec())).await.expect("release");
+    let granted = newer.await.expect("task").expect("newest wins");
+    assert_eq!(granted.data(), Some(&b"handed"[..]));
+    assert_eq!(granted.meta().active.as_ref().map(|a| &a.session), Some(&session("c")));
+}
+
+#[tokio::test]
+async fn a_disconnect_releases_leases_and_wakes_waiters() {
+    let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"60s\"\n");
+    let a = daemon.client("a").await;
+    let b = daemon.client("b").await;
+    let held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    held.save(b"saved".to_vec()).await.expect("save");
+    let waiting = queued_load(&b, "p", policy(LoadPolicy::Repeat)).await;
+    drop(held);
+    a.close().await;
+    let granted = waiting.await.expect("task").expect("granted after disconnect");
+    assert_eq!(granted.data(), Some(&b"saved"[..]));
+}
