@@ -14,8 +14,8 @@ use std::sync::Arc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::{FutureExt, SinkExt, future::BoxFuture};
 use profiled_protocol::{
-    ClientFrame, Error, ErrorCode, FrameCodec, FrameError, Hello, PROTOCOL_VERSION, Reply,
-    Request, RequestBody, Response, ServerFrame, SessionId, Welcome,
+    ClientFrame, Error, ErrorCode, FrameCodec, FrameError, Hello, PROTOCOL_VERSION, Reply, Request,
+    RequestBody, Response, ServerFrame, SessionId, Welcome,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -44,7 +44,12 @@ type Transport = Framed<UnixStream, FrameCodec<ClientFrame, ServerFrame>>;
 const EVENT_SLACK: usize = 1024;
 
 /// Serves one connection until it closes or `stop` is cancelled.
-pub async fn serve(stream: UnixStream, conn: ConnId, context: Arc<Context>, stop: CancellationToken) {
+pub async fn serve(
+    stream: UnixStream,
+    conn: ConnId,
+    context: Arc<Context>,
+    stop: CancellationToken,
+) {
     let mut transport = Framed::new(stream, FrameCodec::new(context.limits.max_frame));
     let Some(session) = handshake(&mut transport, &context, &stop).await else {
         return;
@@ -174,15 +179,20 @@ impl Session {
                     Ok(key) => key,
                     Err(err) => return Started::Done(Err(err)),
                 };
-                let write = self.context.storage.save(key, self.session.clone(), epoch, data);
+                let write = self
+                    .context
+                    .storage
+                    .save(key, self.session.clone(), epoch, data);
                 Started::Pending(
                     write
-                        .map(move |result| ServerFrame::Response(Response {
-                            id,
-                            result: result
-                                .map(|version| Reply::Saved { version })
-                                .map_err(|err| write_error(err, epoch)),
-                        }))
+                        .map(move |result| {
+                            ServerFrame::Response(Response {
+                                id,
+                                result: result
+                                    .map(|version| Reply::Saved { version })
+                                    .map_err(|err| write_error(err, epoch)),
+                            })
+                        })
                         .boxed(),
                 )
             }
@@ -234,7 +244,8 @@ impl Session {
             }
             FrameError::Malformed(_) => {
                 tracing::warn!(conn = self.conn, error = %err, "closing a connection that sent a malformed frame");
-                self.close_with(ErrorCode::InvalidRequest, err.to_string()).await;
+                self.close_with(ErrorCode::InvalidRequest, err.to_string())
+                    .await;
             }
         }
     }
@@ -271,13 +282,23 @@ async fn handshake(
     };
     let hello = match first {
         Err(_) => {
-            refuse(transport, ErrorCode::InvalidRequest, "no hello within the handshake timeout").await;
+            refuse(
+                transport,
+                ErrorCode::InvalidRequest,
+                "no hello within the handshake timeout",
+            )
+            .await;
             return None;
         }
         Ok(None) => return None,
         Ok(Some(Ok(ClientFrame::Hello(hello)))) => hello,
         Ok(Some(Ok(ClientFrame::Request(_)))) => {
-            refuse(transport, ErrorCode::InvalidRequest, "the first frame must be a hello").await;
+            refuse(
+                transport,
+                ErrorCode::InvalidRequest,
+                "the first frame must be a hello",
+            )
+            .await;
             return None;
         }
         Ok(Some(Err(FrameError::Io(_)))) => return None,
@@ -300,9 +321,8 @@ async fn handshake(
             client: protocol_version,
             daemon: PROTOCOL_VERSION,
         };
-        let message = format!(
-            "client speaks protocol {protocol_version}, daemon speaks {PROTOCOL_VERSION}"
-        );
+        let message =
+            format!("client speaks protocol {protocol_version}, daemon speaks {PROTOCOL_VERSION}");
         refuse(transport, code, message).await;
         return None;
     }
@@ -376,7 +396,10 @@ fn profile_key(store: String, key: String, limits: &LimitsConfig) -> Result<Prof
 /// characters, so they print safely in logs and tools.
 fn check_name(what: &str, name: &str, max: usize) -> Result<(), Error> {
     if name.is_empty() {
-        return Err(Error::new(ErrorCode::InvalidRequest, format!("{what} is empty")));
+        return Err(Error::new(
+            ErrorCode::InvalidRequest,
+            format!("{what} is empty"),
+        ));
     }
     if name.len() > max {
         return Err(Error::new(

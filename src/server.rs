@@ -99,10 +99,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let storage_config = config.storage.clone();
-    let (storage, recovery) =
-        tokio::task::spawn_blocking(move || Storage::open(&storage_config))
-            .await
-            .map_err(|err| StorageError::Committer(err.to_string()))??;
+    let (storage, recovery) = tokio::task::spawn_blocking(move || Storage::open(&storage_config))
+        .await
+        .map_err(|err| StorageError::Committer(err.to_string()))??;
     if recovery.leases_freed > 0 {
         tracing::info!(
             leases = recovery.leases_freed,
@@ -161,7 +160,10 @@ pub async fn run(
         .map_err(|_| ServerError::ShutdownTimeout("release leases"))?;
     stop.cancel();
     connections.close();
-    if tokio::time::timeout(STEP_DEADLINE, connections.wait()).await.is_err() {
+    if tokio::time::timeout(STEP_DEADLINE, connections.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections did not close in time");
     }
     drop(context);
@@ -169,10 +171,10 @@ pub async fn run(
     tokio::time::timeout(STEP_DEADLINE, storage.close())
         .await
         .map_err(|_| ServerError::ShutdownTimeout("flush storage"))??;
-    if let Err(err) = std::fs::remove_file(&config.listen.socket) {
-        if err.kind() != io::ErrorKind::NotFound {
-            tracing::warn!(error = %err, "could not remove the socket file");
-        }
+    if let Err(err) = std::fs::remove_file(&config.listen.socket)
+        && err.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(error = %err, "could not remove the socket file");
     }
     tracing::info!(
         released_by_daemon = released,

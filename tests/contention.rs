@@ -63,9 +63,16 @@ async fn no_two_sessions_ever_hold_a_profile_and_no_acknowledged_save_is_lost() 
     }
 
     let history = history.lock().expect("history").clone();
+    println!("outcomes: {outcomes:?}, final counters: {finals:?}");
     check(&history, &finals);
-    let writes = history.iter().filter(|r| matches!(r, Record::Wrote { .. })).count();
-    assert!(writes > 100, "the fight made progress: {writes} writes, {outcomes:?}");
+    let writes = history
+        .iter()
+        .filter(|r| matches!(r, Record::Wrote { .. }))
+        .count();
+    assert!(
+        writes > 100,
+        "the fight made progress: {writes} writes, {outcomes:?}"
+    );
     assert!(
         outcomes.get("lease lost").copied().unwrap_or(0) > 0,
         "fencing was exercised: {outcomes:?}"
@@ -80,7 +87,7 @@ async fn fight(
     stop_at: Instant,
     history: Arc<Mutex<Vec<Record>>>,
 ) -> BTreeMap<&'static str, u64> {
-    let mut rng = XorShift(seed * 0x9e37_79b9_7f4a_7c15);
+    let mut rng = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut outcomes = BTreeMap::new();
     let mut count = |what| *outcomes.entry(what).or_insert(0) += 1;
     while Instant::now() < stop_at {
@@ -115,11 +122,10 @@ async fn fight(
             match profile.save(value_bytes(value + 1)).await {
                 Ok(_) => {
                     value += 1;
-                    history.lock().expect("history").push(Record::Wrote {
-                        key,
-                        epoch,
-                        value,
-                    });
+                    history
+                        .lock()
+                        .expect("history")
+                        .push(Record::Wrote { key, epoch, value });
                 }
                 Err(err) => {
                     count(classify(&err));
@@ -132,7 +138,7 @@ async fn fight(
         if lost {
             continue;
         }
-        let final_write = rng.next() % 2 == 0;
+        let final_write = rng.next().is_multiple_of(2);
         let data = final_write.then(|| value_bytes(value + 1));
         match profile.release(data).await {
             Ok(_) => {
@@ -159,28 +165,48 @@ fn check(history: &[Record], finals: &[u64]) {
         let mut writes = Vec::new();
         for record in history {
             match *record {
-                Record::Granted { key: k, epoch, value } if k == key => grants.push((epoch, value)),
-                Record::Wrote { key: k, epoch, value } if k == key => writes.push((epoch, value)),
+                Record::Granted {
+                    key: k,
+                    epoch,
+                    value,
+                } if k == key => grants.push((epoch, value)),
+                Record::Wrote {
+                    key: k,
+                    epoch,
+                    value,
+                } if k == key => writes.push((epoch, value)),
                 _ => {}
             }
         }
 
         // Every grant had its own epoch: no two sessions shared a lease.
         let epochs: HashSet<u64> = grants.iter().map(|(epoch, _)| *epoch).collect();
-        assert_eq!(epochs.len(), grants.len(), "key {key}: an epoch was granted twice");
+        assert_eq!(
+            epochs.len(),
+            grants.len(),
+            "key {key}: an epoch was granted twice"
+        );
 
         // Every acknowledged write wrote a different value, and together
         // they account for the final counter exactly: none was lost and
         // none was made by a session that no longer held the lease.
         let values: HashSet<u64> = writes.iter().map(|(_, value)| *value).collect();
-        assert_eq!(values.len(), writes.len(), "key {key}: two writes wrote the same value");
+        assert_eq!(
+            values.len(),
+            writes.len(),
+            "key {key}: two writes wrote the same value"
+        );
         assert_eq!(
             writes.len() as u64,
             final_value,
             "key {key}: {} acknowledged writes but the counter is {final_value}",
             writes.len()
         );
-        assert_eq!(values, (1..=final_value).collect(), "key {key}: a gap in the writes");
+        assert_eq!(
+            values,
+            (1..=final_value).collect(),
+            "key {key}: a gap in the writes"
+        );
 
         // Each grant saw every write acknowledged under an earlier epoch.
         for &(epoch, seen) in &grants {
@@ -199,7 +225,10 @@ fn check(history: &[Record], finals: &[u64]) {
                 .map(|(_, value)| *value)
                 .collect();
             let expected: Vec<u64> = (seen + 1..=seen + mine.len() as u64).collect();
-            assert_eq!(mine, expected, "key {key}: epoch {epoch} wrote out of order");
+            assert_eq!(
+                mine, expected,
+                "key {key}: epoch {epoch} wrote out of order"
+            );
         }
     }
 }

@@ -28,7 +28,10 @@ async fn run_serves_until_shutdown_then_releases_everything() {
     let client = Client::connect(&config.listen.socket, session("a"))
         .await
         .expect("connect");
-    let profile = client.load("S", "k", LoadPolicy::ForceLoad).await.expect("load");
+    let profile = client
+        .load("S", "k", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
     profile.save(b"saved".to_vec()).await.expect("save");
     let epoch = profile.epoch();
 
@@ -51,7 +54,10 @@ async fn run_serves_until_shutdown_then_releases_everything() {
     let client = Client::connect(&config.listen.socket, session("b"))
         .await
         .expect("connect");
-    let profile = client.load("S", "k", LoadPolicy::Cancel).await.expect("free at once");
+    let profile = client
+        .load("S", "k", LoadPolicy::Cancel)
+        .await
+        .expect("free at once");
     assert_eq!(profile.data(), Some(&b"saved"[..]));
     assert!(profile.epoch() > epoch);
     let other = Client::connect(&config.listen.socket, session("c"))
@@ -60,7 +66,9 @@ async fn run_serves_until_shutdown_then_releases_everything() {
     let taken = other.load("S", "k", LoadPolicy::Cancel).await;
     assert_eq!(
         taken.expect_err("held").code(),
-        Some(&ErrorCode::Taken { owner: session("b") })
+        Some(&ErrorCode::Taken {
+            owner: session("b")
+        })
     );
     stop.send(()).expect("running");
     server.await.expect("task").expect("clean stop");

@@ -44,14 +44,21 @@ fn policy(policy: LoadPolicy) -> LoadOptions {
 }
 
 fn code(result: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
-    result.expect_err("expected an error").code().cloned().expect("a daemon error code")
+    result
+        .expect_err("expected an error")
+        .code()
+        .cloned()
+        .expect("a daemon error code")
 }
 
 #[tokio::test]
 async fn load_save_release_then_reload_keeps_the_data_and_raises_the_epoch() {
     let daemon = Daemon::start();
     let client = daemon.client("a").await;
-    let profile = client.load(STORE, "p1", LoadPolicy::ForceLoad).await.expect("load");
+    let profile = client
+        .load(STORE, "p1", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
     assert_eq!(profile.data(), None, "a new profile has no data");
     assert_eq!(profile.meta().load_count, 1);
     let first_epoch = profile.epoch();
@@ -59,7 +66,10 @@ async fn load_save_release_then_reload_keeps_the_data_and_raises_the_epoch() {
     assert_eq!(profile.save(b"gold=2".to_vec()).await.expect("save"), 2);
     profile.release(None).await.expect("release");
 
-    let again = client.load(STORE, "p1", LoadPolicy::ForceLoad).await.expect("reload");
+    let again = client
+        .load(STORE, "p1", LoadPolicy::ForceLoad)
+        .await
+        .expect("reload");
     assert_eq!(again.data(), Some(&b"gold=2"[..]));
     assert!(again.epoch() > first_epoch);
     assert_eq!(again.meta().load_count, 2);
@@ -73,10 +83,19 @@ async fn load_save_release_then_reload_keeps_the_data_and_raises_the_epoch() {
 async fn release_with_data_writes_it_atomically() {
     let daemon = Daemon::start();
     let client = daemon.client("a").await;
-    let profile = client.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
-    profile.release(Some(b"final".to_vec())).await.expect("release");
+    let profile = client
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    profile
+        .release(Some(b"final".to_vec()))
+        .await
+        .expect("release");
     let other = daemon.client("b").await;
-    let again = other.load(STORE, "p", LoadPolicy::Cancel).await.expect("free again");
+    let again = other
+        .load(STORE, "p", LoadPolicy::Cancel)
+        .await
+        .expect("free again");
     assert_eq!(again.data(), Some(&b"final"[..]));
 }
 
@@ -84,8 +103,16 @@ async fn release_with_data_writes_it_atomically() {
 async fn loading_a_profile_this_session_holds_is_already_loaded() {
     let daemon = Daemon::start();
     let client = daemon.client("a").await;
-    let _held = client.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
-    for policy in [LoadPolicy::ForceLoad, LoadPolicy::Steal, LoadPolicy::Repeat, LoadPolicy::Cancel] {
+    let _held = client
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    for policy in [
+        LoadPolicy::ForceLoad,
+        LoadPolicy::Steal,
+        LoadPolicy::Repeat,
+        LoadPolicy::Cancel,
+    ] {
         assert_eq!(
             code(client.load(STORE, "p", policy).await),
             ErrorCode::AlreadyLoaded,
@@ -98,26 +125,41 @@ async fn loading_a_profile_this_session_holds_is_already_loaded() {
 async fn a_stale_epoch_is_refused_and_changes_nothing() {
     let daemon = Daemon::start();
     let client = daemon.client("a").await;
-    let profile = client.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let profile = client
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
     let old_epoch = profile.epoch();
     profile.save(b"good".to_vec()).await.expect("save");
     profile.release(None).await.expect("release");
-    let again = client.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("reload");
+    let again = client
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("reload");
 
     let stale = client.save(STORE, "p", old_epoch, b"stale".to_vec()).await;
     assert_eq!(code(stale), ErrorCode::LeaseLost);
-    let stale_release = client.release(STORE, "p", old_epoch, Some(b"stale".to_vec())).await;
+    let stale_release = client
+        .release(STORE, "p", old_epoch, Some(b"stale".to_vec()))
+        .await;
     assert_eq!(code(stale_release), ErrorCode::LeaseLost);
-    let guessed = client.save(STORE, "p", again.epoch() + 1, b"guess".to_vec()).await;
+    let guessed = client
+        .save(STORE, "p", again.epoch() + 1, b"guess".to_vec())
+        .await;
     assert_eq!(code(guessed), ErrorCode::LeaseLost);
 
     // Another session cannot write under this session's epoch either.
     let intruder = daemon.client("b").await;
-    let foreign = intruder.save(STORE, "p", again.epoch(), b"foreign".to_vec()).await;
+    let foreign = intruder
+        .save(STORE, "p", again.epoch(), b"foreign".to_vec())
+        .await;
     assert_eq!(code(foreign), ErrorCode::LeaseLost);
 
     again.release(None).await.expect("release");
-    let check = client.load(STORE, "p", LoadPolicy::Cancel).await.expect("load");
+    let check = client
+        .load(STORE, "p", LoadPolicy::Cancel)
+        .await
+        .expect("load");
     assert_eq!(check.data(), Some(&b"good"[..]));
 }
 
@@ -126,9 +168,20 @@ async fn cancel_fails_at_once_naming_the_owner() {
     let daemon = Daemon::start();
     let a = daemon.client("a").await;
     let b = daemon.client("b").await;
-    let _held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
-    let err = b.load(STORE, "p", LoadPolicy::Cancel).await.expect_err("taken");
-    assert_eq!(err.code(), Some(&ErrorCode::Taken { owner: session("a") }));
+    let _held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    let err = b
+        .load(STORE, "p", LoadPolicy::Cancel)
+        .await
+        .expect_err("taken");
+    assert_eq!(
+        err.code(),
+        Some(&ErrorCode::Taken {
+            owner: session("a")
+        })
+    );
 }
 
 #[tokio::test]
@@ -136,14 +189,24 @@ async fn force_load_with_a_cooperative_owner_hands_over_the_saved_data() {
     let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"60s\"\n");
     let a = daemon.client("a").await;
     let b = daemon.client("b").await;
-    let mut held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let mut held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
     held.save(b"v1".to_vec()).await.expect("save");
 
     let taking = queued_load(&b, "p", policy(LoadPolicy::ForceLoad)).await;
     let event = held.next_event().await.expect("an event");
-    assert_eq!(event, ProfileEvent::ReleaseRequested { requester: session("b") });
+    assert_eq!(
+        event,
+        ProfileEvent::ReleaseRequested {
+            requester: session("b")
+        }
+    );
     let held_epoch = held.epoch();
-    held.release(Some(b"v2".to_vec())).await.expect("cooperative release");
+    held.release(Some(b"v2".to_vec()))
+        .await
+        .expect("cooperative release");
 
     let taken = taking.await.expect("task").expect("force load");
     assert_eq!(taken.data(), Some(&b"v2"[..]));
@@ -155,16 +218,24 @@ async fn force_load_with_a_silent_owner_takes_the_lease_after_the_timeout() {
     let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"300ms\"\n");
     let a = daemon.client("a").await;
     let b = daemon.client("b").await;
-    let mut held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let mut held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
     held.save(b"before".to_vec()).await.expect("save");
 
-    let taken = b.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("force load");
+    let taken = b
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("force load");
     assert_eq!(taken.data(), Some(&b"before"[..]));
     assert!(taken.epoch() > held.epoch());
 
     assert_eq!(
         held.next_event().await.expect("event"),
-        ProfileEvent::ReleaseRequested { requester: session("b") }
+        ProfileEvent::ReleaseRequested {
+            requester: session("b")
+        }
     );
     assert_eq!(
         held.next_event().await.expect("event"),
@@ -173,11 +244,18 @@ async fn force_load_with_a_silent_owner_takes_the_lease_after_the_timeout() {
             new_owner: Some(session("b")),
         }
     );
-    assert_eq!(code(held.save(b"late".to_vec()).await), ErrorCode::LeaseLost);
+    assert_eq!(
+        code(held.save(b"late".to_vec()).await),
+        ErrorCode::LeaseLost
+    );
 
     taken.release(None).await.expect("release");
     let check = a.load(STORE, "p", LoadPolicy::Cancel).await.expect("load");
-    assert_eq!(check.data(), Some(&b"before"[..]), "the late save changed nothing");
+    assert_eq!(
+        check.data(),
+        Some(&b"before"[..]),
+        "the late save changed nothing"
+    );
 }
 
 #[tokio::test]
@@ -185,7 +263,10 @@ async fn steal_takes_the_lease_at_once_and_fences_the_owner() {
     let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"60s\"\n");
     let a = daemon.client("a").await;
     let b = daemon.client("b").await;
-    let mut held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let mut held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
     held.save(b"mine".to_vec()).await.expect("save");
 
     let stolen = b.load(STORE, "p", LoadPolicy::Steal).await.expect("steal");
@@ -197,9 +278,15 @@ async fn steal_takes_the_lease_at_once_and_fences_the_owner() {
             new_owner: Some(session("b")),
         }
     );
-    assert_eq!(code(held.save(b"after".to_vec()).await), ErrorCode::LeaseLost);
+    assert_eq!(
+        code(held.save(b"after".to_vec()).await),
+        ErrorCode::LeaseLost
+    );
     assert_eq!(code(held.release(None).await), ErrorCode::LeaseLost);
-    stolen.save(b"thief".to_vec()).await.expect("the new owner saves");
+    stolen
+        .save(b"thief".to_vec())
+        .await
+        .expect("the new owner saves");
 }
 
 #[tokio::test]
@@ -207,7 +294,10 @@ async fn repeat_waits_for_the_release_without_asking_the_owner() {
     let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"300ms\"\n");
     let a = daemon.client("a").await;
     let b = daemon.client("b").await;
-    let mut held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let mut held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
 
     let waiting = queued_load(&b, "p", policy(LoadPolicy::Repeat)).await;
     // The owner keeps the lease well past force_load_timeout: Repeat never
@@ -228,12 +318,18 @@ async fn a_load_deadline_ends_the_wait_with_timeout() {
     let daemon = Daemon::start();
     let a = daemon.client("a").await;
     let b = daemon.client("b").await;
-    let _held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let _held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
     let options = LoadOptions {
         policy: LoadPolicy::Repeat,
         deadline: Some(Duration::from_millis(100)),
     };
-    assert_eq!(code(b.load_with(STORE, "p", options).await), ErrorCode::Timeout);
+    assert_eq!(
+        code(b.load_with(STORE, "p", options).await),
+        ErrorCode::Timeout
+    );
 }
 
 #[tokio::test]
@@ -242,17 +338,25 @@ async fn the_newest_force_load_supersedes_older_ones() {
     let a = daemon.client("a").await;
     let b = daemon.client("b").await;
     let c = daemon.client("c").await;
-    let held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
 
     let older = queued_load(&b, "p", policy(LoadPolicy::ForceLoad)).await;
     let newer = queued_load(&c, "p", policy(LoadPolicy::ForceLoad)).await;
     let older = older.await.expect("task");
     assert_eq!(code(older), ErrorCode::Superseded);
 
-    held.release(Some(b"handed".to_vec())).await.expect("release");
+    held.release(Some(b"handed".to_vec()))
+        .await
+        .expect("release");
     let granted = newer.await.expect("task").expect("newest wins");
     assert_eq!(granted.data(), Some(&b"handed"[..]));
-    assert_eq!(granted.meta().active.as_ref().map(|a| &a.session), Some(&session("c")));
+    assert_eq!(
+        granted.meta().active.as_ref().map(|a| &a.session),
+        Some(&session("c"))
+    );
 }
 
 #[tokio::test]
@@ -260,11 +364,17 @@ async fn a_disconnect_releases_leases_and_wakes_waiters() {
     let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"60s\"\n");
     let a = daemon.client("a").await;
     let b = daemon.client("b").await;
-    let held = a.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
     held.save(b"saved".to_vec()).await.expect("save");
     let waiting = queued_load(&b, "p", policy(LoadPolicy::Repeat)).await;
     drop(held);
     a.close().await;
-    let granted = waiting.await.expect("task").expect("granted after disconnect");
+    let granted = waiting
+        .await
+        .expect("task")
+        .expect("granted after disconnect");
     assert_eq!(granted.data(), Some(&b"saved"[..]));
 }

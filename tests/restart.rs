@@ -35,7 +35,10 @@ async fn sigkill_loses_no_acknowledged_save_and_epochs_keep_rising() {
                 match saved {
                     Ok(_) => {
                         value += 1;
-                        acked.lock().expect("acked").insert(id, (value, profile.epoch()));
+                        acked
+                            .lock()
+                            .expect("acked")
+                            .insert(id, (value, profile.epoch()));
                     }
                     Err(_) => return value,
                 }
@@ -79,7 +82,11 @@ async fn sigkill_loses_no_acknowledged_save_and_epochs_keep_rising() {
             stored == last_acked || stored == last_acked + 1,
             "p{id}: acknowledged {last_acked}, found {stored}"
         );
-        assert!(profile.epoch() > epoch, "p{id}: epoch went from {epoch} to {}", profile.epoch());
+        assert!(
+            profile.epoch() > epoch,
+            "p{id}: epoch went from {epoch} to {}",
+            profile.epoch()
+        );
     }
 }
 
@@ -87,7 +94,10 @@ async fn sigkill_loses_no_acknowledged_save_and_epochs_keep_rising() {
 async fn an_old_epoch_is_still_refused_after_a_restart() {
     let mut daemon = Daemon::start();
     let client = daemon.client("a").await;
-    let profile = client.load(STORE, "p", LoadPolicy::ForceLoad).await.expect("load");
+    let profile = client
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
     profile.save(b"kept".to_vec()).await.expect("save");
     let old_epoch = profile.epoch();
     daemon.kill();
@@ -96,8 +106,14 @@ async fn an_old_epoch_is_still_refused_after_a_restart() {
     // The same session reconnects and tries to write under its old lease.
     let client = daemon.client("a").await;
     let stale = client.save(STORE, "p", old_epoch, b"zombie".to_vec()).await;
-    assert_eq!(stale.expect_err("refused").code(), Some(&ErrorCode::LeaseLost));
-    let profile = client.load(STORE, "p", LoadPolicy::Cancel).await.expect("load");
+    assert_eq!(
+        stale.expect_err("refused").code(),
+        Some(&ErrorCode::LeaseLost)
+    );
+    let profile = client
+        .load(STORE, "p", LoadPolicy::Cancel)
+        .await
+        .expect("load");
     assert_eq!(profile.data(), Some(&b"kept"[..]));
     assert!(profile.epoch() > old_epoch);
 }

@@ -279,7 +279,7 @@ async fn a_missing_config_file_means_the_defaults() {
     let socket = dir.path().join("s.sock");
     let data = dir.path().join("d");
     let mut process = Process::serve(&socket, &data);
-    let client = Client::connect(&socket, session("defaults"))
+    let client = Client::connect(&socket, session("defaults-probe"))
         .await
         .expect("connect");
     assert_eq!(

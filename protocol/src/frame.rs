@@ -146,7 +146,8 @@ pub fn encode_frame<T: Serialize>(item: &T) -> Result<Vec<u8>, FrameError> {
 
 /// Encodes a message's payload, without the length prefix.
 pub fn encode_payload<T: Serialize>(item: &T) -> Result<Vec<u8>, FrameError> {
-    bincode::serde::encode_to_vec(item, CONFIG).map_err(|err| FrameError::Malformed(err.to_string()))
+    bincode::serde::encode_to_vec(item, CONFIG)
+        .map_err(|err| FrameError::Malformed(err.to_string()))
 }
 
 /// Decodes one payload (a frame without its prefix).
@@ -197,8 +198,17 @@ mod tests {
         let mut codec = FrameCodec::<ClientFrame, ClientFrame>::new(1024);
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xf0][..]);
         let err = codec.decode(&mut buf).expect_err("oversized prefix");
-        assert!(matches!(err, FrameError::TooLarge { len: 0xffff_fff0, max: 1024 }));
-        assert!(buf.capacity() < 1024, "nothing was reserved for the refused frame");
+        assert!(matches!(
+            err,
+            FrameError::TooLarge {
+                len: 0xffff_fff0,
+                max: 1024
+            }
+        ));
+        assert!(
+            buf.capacity() < 1024,
+            "nothing was reserved for the refused frame"
+        );
     }
 
     #[test]

@@ -127,8 +127,8 @@ mod frame;
 mod wire;
 
 pub use frame::{
-    CONFIG, FrameCodec, FrameError, LENGTH_PREFIX, MAX_FRAME_CEILING, decode_payload,
-    encode_frame, encode_frame_into, encode_payload,
+    CONFIG, FrameCodec, FrameError, LENGTH_PREFIX, MAX_FRAME_CEILING, decode_payload, encode_frame,
+    encode_frame_into, encode_payload,
 };
 pub use wire::{
     ActiveSession, ClientFrame, Error, ErrorCode, Event, Hello, LoadPolicy, Loaded, LossReason,

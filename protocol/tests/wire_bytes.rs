@@ -26,7 +26,11 @@ fn hex<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt:
         payload.len(),
         "the prefix counts the payload"
     );
-    assert_eq!(&decode_payload::<T>(payload).expect("decode"), frame, "round trip");
+    assert_eq!(
+        &decode_payload::<T>(payload).expect("decode"),
+        frame,
+        "round trip"
+    );
     payload.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -80,7 +84,15 @@ fn requests() {
     assert_eq!(
         hex(&load),
         bytes(&[
-            "00000001", "0000000000000007", "00000000", s, "73", s, "6b", "00000002", "01",
+            "00000001",
+            "0000000000000007",
+            "00000000",
+            s,
+            "73",
+            s,
+            "6b",
+            "00000002",
+            "01",
             "00000000000001f4",
         ])
     );
@@ -93,8 +105,16 @@ fn requests() {
     assert_eq!(
         hex(&save),
         bytes(&[
-            "00000001", "0000000000000007", "00000001", s, "73", s, "6b", "0000000000000003",
-            "0000000000000002", "aabb",
+            "00000001",
+            "0000000000000007",
+            "00000001",
+            s,
+            "73",
+            s,
+            "6b",
+            "0000000000000003",
+            "0000000000000002",
+            "aabb",
         ])
     );
     let release = request(RequestBody::Release {
@@ -106,7 +126,15 @@ fn requests() {
     assert_eq!(
         hex(&release),
         bytes(&[
-            "00000001", "0000000000000007", "00000002", s, "73", s, "6b", "0000000000000003", "00",
+            "00000001",
+            "0000000000000007",
+            "00000002",
+            s,
+            "73",
+            s,
+            "6b",
+            "0000000000000003",
+            "00",
         ])
     );
     let release_with_data = request(RequestBody::Release {
@@ -128,7 +156,10 @@ fn requests() {
             policy,
             deadline_ms: None,
         });
-        assert!(hex(&load).ends_with(&format!("{index:08x}00")), "{policy:?}");
+        assert!(
+            hex(&load).ends_with(&format!("{index:08x}00")),
+            "{policy:?}"
+        );
     }
 }
 
@@ -143,7 +174,12 @@ fn welcome_and_refusal() {
     assert_eq!(
         hex(&welcome),
         bytes(&[
-            "00000000", "0000000000000003", "302e31", "00000001", "00001000", "0000000000000009",
+            "00000000",
+            "0000000000000003",
+            "302e31",
+            "00000001",
+            "00001000",
+            "0000000000000009",
         ])
     );
     let refused = ServerFrame::Refused(Error::new(
@@ -155,7 +191,14 @@ fn welcome_and_refusal() {
     ));
     assert_eq!(
         hex(&refused),
-        bytes(&["00000001", "00000000", "00000002", "00000001", "0000000000000001", "76"])
+        bytes(&[
+            "00000001",
+            "00000000",
+            "00000002",
+            "00000001",
+            "0000000000000001",
+            "76"
+        ])
     );
 }
 
@@ -206,7 +249,13 @@ fn responses() {
     });
     assert_eq!(
         hex(&saved),
-        bytes(&["00000002", "0000000000000007", "00000000", "00000001", "0000000000000005"])
+        bytes(&[
+            "00000002",
+            "0000000000000007",
+            "00000000",
+            "00000001",
+            "0000000000000005"
+        ])
     );
     let released = ServerFrame::Response(Response {
         id: 7,
@@ -217,7 +266,10 @@ fn responses() {
         id: 7,
         result: Ok(Reply::Pong),
     });
-    assert_eq!(hex(&pong), bytes(&["00000002", "0000000000000007", "00000000", "00000003"]));
+    assert_eq!(
+        hex(&pong),
+        bytes(&["00000002", "0000000000000007", "00000000", "00000003"])
+    );
 }
 
 #[test]
@@ -275,7 +327,14 @@ fn events() {
     assert_eq!(
         hex(&requested),
         bytes(&[
-            "00000003", "00000000", s, "73", s, "6b", "0000000000000004", &session_hex(),
+            "00000003",
+            "00000000",
+            s,
+            "73",
+            s,
+            "6b",
+            "0000000000000004",
+            &session_hex(),
         ])
     );
     let lost = ServerFrame::Event(Event::LeaseLost {
@@ -288,7 +347,15 @@ fn events() {
     assert_eq!(
         hex(&lost),
         bytes(&[
-            "00000003", "00000001", s, "73", s, "6b", "0000000000000004", "00000001", "00",
+            "00000003",
+            "00000001",
+            s,
+            "73",
+            s,
+            "6b",
+            "0000000000000004",
+            "00000001",
+            "00",
         ])
     );
     let stolen = ServerFrame::Event(Event::LeaseLost {

@@ -330,7 +330,9 @@ impl Driver {
                     });
                     self.send(conn, frame);
                 }
-                Effect::Push { conn, event } => self.send(conn, ServerFrame::Event(wire_event(event))),
+                Effect::Push { conn, event } => {
+                    self.send(conn, ServerFrame::Event(wire_event(event)))
+                }
             }
         }
     }

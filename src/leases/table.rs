@@ -188,7 +188,9 @@ enum Holder {
     Granting(Granting),
     Held(Held),
     /// The daemon is writing the release of a lease whose holder left.
-    Releasing { session: SessionId },
+    Releasing {
+        session: SessionId,
+    },
 }
 
 #[derive(Debug)]
@@ -289,12 +291,15 @@ impl LeaseTable {
                         epoch,
                     });
                 }
-                Holder::Granting(granting) => {
-                    // The lease is being taken from this connection anyway;
-                    // nobody is left to tell.
-                    if granting.previous.as_ref().is_some_and(|(p, _)| p.conn == conn) {
-                        granting.previous = None;
-                    }
+                // The lease is being taken from this connection anyway;
+                // nobody is left to tell.
+                Holder::Granting(granting)
+                    if granting
+                        .previous
+                        .as_ref()
+                        .is_some_and(|(p, _)| p.conn == conn) =>
+                {
+                    granting.previous = None;
                 }
                 _ => {}
             }
@@ -319,15 +324,17 @@ impl LeaseTable {
         }
         let state = self.keys.entry(key.clone()).or_default();
         if state.involves(&session) {
-            self.effects.push(answer(Err(LoadError::AlreadyLoaded(key))));
+            self.effects
+                .push(answer(Err(LoadError::AlreadyLoaded(key))));
             return;
         }
-        if request.policy == LoadPolicy::Cancel {
-            if let Some(owner) = state.owner() {
-                let owner = owner.clone();
-                self.effects.push(answer(Err(LoadError::Taken { key, owner })));
-                return;
-            }
+        if request.policy == LoadPolicy::Cancel
+            && let Some(owner) = state.owner()
+        {
+            let owner = owner.clone();
+            self.effects
+                .push(answer(Err(LoadError::Taken { key, owner })));
+            return;
         }
         self.next_id += 1;
         let waiter = Waiter {
@@ -401,15 +408,16 @@ impl LeaseTable {
                 }
                 self.pump(key, now);
             }
-            Holder::Granting(granting) => {
-                if let Some((previous, _)) = &granting.previous {
-                    if previous.epoch == epoch {
-                        let conn = previous.conn;
-                        granting.previous = None;
-                        if let Some(c) = self.conns.get_mut(&conn) {
-                            c.held.remove(key);
-                        }
-                    }
+            Holder::Granting(granting)
+                if granting
+                    .previous
+                    .as_ref()
+                    .is_some_and(|(p, _)| p.epoch == epoch) =>
+            {
+                if let Some((previous, _)) = granting.previous.take()
+                    && let Some(c) = self.conns.get_mut(&previous.conn)
+                {
+                    c.held.remove(key);
                 }
             }
             _ => {}
@@ -509,11 +517,11 @@ impl LeaseTable {
     /// Records that an [`Effect::Release`] finished. On failure the stored
     /// lease may linger, which is harmless: the next grant replaces it.
     pub fn release_done(&mut self, key: &ProfileKey, now: Instant) {
-        if let Some(state) = self.keys.get_mut(key) {
-            if matches!(state.holder, Holder::Releasing { .. }) {
-                state.holder = Holder::Free;
-                self.pump(key, now);
-            }
+        if let Some(state) = self.keys.get_mut(key)
+            && matches!(state.holder, Holder::Releasing { .. })
+        {
+            state.holder = Holder::Free;
+            self.pump(key, now);
         }
     }
 
@@ -767,7 +775,12 @@ mod tests {
 
     /// Completes the single pending grant with epoch `epoch` and returns the
     /// effects that followed.
-    fn complete_grant(table: &mut LeaseTable, effects: Vec<Effect>, epoch: u64, now: Instant) -> Vec<Effect> {
+    fn complete_grant(
+        table: &mut LeaseTable,
+        effects: Vec<Effect>,
+        epoch: u64,
+        now: Instant,
+    ) -> Vec<Effect> {
         let grants: Vec<_> = effects
             .into_iter()
             .filter_map(|effect| match effect {
@@ -909,7 +922,10 @@ mod tests {
         let effects = table.take_effects();
         let done = complete_grant(&mut table, effects, 2, now);
         assert_eq!(answers(&done), vec![(2, Ok(2))]);
-        assert!(pushes(&done).is_empty(), "a cooperative owner loses nothing");
+        assert!(
+            pushes(&done).is_empty(),
+            "a cooperative owner loses nothing"
+        );
     }
 
     #[test]
@@ -939,7 +955,13 @@ mod tests {
         assert_eq!(answers(&done), vec![(2, Ok(2))]);
         assert!(matches!(
             pushes(&done).as_slice(),
-            [(1, LeaseEvent::LeaseLost { reason: LossReason::Stolen, .. })]
+            [(
+                1,
+                LeaseEvent::LeaseLost {
+                    reason: LossReason::Stolen,
+                    ..
+                }
+            )]
         ));
     }
 
@@ -949,7 +971,10 @@ mod tests {
         let mut table = held_by_one(3, now);
         load(&mut table, 2, LoadPolicy::Repeat, now);
         load(&mut table, 3, LoadPolicy::Repeat, now);
-        assert!(table.take_effects().is_empty(), "no release request for Repeat");
+        assert!(
+            table.take_effects().is_empty(),
+            "no release request for Repeat"
+        );
         assert_eq!(table.next_timer(), None);
         table.released(&key(), 1, now);
         let effects = table.take_effects();

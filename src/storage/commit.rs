@@ -67,8 +67,14 @@ struct Slot {
 
 /// An answer held back until the batch is durable.
 enum Answer {
-    Granted(oneshot::Sender<Result<Granted, WriteError>>, Result<Granted, WriteError>),
-    Version(oneshot::Sender<Result<u64, WriteError>>, Result<u64, WriteError>),
+    Granted(
+        oneshot::Sender<Result<Granted, WriteError>>,
+        Result<Granted, WriteError>,
+    ),
+    Version(
+        oneshot::Sender<Result<u64, WriteError>>,
+        Result<u64, WriteError>,
+    ),
 }
 
 /// The column families, looked up once per batch.
@@ -332,7 +338,10 @@ struct Write {
 
 /// The outcome to report once the batch's fate is known: a failed batch
 /// turns every success into that failure.
-fn fail_if<T>(outcome: Result<T, WriteError>, failure: &Option<WriteError>) -> Result<T, WriteError> {
+fn fail_if<T>(
+    outcome: Result<T, WriteError>,
+    failure: &Option<WriteError>,
+) -> Result<T, WriteError> {
     match failure {
         Some(err) if outcome.is_ok() => Err(err.clone()),
         _ => outcome,
@@ -343,7 +352,9 @@ fn fail_if<T>(outcome: Result<T, WriteError>, failure: &Option<WriteError>) -> R
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 impl std::fmt::Debug for Committer {

@@ -246,10 +246,12 @@ fn free_stale_leases(db: &DB, path: &Path) -> Result<usize, StorageError> {
         path: path.display().to_string(),
         message: err.into_string(),
     };
-    let leases = db.cf_handle(CF_LEASES).ok_or_else(|| StorageError::Corrupt {
-        path: path.display().to_string(),
-        message: "the leases column family is missing".to_owned(),
-    })?;
+    let leases = db
+        .cf_handle(CF_LEASES)
+        .ok_or_else(|| StorageError::Corrupt {
+            path: path.display().to_string(),
+            message: "the leases column family is missing".to_owned(),
+        })?;
     let mut batch = WriteBatch::default();
     for entry in db.iterator_cf(leases, rocksdb::IteratorMode::Start) {
         let (key, _) = entry.map_err(db_err)?;
@@ -287,7 +289,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (storage, _) = Storage::open(&config(dir.path())).expect("open");
         let key = ProfileKey::new("s", "k");
-        let first = storage.grant(key.clone(), session("a")).await.expect("grant");
+        let first = storage
+            .grant(key.clone(), session("a"))
+            .await
+            .expect("grant");
         assert_eq!(first.lease.epoch, 1);
         assert_eq!(first.data, None);
         let version = storage
@@ -300,7 +305,10 @@ mod tests {
         let wrong_epoch = storage.save(key.clone(), session("a"), 2, b"x".to_vec());
         assert_eq!(wrong_epoch.await, Err(WriteError::LeaseLost));
 
-        let second = storage.grant(key.clone(), session("b")).await.expect("steal");
+        let second = storage
+            .grant(key.clone(), session("b"))
+            .await
+            .expect("steal");
         assert_eq!(second.lease.epoch, 2);
         assert_eq!(second.data.as_deref(), Some(&b"one"[..]));
         let fenced = storage.save(key.clone(), session("a"), 1, b"late".to_vec());
@@ -314,8 +322,14 @@ mod tests {
         let key = ProfileKey::new("s", "k");
         {
             let (storage, _) = Storage::open(&config(dir.path())).expect("open");
-            storage.grant(key.clone(), session("a")).await.expect("grant");
-            storage.grant(key.clone(), session("b")).await.expect("grant");
+            storage
+                .grant(key.clone(), session("a"))
+                .await
+                .expect("grant");
+            storage
+                .grant(key.clone(), session("b"))
+                .await
+                .expect("grant");
             storage
                 .save(key.clone(), session("b"), 2, b"kept".to_vec())
                 .await
@@ -324,7 +338,10 @@ mod tests {
         }
         let (storage, recovery) = Storage::open(&config(dir.path())).expect("reopen");
         assert_eq!(recovery.leases_freed, 1);
-        let granted = storage.grant(key.clone(), session("c")).await.expect("grant");
+        let granted = storage
+            .grant(key.clone(), session("c"))
+            .await
+            .expect("grant");
         assert_eq!(granted.lease.epoch, 3);
         assert_eq!(granted.meta.load_count, 3);
         assert_eq!(granted.data.as_deref(), Some(&b"kept"[..]));

@@ -54,16 +54,6 @@ pub fn encode_key(key: &ProfileKey) -> Vec<u8> {
     out
 }
 
-/// The profile key of a database key, or `None` if the bytes were not
-/// written by [`encode_key`].
-pub fn decode_key(bytes: &[u8]) -> Option<ProfileKey> {
-    let (len, rest) = bytes.split_first_chunk::<2>()?;
-    let len = usize::from(u16::from_be_bytes(*len));
-    let store = std::str::from_utf8(rest.get(..len)?).ok()?;
-    let key = std::str::from_utf8(rest.get(len..)?).ok()?;
-    Some(ProfileKey::new(store, key))
-}
-
 /// Encodes a record with its format byte.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     let mut out = vec![FORMAT];
@@ -90,9 +80,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_round_trip_and_group_by_store() {
-        let key = ProfileKey::new("PlayerData", "Player_1");
-        assert_eq!(decode_key(&encode_key(&key)), Some(key.clone()));
+    fn keys_are_prefixed_by_their_store() {
+        let key = encode_key(&ProfileKey::new("PlayerData", "Player_1"));
+        assert_eq!(&key[..2], &[0, 10]);
+        assert_eq!(&key[2..], b"PlayerDataPlayer_1");
         let other = encode_key(&ProfileKey::new("PlayerDataX", ""));
         assert!(!other.starts_with(&encode_key(&ProfileKey::new("PlayerData", ""))));
     }

@@ -60,6 +60,16 @@ impl Daemon {
         self.dir.path().join("config.toml")
     }
 
+    /// The daemon's log (stdout and stderr), across restarts.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    /// What the daemon has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// The temporary directory everything lives in.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -117,11 +127,20 @@ impl Daemon {
             self.extra_config,
         );
         std::fs::write(self.config_path(), config).expect("write config");
+        // The daemon's log goes to a file beside its data, so the expected
+        // warnings of hostile-input tests do not drown the test output.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open daemon log");
         let child = Command::new(env!("CARGO_BIN_EXE_profiled"))
             .arg("--config")
             .arg(self.config_path())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
             .spawn()
             .expect("spawn profiled");
         self.child = Some(child);
