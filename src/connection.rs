@@ -69,6 +69,7 @@ pub async fn serve(
         protocol_version: PROTOCOL_VERSION,
         max_frame: context.limits.max_frame,
         connection_id: conn,
+        leases: Vec::new(),
     });
     if transport.send(welcome).await.is_err() {
         context.leases.disconnect(conn);

@@ -203,6 +203,10 @@ impl Shared {
                 epoch,
                 ProfileEvent::LeaseLost { reason, new_owner },
             ),
+            Event::ShuttingDown { deadline_ms } => {
+                tracing::info!(deadline_ms, "the daemon is shutting down");
+                return;
+            }
         };
         let mut state = self.lock();
         let slot = (store, key);

@@ -62,6 +62,7 @@ impl FakeDaemon {
             protocol_version: PROTOCOL_VERSION,
             max_frame,
             connection_id: 42,
+            leases: Vec::new(),
         }))
         .await
         .expect("send welcome");
@@ -151,6 +152,7 @@ async fn the_handshake_sends_hello_and_keeps_the_welcome() {
             protocol_version: PROTOCOL_VERSION,
             max_frame: 1000,
             connection_id: 3,
+            leases: Vec::new(),
         }))
         .await
         .expect("send welcome");

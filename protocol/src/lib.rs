@@ -64,7 +64,8 @@
 //! The daemon sends [`ServerFrame`]s:
 //!
 //! ```text
-//! ServerFrame  0 Welcome { daemon_version: String, protocol_version: u32, max_frame: u32, connection_id: u64 }
+//! ServerFrame  0 Welcome { daemon_version: String, protocol_version: u32, max_frame: u32, connection_id: u64,
+//!                        leases: Vec<HeldLease> }
 //!              1 Refused(Error)
 //!              2 Response { id: u64, result: Result<Reply, Error> }
 //!              3 Event(Event)
@@ -75,9 +76,11 @@
 //! ProfileMeta    { created_at_ms: u64, updated_at_ms: u64, load_count: u64, version: u64,
 //!                  active: Option<ActiveSession> }
 //! ActiveSession  { session: SessionId, epoch: u64, since_ms: u64 }
+//! HeldLease      { store: String, key: String, epoch: u64 }
 //! Event        0 ReleaseRequested { store: String, key: String, epoch: u64, requester: SessionId }
 //!              1 LeaseLost { store: String, key: String, epoch: u64, reason: LossReason,
 //!                            new_owner: Option<SessionId> }
+//!              2 ShuttingDown { deadline_ms: u64 }
 //! LossReason   0 Stolen   1 ForceLoadTimeout
 //! Error          { code: ErrorCode, message: String }
 //! ErrorCode    0 UnsupportedVersion { client: u32, daemon: u32 }
@@ -110,8 +113,16 @@
 //!    in any order: a load waiting in a queue does not hold up the saves
 //!    sent after it.
 //! 3. The daemon may send an `Event` at any time after `Welcome`.
-//! 4. Either side may close the connection. The daemon then releases the
-//!    connection's leases and cancels its queued loads.
+//! 4. Either side may close the connection. The daemon cancels the
+//!    connection's queued loads and keeps its leases for the resume grace
+//!    (`session.resume_grace`): a new connection with the same `SessionId`
+//!    within that time resumes them with the same epochs, listed in
+//!    `Welcome::leases`. After the grace the daemon releases them, keeping
+//!    the last saved data. A `Hello` for a session that is still connected
+//!    takes the session over and closes the older connection.
+//! 5. On shutdown the daemon sends `ShuttingDown { deadline_ms }`, refuses
+//!    new loads with `ShuttingDown`, accepts saves and releases until the
+//!    deadline, then releases what is left itself.
 //!
 //! # Leases
 //!
@@ -131,13 +142,14 @@ pub use frame::{
     encode_frame_into, encode_payload,
 };
 pub use wire::{
-    ActiveSession, ClientFrame, Error, ErrorCode, Event, Hello, LoadPolicy, Loaded, LossReason,
-    ProfileMeta, Reply, Request, RequestBody, Response, Role, ServerFrame, SessionId, Welcome,
+    ActiveSession, ClientFrame, Error, ErrorCode, Event, HeldLease, Hello, LoadPolicy, Loaded,
+    LossReason, ProfileMeta, Reply, Request, RequestBody, Response, Role, ServerFrame, SessionId,
+    Welcome,
 };
 
 /// The protocol version this crate speaks. A daemon refuses a `Hello` with
 /// any other.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The daemon's default frame limit: 4 MiB.
 pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;

@@ -66,6 +66,22 @@ pub struct Welcome {
     pub max_frame: u32,
     /// The daemon's id for this connection, for correlating logs.
     pub connection_id: u64,
+    /// The leases this session already holds: after a reconnect within the
+    /// daemon's resume grace (or after a daemon restart), they are resumed
+    /// with their epochs. A lease the client believes it holds but that is
+    /// missing here was lost while it was away.
+    pub leases: Vec<HeldLease>,
+}
+
+/// A lease a session holds, as listed in [`Welcome::leases`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLease {
+    /// The profile's store.
+    pub store: String,
+    /// The profile's key.
+    pub key: String,
+    /// The lease's epoch.
+    pub epoch: u64,
 }
 
 /// Frames sent by a client.
@@ -239,6 +255,14 @@ pub enum Event {
         reason: LossReason,
         /// Who holds it now.
         new_owner: Option<SessionId>,
+    },
+    /// The daemon is stopping. It takes no more loads; saves and releases
+    /// are still accepted until the deadline, after which it releases every
+    /// remaining lease itself, keeping the last saved data.
+    ShuttingDown {
+        /// Milliseconds from when the event was sent until the daemon
+        /// releases the remaining leases.
+        deadline_ms: u64,
     },
 }
 

@@ -3,9 +3,9 @@
 //! if that was intended, bump `PROTOCOL_VERSION` and update the docs.
 
 use profiled_protocol::{
-    ActiveSession, ClientFrame, Error, ErrorCode, Event, Hello, LoadPolicy, Loaded, LossReason,
-    ProfileMeta, Reply, Request, RequestBody, Response, Role, ServerFrame, SessionId, Welcome,
-    decode_payload, encode_frame,
+    ActiveSession, ClientFrame, Error, ErrorCode, Event, HeldLease, Hello, LoadPolicy, Loaded,
+    LossReason, ProfileMeta, Reply, Request, RequestBody, Response, Role, ServerFrame, SessionId,
+    Welcome, decode_payload, encode_frame,
 };
 
 fn session() -> SessionId {
@@ -170,6 +170,11 @@ fn welcome_and_refusal() {
         protocol_version: 1,
         max_frame: 4096,
         connection_id: 9,
+        leases: vec![HeldLease {
+            store: "s".into(),
+            key: "k".into(),
+            epoch: 5,
+        }],
     });
     assert_eq!(
         hex(&welcome),
@@ -180,6 +185,12 @@ fn welcome_and_refusal() {
             "00000001",
             "00001000",
             "0000000000000009",
+            "0000000000000001", // one lease
+            "0000000000000001",
+            "73",
+            "0000000000000001",
+            "6b",
+            "0000000000000005",
         ])
     );
     let refused = ServerFrame::Refused(Error::new(
@@ -366,4 +377,11 @@ fn events() {
         new_owner: Some(session()),
     });
     assert!(hex(&stolen).ends_with(&format!("0000000001{}", session_hex())));
+    let shutting_down = ServerFrame::Event(Event::ShuttingDown {
+        deadline_ms: 10_000,
+    });
+    assert_eq!(
+        hex(&shutting_down),
+        bytes(&["00000003", "00000002", "0000000000002710"])
+    );
 }
