@@ -20,6 +20,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// The rules of session leases.
     pub leases: LeaseConfig,
+    /// What happens to a session's leases when its connection drops.
+    pub session: SessionConfig,
     /// Bounds on what a client may send.
     pub limits: LimitsConfig,
     /// How the daemon stops.
@@ -61,6 +63,21 @@ pub struct LeaseConfig {
     pub force_load_timeout: Duration,
 }
 
+/// Session liveness.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// How long a disconnected session keeps its leases, so a game server
+    /// that reconnects (or whose daemon restarted) resumes them with the
+    /// same epochs. After it, the leases are released with their last
+    /// saved data.
+    #[serde(with = "humantime_serde")]
+    pub resume_grace: Duration,
+    /// Whether a ForceLoad takes a disconnected holder's lease at once,
+    /// rather than when the holder's resume grace runs out.
+    pub take_disconnected_at_once: bool,
+}
+
 /// Limits on client input. Each is checked before the work it bounds.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -96,8 +113,17 @@ pub struct ShutdownConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// A tracing filter such as `info` or `profiled=debug`. `RUST_LOG`
-    /// overrides it.
+    /// overrides it. It is the one setting SIGHUP applies without a
+    /// restart, because raising it is how an incident is investigated.
     pub level: String,
+    /// A directory for daily rolling log files. Unset means stdout, which
+    /// suits systemd (journald keeps it) and a foreground run; a daemonized
+    /// process without systemd needs files, or its log is lost.
+    pub dir: Option<PathBuf>,
+    /// The log files' name prefix: `<prefix>.<date>.log`, and
+    /// `<prefix>.console.log` for a daemonized process's stdout and stderr.
+    /// Distinct prefixes let several daemons share one directory.
+    pub file_prefix: String,
 }
 
 /// Why a configuration could not be used.
@@ -207,6 +233,12 @@ impl Config {
         {
             return Err(invalid("log.level", "is not a valid tracing filter"));
         }
+        if self.log.file_prefix.is_empty() || self.log.file_prefix.contains('/') {
+            return Err(invalid(
+                "log.file_prefix",
+                "must be a non-empty file name without '/'",
+            ));
+        }
         Ok(())
     }
 }
@@ -237,6 +269,15 @@ impl Default for LeaseConfig {
     }
 }
 
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            resume_grace: Duration::from_secs(5),
+            take_disconnected_at_once: false,
+        }
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
@@ -262,6 +303,8 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".to_owned(),
+            dir: None,
+            file_prefix: "profiled".to_owned(),
         }
     }
 }

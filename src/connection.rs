@@ -14,8 +14,8 @@ use std::sync::Arc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::{FutureExt, SinkExt, future::BoxFuture};
 use profiled_protocol::{
-    ClientFrame, Error, ErrorCode, FrameCodec, FrameError, Hello, PROTOCOL_VERSION, Reply, Request,
-    RequestBody, Response, ServerFrame, SessionId, Welcome,
+    ClientFrame, Error, ErrorCode, FrameCodec, FrameError, HeldLease, Hello, PROTOCOL_VERSION,
+    Reply, Request, RequestBody, Response, ServerFrame, SessionId, Welcome,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -55,21 +55,38 @@ pub async fn serve(
         return;
     };
     let (outbound, queue) = mpsc::channel(context.limits.max_in_flight + EVENT_SLACK);
-    let kill = stop.child_token();
+    // `kill` drops the connection at once (the driver uses it on a client
+    // that stopped reading, or whose session reconnected elsewhere);
+    // `stop` lets it finish the requests in flight first.
+    let kill = CancellationToken::new();
     let link = ConnLink {
         outbound: outbound.clone(),
         kill: kill.clone(),
     };
-    if let Err(err) = context.leases.connect(conn, session.clone(), link).await {
-        refuse(&mut transport, ErrorCode::InvalidRequest, err.to_string()).await;
+    let Ok(connected) = context.leases.connect(conn, session.clone(), link).await else {
+        refuse(
+            &mut transport,
+            ErrorCode::ShuttingDown,
+            "the daemon is shutting down",
+        )
+        .await;
         return;
-    }
+    };
+    let leases = connected
+        .leases
+        .into_iter()
+        .map(|(key, epoch)| HeldLease {
+            store: key.store,
+            key: key.key,
+            epoch,
+        })
+        .collect();
     let welcome = ServerFrame::Welcome(Welcome {
         daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
         protocol_version: PROTOCOL_VERSION,
         max_frame: context.limits.max_frame,
         connection_id: conn,
-        leases: Vec::new(),
+        leases,
     });
     if transport.send(welcome).await.is_err() {
         context.leases.disconnect(conn);
@@ -84,7 +101,7 @@ pub async fn serve(
         context: Arc::clone(&context),
         outbound,
     };
-    session.read_requests(frames, &kill).await;
+    session.read_requests(frames, &kill, &stop).await;
     context.leases.disconnect(conn);
     // The writer ends once every sender is gone (ours just dropped with the
     // session; the driver drops its copy on disconnect) or on kill.
@@ -106,6 +123,7 @@ impl Session {
         self,
         mut frames: futures::stream::SplitStream<Transport>,
         kill: &CancellationToken,
+        stop: &CancellationToken,
     ) {
         let max_in_flight = self.context.limits.max_in_flight;
         let mut in_flight: FuturesUnordered<BoxFuture<'static, ServerFrame>> =
@@ -113,6 +131,17 @@ impl Session {
         loop {
             tokio::select! {
                 () = kill.cancelled() => break,
+                () = stop.cancelled() => {
+                    // The daemon is stopping: read nothing more, but answer
+                    // what is in flight, so a write that committed is
+                    // acknowledged rather than left in doubt.
+                    while let Some(frame) = in_flight.next().await {
+                        if self.outbound.send(frame).await.is_err() {
+                            break;
+                        }
+                    }
+                    break;
+                }
                 Some(frame) = in_flight.next(), if !in_flight.is_empty() => {
                     if self.outbound.send(frame).await.is_err() {
                         break;

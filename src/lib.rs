@@ -9,13 +9,16 @@
 //! [`run`] starts the daemon on a listener of the caller's choosing, so
 //! tests can run it in-process.
 
+pub mod activation;
 pub mod config;
 mod connection;
 pub mod leases;
+pub mod logging;
+pub mod notify;
 mod profile_key;
 mod server;
 pub mod storage;
 
 pub use config::Config;
 pub use profile_key::ProfileKey;
-pub use server::{ServerError, bind, run};
+pub use server::{ServerError, bind, run, run_with};

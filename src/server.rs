@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::connection::{self, Context};
-use crate::leases::Leases;
+use crate::leases::{LeaseRules, Leases};
 use crate::storage::{Storage, StorageError};
 
 /// Why the daemon could not start or stop cleanly.
@@ -90,25 +90,55 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     })
 }
 
-/// Runs the daemon on `listener` until `shutdown` resolves, then stops:
-/// no new loads, every remaining lease released with its last saved data,
-/// connections closed, storage flushed, and the socket file removed.
+/// Runs the daemon on `listener` until `shutdown` resolves, then stops
+/// gracefully (see [`run_with`]).
 pub async fn run(
     config: Config,
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    run_with(config, listener, shutdown, std::future::pending()).await
+}
+
+/// Runs the daemon on `listener` until `shutdown` resolves, then stops:
+///
+/// 1. new and queued loads end with `ShuttingDown`;
+/// 2. every client is sent `ShuttingDown { deadline }`;
+/// 3. clients get up to `shutdown.grace` to save and release (cut short
+///    when `hurry` resolves, as on a second signal);
+/// 4. every lease still held is released, keeping its last saved data;
+/// 5. connections close and storage is flushed and closed;
+/// 6. the socket file is removed.
+///
+/// Every step has a deadline.
+pub async fn run_with(
+    config: Config,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let storage_config = config.storage.clone();
     let (storage, recovery) = tokio::task::spawn_blocking(move || Storage::open(&storage_config))
         .await
         .map_err(|err| StorageError::Committer(err.to_string()))??;
-    if recovery.leases_freed > 0 {
+    if !recovery.leases.is_empty() {
         tracing::info!(
-            leases = recovery.leases_freed,
-            "freed leases left held by the previous run"
+            leases = recovery.leases.len(),
+            grace = ?config.session.resume_grace,
+            "holding the previous run's leases for their sessions to resume"
         );
     }
-    let leases = Leases::start(storage.clone(), config.leases.force_load_timeout);
+    let rules = LeaseRules {
+        force_load_timeout: config.leases.force_load_timeout,
+        resume_grace: config.session.resume_grace,
+        take_disconnected_at_once: config.session.take_disconnected_at_once,
+    };
+    let recovered = recovery
+        .leases
+        .into_iter()
+        .map(|(key, lease)| (key, lease.session, lease.epoch))
+        .collect();
+    let leases = Leases::start(storage.clone(), rules, recovered);
     let context = Arc::new(Context {
         leases: leases.clone(),
         storage: storage.clone(),
@@ -123,6 +153,7 @@ pub async fn run(
         data = %config.storage.path.display(),
         "profiled is ready"
     );
+    crate::notify::ready();
 
     tokio::pin!(shutdown);
     loop {
@@ -153,8 +184,17 @@ pub async fn run(
     drop(listener);
 
     let started = Instant::now();
-    tracing::info!("shutting down");
-    leases.stop_loads();
+    let grace = config.shutdown.grace;
+    let held = leases.counts().await.held;
+    tracing::info!(leases = held, ?grace, "shutting down");
+    crate::notify::stopping();
+    leases.stop_loads(grace);
+    tokio::pin!(hurry);
+    tokio::select! {
+        () = leases.when_idle() => {}
+        () = tokio::time::sleep(grace) => {}
+        () = &mut hurry => tracing::info!("asked again to stop: releasing every lease now"),
+    }
     let released = tokio::time::timeout(STEP_DEADLINE, leases.release_all())
         .await
         .map_err(|_| ServerError::ShutdownTimeout("release leases"))?;
@@ -177,8 +217,9 @@ pub async fn run(
         tracing::warn!(error = %err, "could not remove the socket file");
     }
     tracing::info!(
+        released_by_clients = held.saturating_sub(released),
         released_by_daemon = released,
-        elapsed_ms = started.elapsed().as_millis() as u64,
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "stopped"
     );
     Ok(())

@@ -19,6 +19,9 @@ async fn run_serves_until_shutdown_then_releases_everything() {
     let mut config = Config::default();
     config.listen.socket = dir.path().join("p.sock");
     config.storage.path = dir.path().join("data");
+    // The client below never releases; the daemon releases for it once the
+    // grace is over.
+    config.shutdown.grace = Duration::from_millis(200);
     let listener = profiled::bind(&config.listen.socket).expect("bind");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(profiled::run(config.clone(), listener, async {

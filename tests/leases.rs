@@ -360,8 +360,10 @@ async fn the_newest_force_load_supersedes_older_ones() {
 }
 
 #[tokio::test]
-async fn a_disconnect_releases_leases_and_wakes_waiters() {
-    let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"60s\"\n");
+async fn a_session_that_never_comes_back_loses_its_leases_after_the_resume_grace() {
+    let daemon = Daemon::start_with(
+        "[leases]\nforce_load_timeout = \"60s\"\n[session]\nresume_grace = \"300ms\"\n",
+    );
     let a = daemon.client("a").await;
     let b = daemon.client("b").await;
     let held = a
@@ -372,9 +374,92 @@ async fn a_disconnect_releases_leases_and_wakes_waiters() {
     let waiting = queued_load(&b, "p", policy(LoadPolicy::Repeat)).await;
     drop(held);
     a.close().await;
+    // Within the grace the lease is still held by the absent session.
+    let c = daemon.client("c").await;
+    let err = c
+        .load(STORE, "p", LoadPolicy::Cancel)
+        .await
+        .expect_err("held");
+    assert_eq!(
+        err.code(),
+        Some(&ErrorCode::Taken {
+            owner: session("a")
+        })
+    );
     let granted = waiting
         .await
         .expect("task")
-        .expect("granted after disconnect");
+        .expect("granted after the grace");
     assert_eq!(granted.data(), Some(&b"saved"[..]));
+}
+
+#[tokio::test]
+async fn force_load_does_not_wait_for_an_answer_from_a_disconnected_owner() {
+    // The force-load timeout is far longer than the grace: the ForceLoad is
+    // granted when the absent owner's grace runs out, not after asking.
+    let daemon = Daemon::start_with(
+        "[leases]\nforce_load_timeout = \"60s\"\n[session]\nresume_grace = \"300ms\"\n",
+    );
+    let a = daemon.client("a").await;
+    let held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    held.save(b"kept".to_vec()).await.expect("save");
+    drop(held);
+    a.close().await;
+    let b = daemon.client("b").await;
+    let taken = b
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("force load");
+    assert_eq!(taken.data(), Some(&b"kept"[..]));
+}
+
+#[tokio::test]
+async fn force_load_can_take_a_disconnected_owner_s_lease_at_once() {
+    let daemon = Daemon::start_with(
+        "[leases]\nforce_load_timeout = \"60s\"\n[session]\nresume_grace = \"60s\"\ntake_disconnected_at_once = true\n",
+    );
+    let a = daemon.client("a").await;
+    let held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    let epoch = held.epoch();
+    drop(held);
+    a.close().await;
+    let b = daemon.client("b").await;
+    let taken = b
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("force load");
+    assert!(taken.epoch() > epoch);
+}
+
+#[tokio::test]
+async fn a_reconnecting_session_resumes_its_leases_with_the_same_epochs() {
+    let daemon = Daemon::start_with("[session]\nresume_grace = \"60s\"\n");
+    let a = daemon.client("a").await;
+    let held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    let epoch = held.epoch();
+    drop(held);
+    a.close().await;
+
+    let again = daemon.client("a").await;
+    let leases = &again.welcome().leases;
+    assert_eq!(leases.len(), 1);
+    assert_eq!((leases[0].key.as_str(), leases[0].epoch), ("p", epoch));
+    let version = again
+        .save(STORE, "p", epoch, b"after the reconnect".to_vec())
+        .await
+        .expect("the resumed lease still writes");
+    assert_eq!(version, 1);
+    again
+        .release(STORE, "p", epoch, None)
+        .await
+        .expect("release the resumed lease");
 }

@@ -14,7 +14,7 @@ const WRITERS: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_loses_no_acknowledged_save_and_epochs_keep_rising() {
-    let mut daemon = Daemon::start();
+    let mut daemon = Daemon::start_with("[session]\nresume_grace = \"300ms\"\n");
 
     // Writers save an increasing counter as fast as they can, until the
     // daemon dies under them. Each records the last value the daemon
@@ -64,11 +64,12 @@ async fn sigkill_loses_no_acknowledged_save_and_epochs_keep_rising() {
     daemon.restart();
     let client = daemon.client("after").await;
     for (id, (last_acked, epoch)) in acked {
-        // The lease from before the crash was freed on start: no waiting.
+        // The writers never come back: their recovered leases are released
+        // when the resume grace runs out, and the ForceLoad gets them.
         let profile = client
-            .load(STORE, &format!("p{id}"), LoadPolicy::Cancel)
+            .load(STORE, &format!("p{id}"), LoadPolicy::ForceLoad)
             .await
-            .expect("the old lease was freed at start");
+            .expect("the recovered lease is freed after the grace");
         let stored = u64::from_le_bytes(
             profile
                 .data()
@@ -91,29 +92,48 @@ async fn sigkill_loses_no_acknowledged_save_and_epochs_keep_rising() {
 }
 
 #[tokio::test]
-async fn an_old_epoch_is_still_refused_after_a_restart() {
-    let mut daemon = Daemon::start();
+async fn a_session_resumes_its_lease_after_a_restart_and_old_epochs_stay_fenced() {
+    let mut daemon = Daemon::start_with("[session]\nresume_grace = \"60s\"\n");
     let client = daemon.client("a").await;
     let profile = client
         .load(STORE, "p", LoadPolicy::ForceLoad)
         .await
         .expect("load");
     profile.save(b"kept".to_vec()).await.expect("save");
-    let old_epoch = profile.epoch();
+    let epoch = profile.epoch();
     daemon.kill();
     daemon.restart();
 
-    // The same session reconnects and tries to write under its old lease.
+    // Another session cannot have it while its owner may still come back.
+    let other = daemon.client("b").await;
+    let taken = other.load(STORE, "p", LoadPolicy::Cancel).await;
+    assert_eq!(
+        taken.expect_err("held").code(),
+        Some(&ErrorCode::Taken {
+            owner: common::session("a")
+        })
+    );
+
+    // The owner reconnects and carries on under the same epoch.
     let client = daemon.client("a").await;
-    let stale = client.save(STORE, "p", old_epoch, b"zombie".to_vec()).await;
+    let leases = &client.welcome().leases;
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].epoch, epoch);
+    client
+        .save(STORE, "p", epoch, b"resumed".to_vec())
+        .await
+        .expect("the resumed lease writes");
+
+    // Once the lease moves on, the old epoch is refused.
+    let stolen = other
+        .load(STORE, "p", LoadPolicy::Steal)
+        .await
+        .expect("steal");
+    assert_eq!(stolen.data(), Some(&b"resumed"[..]));
+    assert!(stolen.epoch() > epoch);
+    let stale = client.save(STORE, "p", epoch, b"zombie".to_vec()).await;
     assert_eq!(
         stale.expect_err("refused").code(),
         Some(&ErrorCode::LeaseLost)
     );
-    let profile = client
-        .load(STORE, "p", LoadPolicy::Cancel)
-        .await
-        .expect("load");
-    assert_eq!(profile.data(), Some(&b"kept"[..]));
-    assert!(profile.epoch() > old_epoch);
 }

@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ProfileKey;
 use crate::storage::{Granted, Storage, WriteError};
-pub use table::{ConnId, Effect, LeaseEvent, LeaseTable, LoadError, LoadRequest, SessionInUse};
+pub use table::{
+    ConnId, Connected, Effect, LeaseEvent, LeaseRules, LeaseTable, LoadError, LoadRequest,
+};
 
 /// A handle to the lease driver. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -53,13 +55,18 @@ pub struct ConnLink {
     pub kill: CancellationToken,
 }
 
+/// The lease driver has stopped; the daemon is going away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the daemon is shutting down")]
+pub struct DriverGone;
+
 #[derive(Debug)]
 enum Command {
     Connect {
         conn: ConnId,
         session: SessionId,
         link: ConnLink,
-        reply: oneshot::Sender<Result<(), SessionInUse>>,
+        reply: oneshot::Sender<Connected>,
     },
     Disconnect {
         conn: ConnId,
@@ -75,7 +82,13 @@ enum Command {
         key: ProfileKey,
         epoch: u64,
     },
-    StopLoads,
+    StopLoads {
+        /// How long clients have before the daemon releases their leases.
+        grace: Duration,
+    },
+    WhenIdle {
+        reply: oneshot::Sender<usize>,
+    },
     ReleaseAll {
         reply: oneshot::Sender<usize>,
     },
@@ -111,12 +124,20 @@ struct Driver {
 }
 
 impl Leases {
-    /// Starts the driver on the current runtime. It runs until every handle
-    /// is dropped and its last writes have finished.
-    pub fn start(storage: Storage, force_load_timeout: Duration) -> Self {
+    /// Starts the driver on the current runtime, holding the leases
+    /// `recovered` from storage until their sessions resume them or their
+    /// grace runs out. It runs until every handle is dropped and its last
+    /// writes have finished.
+    pub fn start(
+        storage: Storage,
+        rules: LeaseRules,
+        recovered: Vec<(ProfileKey, SessionId, u64)>,
+    ) -> Self {
         let (commands, receiver) = mpsc::unbounded_channel();
+        let mut table = LeaseTable::new(rules);
+        table.recover(recovered, Instant::now());
         let driver = Driver {
-            table: LeaseTable::new(force_load_timeout),
+            table,
             storage,
             commands: receiver,
             links: HashMap::new(),
@@ -127,25 +148,23 @@ impl Leases {
         Self { commands }
     }
 
-    /// Registers a connection's session. Fails if the session is connected
-    /// already.
+    /// Registers a connection's session and returns the leases it resumes.
+    /// A connection already serving the session is closed.
     pub async fn connect(
         &self,
         conn: ConnId,
         session: SessionId,
         link: ConnLink,
-    ) -> Result<(), SessionInUse> {
+    ) -> Result<Connected, DriverGone> {
         let (reply, answer) = oneshot::channel();
         let command = Command::Connect {
             conn,
-            session: session.clone(),
+            session,
             link,
             reply,
         };
-        if self.commands.send(command).is_err() {
-            return Err(SessionInUse(session));
-        }
-        answer.await.unwrap_or(Err(SessionInUse(session)))
+        self.commands.send(command).map_err(|_| DriverGone)?;
+        answer.await.map_err(|_| DriverGone)
     }
 
     /// Cancels a connection's waits and releases its leases.
@@ -177,9 +196,18 @@ impl Leases {
         let _ = self.commands.send(Command::Released { key, epoch });
     }
 
-    /// Ends every waiting load with `ShuttingDown` and refuses new ones.
-    pub fn stop_loads(&self) {
-        let _ = self.commands.send(Command::StopLoads);
+    /// Ends every waiting load with `ShuttingDown`, refuses new ones, and
+    /// tells every connection it has `grace` to save and release.
+    pub fn stop_loads(&self, grace: Duration) {
+        let _ = self.commands.send(Command::StopLoads { grace });
+    }
+
+    /// Resolves once no lease is held or being written. Returns 0.
+    pub async fn when_idle(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::WhenIdle { reply }).is_ok() {
+            let _ = answer.await;
+        }
     }
 
     /// Releases every held lease and waits until each release is durable.
@@ -238,11 +266,9 @@ impl Driver {
                 link,
                 reply,
             } => {
-                let result = self.table.connect(conn, session);
-                if result.is_ok() {
-                    self.links.insert(conn, link);
-                }
-                let _ = reply.send(result);
+                self.links.insert(conn, link);
+                let connected = self.table.connect(conn, session, now);
+                let _ = reply.send(connected);
             }
             Command::Disconnect { conn } => {
                 self.links.remove(&conn);
@@ -265,7 +291,11 @@ impl Driver {
                 now,
             ),
             Command::Released { key, epoch } => self.table.released(&key, epoch, now),
-            Command::StopLoads => self.table.stop_loads(),
+            Command::StopLoads { grace } => {
+                self.table.stop_loads();
+                self.table.announce_shutdown(grace);
+            }
+            Command::WhenIdle { reply } => self.idle_waiters.push((reply, 0)),
             Command::ReleaseAll { reply } => {
                 let started = self.table.release_all();
                 self.idle_waiters.push((reply, started));
@@ -332,6 +362,12 @@ impl Driver {
                 }
                 Effect::Push { conn, event } => {
                     self.send(conn, ServerFrame::Event(wire_event(event)))
+                }
+                Effect::Kick { conn } => {
+                    if let Some(link) = self.links.remove(&conn) {
+                        tracing::info!(conn, "closing a connection whose session reconnected");
+                        link.kill.cancel();
+                    }
                 }
             }
         }
@@ -428,5 +464,6 @@ fn wire_event(event: LeaseEvent) -> Event {
             reason,
             new_owner,
         },
+        LeaseEvent::ShuttingDown { deadline_ms } => Event::ShuttingDown { deadline_ms },
     }
 }

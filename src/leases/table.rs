@@ -100,6 +100,11 @@ pub enum Effect {
         /// The outcome.
         result: Result<Granted, LoadError>,
     },
+    /// Close a connection whose session was taken over by a newer one.
+    Kick {
+        /// The older connection.
+        conn: ConnId,
+    },
     /// Tell a connection something it did not ask about.
     Push {
         /// The connection.
@@ -132,29 +137,49 @@ pub enum LeaseEvent {
         /// The new holder.
         new_owner: Option<SessionId>,
     },
+    /// The daemon stops taking loads and releases every lease in
+    /// `deadline_ms`.
+    ShuttingDown {
+        /// Milliseconds until the daemon releases the remaining leases.
+        deadline_ms: u64,
+    },
 }
 
-/// A connection's session is already connected elsewhere.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("session {0} is already connected")]
-pub struct SessionInUse(pub SessionId);
+/// The rules a table enforces, from the `[leases]` and `[session]` config.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseRules {
+    /// How long a ForceLoad waits for a connected holder after asking it.
+    pub force_load_timeout: Duration,
+    /// How long a disconnected session keeps its leases for a resume.
+    pub resume_grace: Duration,
+    /// Whether a ForceLoad takes a disconnected holder's lease at once
+    /// instead of when its resume grace runs out.
+    pub take_disconnected_at_once: bool,
+}
+
+/// What a connecting session learns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Connected {
+    /// The leases the session holds, resumed with their epochs.
+    pub leases: Vec<(ProfileKey, u64)>,
+}
 
 /// The lease table.
 #[derive(Debug)]
 pub struct LeaseTable {
-    /// How long a ForceLoad waits for the holder after asking it.
-    force_load_timeout: Duration,
+    rules: LeaseRules,
     /// Only profiles with a holder or a waiter have an entry.
     keys: HashMap<ProfileKey, KeyState>,
-    /// Live connections, with what each holds and waits for, so a
-    /// disconnect can clean up without scanning every profile.
+    /// Live connections and the loads each waits for, so a disconnect can
+    /// cancel them without scanning every profile.
     conns: HashMap<ConnId, Conn>,
-    /// Which connection each session is on; a session has at most one.
-    sessions: HashMap<SessionId, ConnId>,
-    /// Pending deadlines. A timer whose waiter has already gone simply
+    /// Sessions that are connected or still hold leases. A session outlives
+    /// its connection for the resume grace.
+    sessions: HashMap<SessionId, Session>,
+    /// Pending deadlines. A timer whose subject has already gone simply
     /// finds nothing when it fires.
     timers: BTreeMap<(Instant, u64), Timer>,
-    /// Source of tickets, waiter ids and timer tie-breakers.
+    /// Source of tickets, waiter ids, generations and timer tie-breakers.
     next_id: u64,
     /// Set once the daemon stops taking loads.
     stopping: bool,
@@ -165,8 +190,17 @@ pub struct LeaseTable {
 #[derive(Debug)]
 struct Conn {
     session: SessionId,
-    held: HashSet<ProfileKey>,
     waiting: HashSet<ProfileKey>,
+}
+
+#[derive(Debug)]
+struct Session {
+    /// The session's connection; `None` while it is away.
+    conn: Option<ConnId>,
+    held: HashSet<ProfileKey>,
+    /// Changes at every connect and disconnect, so an expiry timer armed
+    /// for an earlier absence does nothing.
+    generation: u64,
 }
 
 #[derive(Debug, Default)]
@@ -203,7 +237,6 @@ struct Granting {
 
 #[derive(Clone, Debug)]
 struct Held {
-    conn: ConnId,
     session: SessionId,
     epoch: u64,
 }
@@ -223,13 +256,15 @@ enum Timer {
     Deadline { key: ProfileKey, waiter: u64 },
     /// A ForceLoad's patience with the holder.
     Force { key: ProfileKey },
+    /// The end of a disconnected session's resume grace.
+    Expire { session: SessionId, generation: u64 },
 }
 
 impl LeaseTable {
     /// An empty table.
-    pub fn new(force_load_timeout: Duration) -> Self {
+    pub fn new(rules: LeaseRules) -> Self {
         Self {
-            force_load_timeout,
+            rules,
             keys: HashMap::new(),
             conns: HashMap::new(),
             sessions: HashMap::new(),
@@ -245,64 +280,90 @@ impl LeaseTable {
         std::mem::take(&mut self.effects)
     }
 
-    /// Registers a connection for `session`.
-    pub fn connect(&mut self, conn: ConnId, session: SessionId) -> Result<(), SessionInUse> {
-        if self.sessions.contains_key(&session) {
-            return Err(SessionInUse(session));
+    /// Adopts leases found in storage at start. Their sessions count as
+    /// disconnected, with a full resume grace from `now`.
+    pub fn recover(&mut self, leases: Vec<(ProfileKey, SessionId, u64)>, now: Instant) {
+        for (key, session, epoch) in leases {
+            self.sessions
+                .entry(session.clone())
+                .or_insert_with(|| Session {
+                    conn: None,
+                    held: HashSet::new(),
+                    generation: 0,
+                })
+                .held
+                .insert(key.clone());
+            self.keys.entry(key).or_default().holder = Holder::Held(Held { session, epoch });
         }
-        self.sessions.insert(session.clone(), conn);
+        let sessions: Vec<SessionId> = self.sessions.keys().cloned().collect();
+        for session in sessions {
+            self.start_grace(&session, now);
+        }
+    }
+
+    /// Registers a connection for `session`, resuming the leases it holds.
+    /// If the session is connected elsewhere, the newer connection takes
+    /// over and the older one is kicked.
+    pub fn connect(&mut self, conn: ConnId, session: SessionId, now: Instant) -> Connected {
+        self.next_id += 1;
+        let generation = self.next_id;
+        let entry = self
+            .sessions
+            .entry(session.clone())
+            .or_insert_with(|| Session {
+                conn: None,
+                held: HashSet::new(),
+                generation,
+            });
+        entry.generation = generation;
+        let replaced = entry.conn.replace(conn);
+        let held: Vec<ProfileKey> = entry.held.iter().cloned().collect();
         self.conns.insert(
             conn,
             Conn {
                 session,
-                held: HashSet::new(),
                 waiting: HashSet::new(),
             },
         );
-        Ok(())
-    }
-
-    /// Forgets a connection: its waits are cancelled and its leases
-    /// released, keeping the last saved data.
-    pub fn disconnect(&mut self, conn: ConnId, now: Instant) {
-        let Some(gone) = self.conns.remove(&conn) else {
-            return;
-        };
-        self.sessions.remove(&gone.session);
-        for key in gone.waiting {
-            if let Some(state) = self.keys.get_mut(&key) {
-                state.queue.retain(|waiter| waiter.conn != conn);
+        if let Some(old) = replaced {
+            self.drop_conn(old, now);
+            self.effects.push(Effect::Kick { conn: old });
+        }
+        let mut leases = Vec::with_capacity(held.len());
+        for key in held {
+            if let Some(KeyState {
+                holder: Holder::Held(h),
+                ..
+            }) = self.keys.get(&key)
+            {
+                leases.push((key.clone(), h.epoch));
             }
+            // A ForceLoad that waited for the session to come back can now
+            // ask it to release.
             self.pump(&key, now);
         }
-        for key in gone.held {
-            let Some(state) = self.keys.get_mut(&key) else {
-                continue;
-            };
-            match &mut state.holder {
-                Holder::Held(held) if held.conn == conn => {
-                    let (session, epoch) = (held.session.clone(), held.epoch);
-                    state.holder = Holder::Releasing {
-                        session: session.clone(),
-                    };
-                    self.effects.push(Effect::Release {
-                        key: key.clone(),
-                        owner: session,
-                        epoch,
-                    });
-                }
-                // The lease is being taken from this connection anyway;
-                // nobody is left to tell.
-                Holder::Granting(granting)
-                    if granting
-                        .previous
-                        .as_ref()
-                        .is_some_and(|(p, _)| p.conn == conn) =>
-                {
-                    granting.previous = None;
-                }
-                _ => {}
-            }
+        Connected { leases }
+    }
+
+    /// Forgets a connection: its waits are cancelled. Its session keeps its
+    /// leases for the resume grace, or releases them at once while the
+    /// daemon is stopping.
+    pub fn disconnect(&mut self, conn: ConnId, now: Instant) {
+        let Some(session) = self.drop_conn(conn, now) else {
+            return;
+        };
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if entry.conn != Some(conn) {
+            // A newer connection has taken the session over.
+            return;
+        }
+        entry.conn = None;
+        if self.stopping || self.rules.resume_grace.is_zero() {
+            self.release_session(&session);
+        } else {
+            self.start_grace(&session, now);
         }
     }
 
@@ -400,12 +461,10 @@ impl LeaseTable {
         };
         match &mut state.holder {
             Holder::Held(held) if held.epoch == epoch => {
-                let conn = held.conn;
+                let session = held.session.clone();
                 state.holder = Holder::Free;
                 state.force_deadline = None;
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.held.remove(key);
-                }
+                self.forget_lease(&session, key);
                 self.pump(key, now);
             }
             Holder::Granting(granting)
@@ -414,10 +473,8 @@ impl LeaseTable {
                     .as_ref()
                     .is_some_and(|(p, _)| p.epoch == epoch) =>
             {
-                if let Some((previous, _)) = granting.previous.take()
-                    && let Some(c) = self.conns.get_mut(&previous.conn)
-                {
-                    c.held.remove(key);
+                if let Some((previous, _)) = granting.previous.take() {
+                    self.forget_lease(&previous.session, key);
                 }
             }
             _ => {}
@@ -450,52 +507,53 @@ impl LeaseTable {
         match result {
             Ok(granted) => {
                 let epoch = granted.lease.epoch;
-                if let Some((previous, reason)) = previous {
-                    if let Some(c) = self.conns.get_mut(&previous.conn) {
-                        c.held.remove(key);
-                    }
-                    self.effects.push(Effect::Push {
-                        conn: previous.conn,
-                        event: LeaseEvent::LeaseLost {
-                            key: key.clone(),
-                            epoch: previous.epoch,
-                            reason,
-                            new_owner: Some(waiter.session.clone()),
-                        },
+                let usable = !self.stopping && self.conns.contains_key(&waiter.conn);
+                if usable {
+                    state.holder = Holder::Held(Held {
+                        session: waiter.session.clone(),
+                        epoch,
                     });
+                } else {
+                    // Nobody can use the lease: the loader left, or the
+                    // daemon is stopping. Give it straight back.
+                    state.holder = Holder::Releasing {
+                        session: waiter.session.clone(),
+                    };
                 }
-                let conn = self.conns.get_mut(&waiter.conn);
-                match conn {
-                    Some(conn) if !self.stopping => {
-                        conn.held.insert(key.clone());
-                        state.holder = Holder::Held(Held {
-                            conn: waiter.conn,
-                            session: waiter.session,
-                            epoch,
-                        });
-                        self.effects.push(Effect::Answer {
-                            conn: waiter.conn,
-                            request_id: waiter.request_id,
-                            result: Ok(granted),
+                if let Some((previous, reason)) = previous {
+                    if let Some(conn) = self.conn_of(&previous.session) {
+                        self.effects.push(Effect::Push {
+                            conn,
+                            event: LeaseEvent::LeaseLost {
+                                key: key.clone(),
+                                epoch: previous.epoch,
+                                reason,
+                                new_owner: Some(waiter.session.clone()),
+                            },
                         });
                     }
-                    _ => {
-                        // Nobody can use the lease: the loader left, or the
-                        // daemon is stopping. Give it straight back.
-                        self.effects.push(Effect::Answer {
-                            conn: waiter.conn,
-                            request_id: waiter.request_id,
-                            result: Err(LoadError::ShuttingDown),
-                        });
-                        state.holder = Holder::Releasing {
-                            session: waiter.session.clone(),
-                        };
-                        self.effects.push(Effect::Release {
-                            key: key.clone(),
-                            owner: waiter.session,
-                            epoch,
-                        });
+                    self.forget_lease(&previous.session, key);
+                }
+                if usable {
+                    if let Some(entry) = self.sessions.get_mut(&waiter.session) {
+                        entry.held.insert(key.clone());
                     }
+                    self.effects.push(Effect::Answer {
+                        conn: waiter.conn,
+                        request_id: waiter.request_id,
+                        result: Ok(granted),
+                    });
+                } else {
+                    self.effects.push(Effect::Answer {
+                        conn: waiter.conn,
+                        request_id: waiter.request_id,
+                        result: Err(LoadError::ShuttingDown),
+                    });
+                    self.effects.push(Effect::Release {
+                        key: key.clone(),
+                        owner: waiter.session,
+                        epoch,
+                    });
                 }
             }
             Err(err) => {
@@ -539,6 +597,18 @@ impl LeaseTable {
             match entry.remove() {
                 Timer::Deadline { key, waiter } => self.expire_waiter(&key, waiter, now),
                 Timer::Force { key } => self.pump(&key, now),
+                Timer::Expire {
+                    session,
+                    generation,
+                } => {
+                    let away = self
+                        .sessions
+                        .get(&session)
+                        .is_some_and(|s| s.conn.is_none() && s.generation == generation);
+                    if away {
+                        self.release_session(&session);
+                    }
+                }
             }
         }
     }
@@ -560,31 +630,29 @@ impl LeaseTable {
             }
             state.force_deadline = None;
         }
-        self.timers.clear();
+        self.timers
+            .retain(|_, timer| matches!(timer, Timer::Expire { .. }));
+    }
+
+    /// Tells every connection that the daemon stops in `deadline`.
+    pub fn announce_shutdown(&mut self, deadline: Duration) {
+        let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+        for &conn in self.conns.keys() {
+            self.effects.push(Effect::Push {
+                conn,
+                event: LeaseEvent::ShuttingDown { deadline_ms },
+            });
+        }
     }
 
     /// Releases every held lease, keeping the last saved data. Returns how
     /// many releases were started.
     pub fn release_all(&mut self) -> usize {
-        let mut started = 0;
-        for (key, state) in &mut self.keys {
-            if let Holder::Held(held) = &state.holder {
-                let held = held.clone();
-                if let Some(c) = self.conns.get_mut(&held.conn) {
-                    c.held.remove(key);
-                }
-                state.holder = Holder::Releasing {
-                    session: held.session.clone(),
-                };
-                self.effects.push(Effect::Release {
-                    key: key.clone(),
-                    owner: held.session,
-                    epoch: held.epoch,
-                });
-                started += 1;
-            }
-        }
-        started
+        let sessions: Vec<SessionId> = self.sessions.keys().cloned().collect();
+        sessions
+            .iter()
+            .map(|session| self.release_session(session))
+            .sum()
     }
 
     /// Whether no lease is held, granted or being released.
@@ -624,31 +692,46 @@ impl LeaseTable {
                 let previous = (held.clone(), LossReason::Stolen);
                 self.start_grant(key, Some(previous));
             }
-            (Holder::Held(held), Some(LoadPolicy::ForceLoad)) => match state.force_deadline {
-                None => {
-                    let deadline = now + self.force_load_timeout;
-                    state.force_deadline = Some(deadline);
-                    let requester = state
-                        .queue
-                        .front()
-                        .map(|w| w.session.clone())
-                        .unwrap_or_else(|| held.session.clone());
-                    self.effects.push(Effect::Push {
-                        conn: held.conn,
-                        event: LeaseEvent::ReleaseRequested {
-                            key: key.clone(),
-                            epoch: held.epoch,
-                            requester,
-                        },
-                    });
-                    self.arm(deadline, Timer::Force { key: key.clone() });
+            (Holder::Held(held), Some(LoadPolicy::ForceLoad)) => {
+                let holder_conn = self
+                    .sessions
+                    .get(&held.session)
+                    .and_then(|session| session.conn);
+                match (holder_conn, state.force_deadline) {
+                    // Nobody can answer a release request; the lease frees
+                    // when the holder's resume grace runs out, unless the
+                    // rules say to take it now.
+                    (None, _) => {
+                        if self.rules.take_disconnected_at_once {
+                            let previous = (held.clone(), LossReason::ForceLoadTimeout);
+                            self.start_grant(key, Some(previous));
+                        }
+                    }
+                    (Some(conn), None) => {
+                        let deadline = now + self.rules.force_load_timeout;
+                        state.force_deadline = Some(deadline);
+                        let requester = state
+                            .queue
+                            .front()
+                            .map(|w| w.session.clone())
+                            .unwrap_or_else(|| held.session.clone());
+                        self.effects.push(Effect::Push {
+                            conn,
+                            event: LeaseEvent::ReleaseRequested {
+                                key: key.clone(),
+                                epoch: held.epoch,
+                                requester,
+                            },
+                        });
+                        self.arm(deadline, Timer::Force { key: key.clone() });
+                    }
+                    (Some(_), Some(deadline)) if now >= deadline => {
+                        let previous = (held.clone(), LossReason::ForceLoadTimeout);
+                        self.start_grant(key, Some(previous));
+                    }
+                    (Some(_), Some(_)) => {}
                 }
-                Some(deadline) if now >= deadline => {
-                    let previous = (held.clone(), LossReason::ForceLoadTimeout);
-                    self.start_grant(key, Some(previous));
-                }
-                Some(_) => {}
-            },
+            }
             (Holder::Free, None) => {
                 self.keys.remove(key);
             }
@@ -703,6 +786,90 @@ impl LeaseTable {
         self.pump(key, now);
     }
 
+    /// Removes a connection and its waits; returns its session.
+    fn drop_conn(&mut self, conn: ConnId, now: Instant) -> Option<SessionId> {
+        let gone = self.conns.remove(&conn)?;
+        for key in gone.waiting {
+            if let Some(state) = self.keys.get_mut(&key) {
+                state.queue.retain(|waiter| waiter.conn != conn);
+            }
+            self.pump(&key, now);
+        }
+        Some(gone.session)
+    }
+
+    /// Starts a disconnected session's resume grace; a ForceLoad waiting on
+    /// one of its leases is re-evaluated, since nobody can answer it now.
+    fn start_grace(&mut self, session: &SessionId, now: Instant) {
+        self.next_id += 1;
+        let generation = self.next_id;
+        let Some(entry) = self.sessions.get_mut(session) else {
+            return;
+        };
+        entry.generation = generation;
+        if entry.held.is_empty() {
+            self.sessions.remove(session);
+            return;
+        }
+        let held: Vec<ProfileKey> = entry.held.iter().cloned().collect();
+        self.arm(
+            now + self.rules.resume_grace,
+            Timer::Expire {
+                session: session.clone(),
+                generation,
+            },
+        );
+        for key in held {
+            self.pump(&key, now);
+        }
+    }
+
+    /// Releases every lease `session` holds; returns how many.
+    fn release_session(&mut self, session: &SessionId) -> usize {
+        let Some(entry) = self.sessions.get_mut(session) else {
+            return 0;
+        };
+        let held: Vec<ProfileKey> = entry.held.drain().collect();
+        if entry.conn.is_none() {
+            self.sessions.remove(session);
+        }
+        let mut started = 0;
+        for key in held {
+            let Some(state) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            if let Holder::Held(held) = &state.holder {
+                let epoch = held.epoch;
+                state.holder = Holder::Releasing {
+                    session: session.clone(),
+                };
+                self.effects.push(Effect::Release {
+                    key,
+                    owner: session.clone(),
+                    epoch,
+                });
+                started += 1;
+            }
+        }
+        started
+    }
+
+    /// Drops `key` from a session's leases, and the session itself once it
+    /// is away and holds nothing.
+    fn forget_lease(&mut self, session: &SessionId, key: &ProfileKey) {
+        if let Some(entry) = self.sessions.get_mut(session) {
+            entry.held.remove(key);
+            if entry.conn.is_none() && entry.held.is_empty() {
+                self.sessions.remove(session);
+            }
+        }
+    }
+
+    /// The connection a session is on, if it is connected.
+    fn conn_of(&self, session: &SessionId) -> Option<ConnId> {
+        self.sessions.get(session).and_then(|s| s.conn)
+    }
+
     fn arm(&mut self, at: Instant, timer: Timer) {
         self.next_id += 1;
         self.timers.insert((at, self.next_id), timer);
@@ -737,6 +904,15 @@ mod tests {
     use crate::storage::{LeaseRecord, MetaRecord};
 
     const TIMEOUT: Duration = Duration::from_secs(5);
+    const GRACE: Duration = Duration::from_secs(10);
+
+    fn rules() -> LeaseRules {
+        LeaseRules {
+            force_load_timeout: TIMEOUT,
+            resume_grace: GRACE,
+            take_disconnected_at_once: false,
+        }
+    }
 
     fn key() -> ProfileKey {
         ProfileKey::new("s", "k")
@@ -751,11 +927,9 @@ mod tests {
 
     /// A table with connections 1..=n for sessions "s1".."sn".
     fn table(n: u64) -> LeaseTable {
-        let mut table = LeaseTable::new(TIMEOUT);
+        let mut table = LeaseTable::new(rules());
         for conn in 1..=n {
-            table
-                .connect(conn, session(&format!("s{conn}")))
-                .expect("connect");
+            table.connect(conn, session(&format!("s{conn}")), Instant::now());
         }
         table
     }
@@ -1006,25 +1180,143 @@ mod tests {
     }
 
     #[test]
-    fn a_disconnect_releases_leases_and_cancels_waits() {
+    fn a_disconnected_session_keeps_its_leases_until_the_grace_runs_out() {
         let now = Instant::now();
         let mut table = held_by_one(3, now);
         load(&mut table, 2, LoadPolicy::Repeat, now);
         table.disconnect(1, now);
+        assert!(table.take_effects().is_empty(), "nothing is released yet");
+        assert_eq!(table.held(), 1);
+
+        table.fire_timers(now + GRACE - Duration::from_millis(1));
+        assert!(table.take_effects().is_empty());
+        table.fire_timers(now + GRACE);
         let effects = table.take_effects();
         assert!(matches!(
             effects.as_slice(),
             [Effect::Release { epoch: 1, .. }]
         ));
-        table.release_done(&key(), now);
+        table.release_done(&key(), now + GRACE);
         let effects = table.take_effects();
-        let done = complete_grant(&mut table, effects, 2, now);
+        let done = complete_grant(&mut table, effects, 2, now + GRACE);
         assert_eq!(answers(&done), vec![(2, Ok(2))]);
+    }
 
-        table.disconnect(2, now);
-        table.take_effects();
-        table.release_done(&key(), now);
-        assert!(table.is_idle());
+    #[test]
+    fn a_session_that_reconnects_in_time_resumes_its_leases() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        table.disconnect(1, now);
+        let later = now + GRACE / 2;
+        let connected = table.connect(7, session("s1"), later);
+        assert_eq!(connected.leases, vec![(key(), 1)]);
+        table.fire_timers(now + GRACE * 2);
+        assert!(
+            table.take_effects().is_empty(),
+            "the old expiry does nothing"
+        );
+        // The resumed holder answers to the new connection.
+        load(&mut table, 2, LoadPolicy::ForceLoad, later);
+        assert!(matches!(
+            pushes(&table.take_effects()).as_slice(),
+            [(7, LeaseEvent::ReleaseRequested { .. })]
+        ));
+    }
+
+    #[test]
+    fn a_second_connection_takes_the_session_over() {
+        let now = Instant::now();
+        let mut table = held_by_one(1, now);
+        let connected = table.connect(9, session("s1"), now);
+        assert_eq!(connected.leases, vec![(key(), 1)]);
+        assert!(matches!(
+            table.take_effects().as_slice(),
+            [Effect::Kick { conn: 1 }]
+        ));
+        // The kicked connection's own disconnect must not end the session.
+        table.disconnect(1, now);
+        table.fire_timers(now + GRACE * 2);
+        assert!(table.take_effects().is_empty());
+        assert_eq!(table.held(), 1);
+    }
+
+    #[test]
+    fn force_load_on_a_disconnected_holder_waits_for_the_grace_without_asking() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        table.disconnect(1, now);
+        load(&mut table, 2, LoadPolicy::ForceLoad, now);
+        assert!(table.take_effects().is_empty(), "nobody to ask");
+        table.fire_timers(now + TIMEOUT);
+        assert!(
+            table.take_effects().is_empty(),
+            "force_load_timeout does not apply"
+        );
+        table.fire_timers(now + GRACE);
+        let effects = table.take_effects();
+        assert!(matches!(effects.as_slice(), [Effect::Release { .. }]));
+        table.release_done(&key(), now + GRACE);
+        let effects = table.take_effects();
+        assert_eq!(
+            answers(&complete_grant(&mut table, effects, 2, now)),
+            vec![(2, Ok(2))]
+        );
+    }
+
+    #[test]
+    fn force_load_can_take_a_disconnected_holder_at_once() {
+        let now = Instant::now();
+        let mut table = LeaseTable::new(LeaseRules {
+            take_disconnected_at_once: true,
+            ..rules()
+        });
+        table.connect(1, session("s1"), now);
+        table.connect(2, session("s2"), now);
+        load(&mut table, 1, LoadPolicy::ForceLoad, now);
+        let effects = table.take_effects();
+        complete_grant(&mut table, effects, 1, now);
+        table.disconnect(1, now);
+        load(&mut table, 2, LoadPolicy::ForceLoad, now);
+        let effects = table.take_effects();
+        assert_eq!(
+            answers(&complete_grant(&mut table, effects, 2, now)),
+            vec![(2, Ok(2))]
+        );
+    }
+
+    #[test]
+    fn recovered_leases_wait_for_their_sessions_then_expire() {
+        let now = Instant::now();
+        let mut table = LeaseTable::new(rules());
+        table.recover(vec![(key(), session("old"), 4)], now);
+        assert_eq!(table.held(), 1);
+        let connected = table.connect(1, session("old"), now + GRACE / 2);
+        assert_eq!(connected.leases, vec![(key(), 4)]);
+
+        let mut table = LeaseTable::new(rules());
+        table.recover(vec![(key(), session("gone"), 4)], now);
+        table.fire_timers(now + GRACE);
+        assert!(matches!(
+            table.take_effects().as_slice(),
+            [Effect::Release { epoch: 4, .. }]
+        ));
+    }
+
+    #[test]
+    fn while_stopping_a_disconnect_releases_at_once() {
+        let now = Instant::now();
+        let mut table = held_by_one(1, now);
+        table.stop_loads();
+        table.announce_shutdown(Duration::from_secs(3));
+        assert!(matches!(
+            pushes(&table.take_effects()).as_slice(),
+            [(1, LeaseEvent::ShuttingDown { deadline_ms: 3000 })]
+        ));
+        table.disconnect(1, now);
+        assert!(matches!(
+            table.take_effects().as_slice(),
+            [Effect::Release { epoch: 1, .. }]
+        ));
     }
 
     #[test]

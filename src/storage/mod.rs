@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use profiled_protocol::SessionId;
-use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, Options};
 use tokio::sync::oneshot;
 
 use crate::ProfileKey;
@@ -54,8 +54,9 @@ pub struct Granted {
 /// What opening the database found.
 #[derive(Clone, Debug, Default)]
 pub struct Recovery {
-    /// Leases left held by the previous run, now released.
-    pub leases_freed: usize,
+    /// Leases still held when the previous run stopped (it crashed, or was
+    /// killed). Their sessions may come back and resume them.
+    pub leases: Vec<(ProfileKey, LeaseRecord)>,
 }
 
 /// Why a write was not applied.
@@ -110,15 +111,13 @@ const CF_DATA: &str = "data";
 const CF_LEASES: &str = "leases";
 
 impl Storage {
-    /// Opens (or creates) the database and starts its committer.
-    ///
-    /// Leases still recorded from a previous run are released, since no
-    /// session of that run can resume them.
+    /// Opens (or creates) the database and starts its committer. Leases
+    /// recorded by a previous run are returned, still held.
     pub fn open(config: &StorageConfig) -> Result<(Self, Recovery), StorageError> {
         let path = &config.path;
         let db = open_db(path)?;
         let recovery = Recovery {
-            leases_freed: free_stale_leases(&db, path)?,
+            leases: read_leases(&db, path)?,
         };
         let db = Arc::new(db);
         let (ops, receiver) = std::sync::mpsc::channel();
@@ -239,31 +238,28 @@ fn open_db(path: &Path) -> Result<DB, StorageError> {
     DB::open_cf_descriptors(&options, path, families).map_err(db_err)
 }
 
-/// Deletes every lease recorded by a previous run, durably, keeping each
-/// profile's epoch so the next grant is still higher.
-fn free_stale_leases(db: &DB, path: &Path) -> Result<usize, StorageError> {
-    let db_err = |err: rocksdb::Error| StorageError::Db {
+/// Reads every lease recorded in the `leases` column family.
+fn read_leases(db: &DB, path: &Path) -> Result<Vec<(ProfileKey, LeaseRecord)>, StorageError> {
+    let corrupt = |message: String| StorageError::Corrupt {
         path: path.display().to_string(),
-        message: err.into_string(),
+        message,
     };
     let leases = db
         .cf_handle(CF_LEASES)
-        .ok_or_else(|| StorageError::Corrupt {
-            path: path.display().to_string(),
-            message: "the leases column family is missing".to_owned(),
-        })?;
-    let mut batch = WriteBatch::default();
+        .ok_or_else(|| corrupt("the leases column family is missing".to_owned()))?;
+    let mut found = Vec::new();
     for entry in db.iterator_cf(leases, rocksdb::IteratorMode::Start) {
-        let (key, _) = entry.map_err(db_err)?;
-        batch.delete_cf(leases, key);
+        let (key, value) = entry.map_err(|err| StorageError::Db {
+            path: path.display().to_string(),
+            message: err.into_string(),
+        })?;
+        let key = records::decode_key(&key)
+            .ok_or_else(|| corrupt("a lease has an undecodable key".to_owned()))?;
+        let lease = records::decode::<LeaseRecord>(&value)
+            .map_err(|err| corrupt(format!("the lease of {key}: {err}")))?;
+        found.push((key, lease));
     }
-    let freed = batch.len();
-    if freed > 0 {
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
-        db.write_opt(batch, &sync).map_err(db_err)?;
-    }
-    Ok(freed)
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -317,7 +313,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn epochs_survive_a_reopen_and_old_leases_are_freed() {
+    async fn epochs_and_leases_survive_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = ProfileKey::new("s", "k");
         {
@@ -337,7 +333,10 @@ mod tests {
             storage.close().await.expect("close");
         }
         let (storage, recovery) = Storage::open(&config(dir.path())).expect("reopen");
-        assert_eq!(recovery.leases_freed, 1);
+        assert_eq!(recovery.leases.len(), 1);
+        let (recovered_key, lease) = &recovery.leases[0];
+        assert_eq!(recovered_key, &key);
+        assert_eq!((lease.session.clone(), lease.epoch), (session("b"), 2));
         let granted = storage
             .grant(key.clone(), session("c"))
             .await

@@ -54,6 +54,16 @@ pub fn encode_key(key: &ProfileKey) -> Vec<u8> {
     out
 }
 
+/// The profile key of a database key, or `None` if the bytes were not
+/// written by [`encode_key`].
+pub fn decode_key(bytes: &[u8]) -> Option<ProfileKey> {
+    let (len, rest) = bytes.split_first_chunk::<2>()?;
+    let len = usize::from(u16::from_be_bytes(*len));
+    let store = std::str::from_utf8(rest.get(..len)?).ok()?;
+    let key = std::str::from_utf8(rest.get(len..)?).ok()?;
+    Some(ProfileKey::new(store, key))
+}
+
 /// Encodes a record with its format byte.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     let mut out = vec![FORMAT];
@@ -84,6 +94,11 @@ mod tests {
         let key = encode_key(&ProfileKey::new("PlayerData", "Player_1"));
         assert_eq!(&key[..2], &[0, 10]);
         assert_eq!(&key[2..], b"PlayerDataPlayer_1");
+        assert_eq!(
+            decode_key(&key),
+            Some(ProfileKey::new("PlayerData", "Player_1"))
+        );
+        assert_eq!(decode_key(&[0, 9, b'x']), None);
         let other = encode_key(&ProfileKey::new("PlayerDataX", ""));
         assert!(!other.starts_with(&encode_key(&ProfileKey::new("PlayerData", ""))));
     }
