@@ -21,4 +21,4 @@ pub mod storage;
 
 pub use config::Config;
 pub use profile_key::ProfileKey;
-pub use server::{ServerError, bind, run, run_with};
+pub use server::{Listener, ServerError, bind, run, run_with};

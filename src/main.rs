@@ -110,7 +110,7 @@ fn serve(args: &Args, config: Config) -> anyhow::Result<()> {
                     socket = ?listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_owned)),
                     "using the socket passed by the service manager; ignoring listen.socket"
                 );
-                profiled::activation::into_tokio(listener)?
+                profiled::Listener::inherited(profiled::activation::into_tokio(listener)?)
             }
             None => profiled::bind(&config.listen.socket)?,
         };

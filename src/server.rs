@@ -44,6 +44,26 @@ pub enum ServerError {
     ShutdownTimeout(&'static str),
 }
 
+/// A listening socket, and the socket file the daemon must remove when it
+/// stops: the file it bound itself, never one that systemd owns.
+#[derive(Debug)]
+pub struct Listener {
+    socket: UnixListener,
+    owned_path: Option<PathBuf>,
+}
+
+impl Listener {
+    /// A socket handed over by the service manager (socket activation). Its
+    /// file belongs to the manager and outlives the daemon, so clients can
+    /// queue on it during a restart.
+    pub fn inherited(socket: UnixListener) -> Self {
+        Self {
+            socket,
+            owned_path: None,
+        }
+    }
+}
+
 /// How long each shutdown step after the grace period may take.
 const STEP_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -52,7 +72,7 @@ const STEP_DEADLINE: Duration = Duration::from_secs(10);
 /// A socket file nobody answers on is left over from a daemon that died,
 /// and is replaced. A socket somebody answers on belongs to a live daemon,
 /// and this one refuses to start rather than steal its clients.
-pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+pub fn bind(path: &Path) -> Result<Listener, ServerError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             use std::os::unix::fs::FileTypeExt;
@@ -84,9 +104,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
             });
         }
     }
-    UnixListener::bind(path).map_err(|source| ServerError::Bind {
+    let socket = UnixListener::bind(path).map_err(|source| ServerError::Bind {
         path: path.to_owned(),
         source,
+    })?;
+    Ok(Listener {
+        socket,
+        owned_path: Some(path.to_owned()),
     })
 }
 
@@ -94,7 +118,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
 /// gracefully (see [`run_with`]).
 pub async fn run(
     config: Config,
-    listener: UnixListener,
+    listener: Listener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     run_with(config, listener, shutdown, std::future::pending()).await
@@ -113,10 +137,14 @@ pub async fn run(
 /// Every step has a deadline.
 pub async fn run_with(
     config: Config,
-    listener: UnixListener,
+    listener: Listener,
     shutdown: impl Future<Output = ()>,
     hurry: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let Listener {
+        socket: listener,
+        owned_path,
+    } = listener;
     let storage_config = config.storage.clone();
     let (storage, recovery) = tokio::task::spawn_blocking(move || Storage::open(&storage_config))
         .await
@@ -211,7 +239,8 @@ pub async fn run_with(
     tokio::time::timeout(STEP_DEADLINE, storage.close())
         .await
         .map_err(|_| ServerError::ShutdownTimeout("flush storage"))??;
-    if let Err(err) = std::fs::remove_file(&config.listen.socket)
+    if let Some(path) = owned_path
+        && let Err(err) = std::fs::remove_file(&path)
         && err.kind() != io::ErrorKind::NotFound
     {
         tracing::warn!(error = %err, "could not remove the socket file");

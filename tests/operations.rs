@@ -498,7 +498,6 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
 }
 
 #[test]
-#[ignore = "server::run_with removes listen.socket on exit even when the socket was inherited; un-ignore once it leaves an inherited socket alone"]
 fn an_inherited_socket_file_outlives_the_daemon() {
     let Some(activate) = find_tool("systemd-socket-activate") else {
         println!(
