@@ -371,28 +371,35 @@ async fn refuse(transport: &mut Transport, code: ErrorCode, message: impl Into<S
 }
 
 /// Writes queued frames, flushing once per burst rather than per frame.
+/// A `Refused` frame is the last: once it is flushed the connection is
+/// closed, through `kill`, so the reader stops too.
 async fn write_frames(
     mut sink: futures::stream::SplitSink<Transport, ServerFrame>,
     mut queue: mpsc::Receiver<ServerFrame>,
     kill: CancellationToken,
 ) {
-    loop {
+    'bursts: loop {
         let frame = tokio::select! {
             () = kill.cancelled() => break,
             frame = queue.recv() => frame,
         };
-        let Some(frame) = frame else {
-            break;
-        };
-        if feed(&mut sink, frame).await.is_err() {
-            break;
-        }
-        while let Ok(frame) = queue.try_recv() {
+        let mut next = frame;
+        while let Some(frame) = next.take() {
+            let last = matches!(frame, ServerFrame::Refused(_));
             if feed(&mut sink, frame).await.is_err() {
-                return;
+                break 'bursts;
             }
+            if last {
+                let _ = sink.flush().await;
+                kill.cancel();
+                break 'bursts;
+            }
+            next = queue.try_recv().ok();
         }
         if sink.flush().await.is_err() {
+            break;
+        }
+        if queue.is_closed() && queue.is_empty() {
             break;
         }
     }

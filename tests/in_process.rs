@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use profiled::Config;
-use profiled_client::{Client, ErrorCode, LoadPolicy, SessionId};
+use profiled_client::{Client, ConnectOptions, ErrorCode, LoadPolicy, SessionId};
 
 fn session(job: &str) -> SessionId {
     SessionId {
@@ -28,7 +28,13 @@ async fn run_serves_until_shutdown_then_releases_everything() {
         let _ = stopped.await;
     }));
 
-    let client = Client::connect(&config.listen.socket, session("a"))
+    // This client must see the daemon go away rather than wait to
+    // reconnect to it.
+    let options = ConnectOptions {
+        reconnect_for: Duration::ZERO,
+        ..ConnectOptions::default()
+    };
+    let client = Client::connect_with(&config.listen.socket, session("a"), options)
         .await
         .expect("connect");
     let profile = client

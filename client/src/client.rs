@@ -1,35 +1,62 @@
-//! The connection handle and the requests made through it.
+//! The client handle and the requests made through it.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use futures::{SinkExt, StreamExt};
 use profiled_protocol::{
-    ClientFrame, DEFAULT_MAX_FRAME, FrameCodec, Hello, LoadPolicy, PROTOCOL_VERSION, Reply,
-    Request, RequestBody, Role, ServerFrame, SessionId, Welcome, encode_frame_into,
+    ClientFrame, DEFAULT_MAX_FRAME, LoadPolicy, Reply, Request, RequestBody, Role, SessionId,
+    Welcome,
 };
-use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_util::codec::{BytesCodec, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::{self, Effect, Pending, Shared};
+use crate::connection::{Effect, Link, Pending, Shared};
+use crate::reconnect::{self, Dialer, Running, encode};
 use crate::{ClientError, Profile};
 
-/// How many encoded frames may wait for the writer task. Callers wait for
-/// room beyond this, which bounds the memory queued behind a slow socket.
-const WRITE_QUEUE: usize = 256;
-
-/// A connection to the daemon, shared by cloning.
+/// A session's link to the daemon, shared by cloning.
 ///
 /// Every clone, and every [`Profile`] loaded through one, uses the same
-/// socket; calls from many tasks run concurrently over it. The connection
+/// connection; calls from many tasks run concurrently over it. The link
 /// closes when the last clone and profile are dropped, or at once on
-/// [`Client::close`]. The daemon then releases the session's leases.
+/// [`Client::close`].
+///
+/// # Reconnecting
+///
+/// When the connection drops for any other reason (the daemon restarted,
+/// took a signal, or closed the socket), the client reconnects to the same
+/// socket with the same [`SessionId`] for up to
+/// [`ConnectOptions::reconnect_for`]. The daemon keeps a dropped session's
+/// leases for its resume grace and lists them in the new [`Welcome`]:
+///
+/// - a [`Profile`] whose lease is listed with the same epoch carries on as
+///   if nothing happened;
+/// - a `Profile` whose lease is not listed receives
+///   [`ProfileEvent::LeaseExpired`](crate::ProfileEvent::LeaseExpired) and
+///   its event stream ends; its saves fail with
+///   [`ErrorCode::LeaseLost`](crate::ErrorCode::LeaseLost).
+///
+/// Requests made while the client is reconnecting wait for the new
+/// connection. Requests already sent when the connection dropped fail with
+/// [`ClientError::Disconnected`] and are not re-sent: whether the daemon
+/// applied them is unknown, and deciding whether to retry is the caller's.
+/// A save is safe to retry while its lease is held, since it carries the
+/// epoch and the full data. A load whose answer was lost may have been
+/// granted: the lease then shows up in [`Client::welcome`]'s `leases` with
+/// no profile, loading it again fails with
+/// [`ErrorCode::AlreadyLoaded`](crate::ErrorCode::AlreadyLoaded), and
+/// [`Client::release`] with the listed epoch ends it. If reconnecting does not succeed in time, or the daemon
+/// refuses the new handshake, the link ends as after [`Client::close`],
+/// except that requests fail with the refusal.
+///
+/// A connection the daemon ends with a
+/// [`ErrorCode::Superseded`](crate::ErrorCode::Superseded) refusal is not
+/// reconnected either: another connection took the session over, and
+/// reconnecting would only take it back. Requests then fail with that
+/// refusal.
 #[derive(Clone, Debug)]
 pub struct Client {
     /// Dropped with the last clone, which stops the background tasks.
@@ -46,6 +73,14 @@ pub struct ConnectOptions {
     /// held to the daemon's announced [`Welcome::max_frame`], so an
     /// oversized save fails locally instead of closing the connection.
     pub max_frame: u32,
+    /// How long to keep trying to reconnect after the connection drops,
+    /// counted from the drop; requests made meanwhile wait at most this
+    /// long. Attempts back off from 10 ms, doubling up to 1 s, with jitter.
+    /// It should exceed the daemon's `session.resume_grace` only if a late
+    /// reconnect is still useful without the leases. [`Duration::ZERO`]
+    /// disables reconnecting: a drop then ends the link at once. Default
+    /// 30 s.
+    pub reconnect_for: Duration,
 }
 
 /// How to load.
@@ -62,31 +97,18 @@ pub struct LoadOptions {
 
 /// The state behind every clone of a [`Client`].
 struct Inner {
-    /// The session the connection was opened for.
+    /// The session every connection is opened for.
     session: SessionId,
-    /// The daemon's handshake answer.
-    welcome: Welcome,
-    /// The largest payload a request may encode to: the smaller of ours and
-    /// the daemon's limit.
-    max_frame: u32,
-    /// Request ids, unique on this connection.
+    /// Request ids, unique across all of the client's connections.
     next_id: AtomicU64,
-    /// Encoded frames for the writer task, which holds the receiver.
-    frames: mpsc::Sender<Bytes>,
-    /// The routing tables the reader task fills in.
+    /// The routing tables and the link's state, shared with the reader
+    /// tasks and the supervisor.
     shared: Arc<Shared>,
-    /// Cancelled to stop both tasks, which shuts the socket down.
-    cancel: CancellationToken,
-    /// The tasks, taken by [`Client::close`] to wait for them.
-    tasks: Mutex<Option<Tasks>>,
-}
-
-/// The connection's background tasks.
-struct Tasks {
-    /// Runs [`connection::read_frames`].
-    reader: JoinHandle<()>,
-    /// Runs [`connection::write_frames`].
-    writer: JoinHandle<()>,
+    /// Cancelled to stop the supervisor and the live connection's tasks,
+    /// which shuts the socket down and ends reconnecting.
+    closing: CancellationToken,
+    /// The supervisor task, taken by [`Client::close`] to wait for it.
+    supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Default for ConnectOptions {
@@ -94,6 +116,7 @@ impl Default for ConnectOptions {
         Self {
             role: Role::Game,
             max_frame: DEFAULT_MAX_FRAME,
+            reconnect_for: Duration::from_secs(30),
         }
     }
 }
@@ -110,77 +133,67 @@ impl Client {
 
     /// Connects to the daemon's socket at `path` and completes the
     /// handshake, with explicit options.
+    ///
+    /// This first connection is made once: its failure is returned, not
+    /// retried. Reconnecting applies to connections that drop later.
     pub async fn connect_with(
         path: impl AsRef<Path>,
         session: SessionId,
         options: ConnectOptions,
     ) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path).await?;
-        let (read_half, write_half) = stream.into_split();
-        let mut reader = FramedRead::new(
-            read_half,
-            FrameCodec::<ServerFrame, ClientFrame>::new(options.max_frame),
-        );
-        let mut writer = FramedWrite::new(write_half, BytesCodec::new());
-
-        let hello = ClientFrame::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
+        let dialer = Dialer {
+            path: path.as_ref().to_owned(),
             session: session.clone(),
-            role: options.role,
-        });
-        writer.send(encode(&hello, options.max_frame)?).await?;
-        let welcome = match reader.next().await {
-            Some(Ok(ServerFrame::Welcome(welcome))) => welcome,
-            Some(Ok(ServerFrame::Refused(err))) => return Err(ClientError::Refused(err)),
-            Some(Ok(other)) => {
-                return Err(ClientError::Protocol(format!(
-                    "expected a welcome, got {}",
-                    frame_name(&other)
-                )));
-            }
-            Some(Err(err)) => return Err(err.into()),
-            None => return Err(ClientError::Disconnected),
+            options,
         };
-        if welcome.protocol_version != PROTOCOL_VERSION {
-            return Err(ClientError::Protocol(format!(
-                "welcomed with protocol version {}, expected {PROTOCOL_VERSION}",
-                welcome.protocol_version
-            )));
-        }
-
-        let shared = Arc::new(Shared::default());
-        let cancel = CancellationToken::new();
-        let (frames, queue) = mpsc::channel(WRITE_QUEUE);
-        let tasks = Tasks {
-            reader: tokio::spawn(connection::read_frames(
-                reader,
-                Arc::clone(&shared),
-                cancel.clone(),
-            )),
-            writer: tokio::spawn(connection::write_frames(writer, queue, cancel.clone())),
-        };
+        let handshake = dialer.handshake().await?;
+        let shared = Arc::new(Shared::new(handshake.welcome.clone()));
+        let closing = CancellationToken::new();
+        let running = Running::start(handshake, 1, dialer.options.max_frame, &shared, &closing);
+        let supervisor = tokio::spawn(reconnect::supervise(
+            dialer,
+            Arc::clone(&shared),
+            closing.clone(),
+            running,
+        ));
         Ok(Client {
             inner: Arc::new(Inner {
-                max_frame: options.max_frame.min(welcome.max_frame),
                 session,
-                welcome,
                 next_id: AtomicU64::new(1),
-                frames,
                 shared,
-                cancel,
-                tasks: Mutex::new(Some(tasks)),
+                closing,
+                supervisor: Mutex::new(Some(supervisor)),
             }),
         })
     }
 
-    /// The session this connection was opened for.
+    /// The session this client's connections are opened for.
     pub fn session(&self) -> &SessionId {
         &self.inner.session
     }
 
-    /// The daemon's handshake answer.
-    pub fn welcome(&self) -> &Welcome {
-        &self.inner.welcome
+    /// The daemon's latest handshake answer: the first connection's, or the
+    /// last reconnect's. Its `leases` are what the daemon said this session
+    /// held at that handshake.
+    pub fn welcome(&self) -> Welcome {
+        self.inner.shared.welcome()
+    }
+
+    /// The daemon's shutdown deadline, once it has announced one.
+    ///
+    /// The value is `None` while the daemon runs normally. On
+    /// [`Event::ShuttingDown`](crate::protocol::Event::ShuttingDown) it
+    /// becomes the instant the daemon releases every remaining lease
+    /// itself; until then it still takes saves and releases but no loads,
+    /// so the game should save and release what it holds. Each held
+    /// [`Profile`] also receives
+    /// [`ProfileEvent::ShuttingDown`](crate::ProfileEvent::ShuttingDown).
+    /// After a reconnect to a daemon that runs normally it is `None` again.
+    ///
+    /// An [`Instant`] rather than the daemon's relative `deadline_ms`, so
+    /// the value stays right however late the receiver looks at it.
+    pub fn shutdown_notice(&self) -> watch::Receiver<Option<Instant>> {
+        self.inner.shared.shutdown()
     }
 
     /// Acquires the lease on `store`/`key` and reads the profile.
@@ -289,26 +302,26 @@ impl Client {
         }
     }
 
-    /// Closes the connection; the daemon then releases this session's
-    /// leases.
+    /// Closes the link for good; the daemon then releases this session's
+    /// leases once its resume grace has passed.
     ///
     /// This takes effect for every clone and [`Profile`] at once: requests
     /// in flight fail with [`ClientError::Disconnected`], later ones fail
-    /// the same way, and event streams end. It returns once the socket is
+    /// the same way without waiting, event streams end, and no reconnect is
+    /// attempted, even if one was under way. It returns once the socket is
     /// shut down.
     pub async fn close(self) {
-        self.inner.cancel.cancel();
-        let tasks = self
+        self.inner.closing.cancel();
+        let supervisor = self
             .inner
-            .tasks
+            .supervisor
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(Tasks { reader, writer }) = tasks {
-            // Neither task panics, and a task cancelled by a runtime shutting
-            // down has nothing left to wait for.
-            let _ = writer.await;
-            let _ = reader.await;
+        if let Some(supervisor) = supervisor {
+            // The supervisor does not panic, and one cancelled by a runtime
+            // shutting down has nothing left to wait for.
+            let _ = supervisor.await;
         }
     }
 
@@ -319,32 +332,69 @@ impl Client {
 
     /// Sends one request and waits for its reply.
     ///
-    /// The frame is encoded here, not by the writer task, so a frame over
-    /// the limit fails only its own call and the connection stays usable.
+    /// While the link is down this waits for the reconnect. A request whose
+    /// connection was gone before its frame was sent is registered again on
+    /// the next one; once sent, a drop fails it with
+    /// [`ClientError::Disconnected`]. The frame is encoded here, not by the
+    /// writer task, so a frame over the limit fails only its own call and
+    /// the connection stays usable.
     async fn request(&self, body: RequestBody, effect: Effect) -> Result<Reply, ClientError> {
         let inner = &*self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode(&ClientFrame::Request(Request { id, body }), inner.max_frame)?;
+        let frame = ClientFrame::Request(Request { id, body });
         let (reply, response) = oneshot::channel();
-        if !inner.shared.register(id, Pending { reply, effect }) {
-            return Err(ClientError::Disconnected);
-        }
-        // If this call is dropped while waiting for room in the queue, the
-        // request was never sent and its entry must go. Once it is queued the
-        // entry stays: its response will come and remove it.
-        let unsent = Unsent {
-            shared: &inner.shared,
-            id,
-        };
-        if inner.frames.send(frame).await.is_err() {
-            // The writer has stopped, so the frame was never sent; dropping
-            // the guard removes the entry.
-            return Err(ClientError::Disconnected);
-        }
-        unsent.queued();
-        match response.await {
-            Ok(result) => result.map_err(ClientError::Daemon),
-            Err(_) => Err(ClientError::Disconnected),
+        let mut pending = Pending { reply, effect };
+        let mut link = inner.shared.link();
+        loop {
+            let state = link
+                .wait_for(|link| !matches!(link, Link::Down))
+                .await
+                .map_err(|_| ClientError::Disconnected)?
+                .clone();
+            let conn = match state {
+                Link::Up(conn) => conn,
+                Link::Ended(why) => return Err(why.error()),
+                Link::Down => continue,
+            };
+            // Each daemon announces its own limit, so the frame is encoded
+            // for the connection it goes to.
+            let bytes = encode(&frame, conn.max_frame)?;
+            if let Err(back) = inner.shared.register(conn.generation, id, pending) {
+                // That connection ended after it was looked up, and the link
+                // has already moved on from it.
+                pending = back;
+                continue;
+            }
+            // If this call is dropped while waiting for room in the queue,
+            // the request was never sent and its entry must go. Once it is
+            // queued the entry stays: its response, or the connection's end,
+            // will remove it.
+            let unsent = Unsent {
+                shared: &inner.shared,
+                id,
+            };
+            let sent = conn.frames.send(bytes).await;
+            unsent.queued();
+            if sent.is_err() {
+                // The writer stopped, so the frame was never sent and may go
+                // to the next connection, once the reader has stopped too
+                // and marked this one gone. Waiting for that, rather than
+                // retrying at once, leaves the reader the time to do it.
+                let Some(back) = inner.shared.take(id) else {
+                    return Err(ClientError::Disconnected);
+                };
+                pending = back;
+                link.wait_for(
+                    |link| !matches!(link, Link::Up(live) if live.generation == conn.generation),
+                )
+                .await
+                .map_err(|_| ClientError::Disconnected)?;
+                continue;
+            }
+            return match response.await {
+                Ok(result) => result.map_err(ClientError::Daemon),
+                Err(_) => Err(ClientError::Disconnected),
+            };
         }
     }
 }
@@ -359,7 +409,7 @@ struct Unsent<'a> {
 }
 
 impl Unsent<'_> {
-    /// The frame is queued, so its response will come and remove the entry.
+    /// The frame is queued, or the caller deals with the entry itself.
     fn queued(self) {
         std::mem::forget(self);
     }
@@ -367,33 +417,27 @@ impl Unsent<'_> {
 
 impl Drop for Unsent<'_> {
     fn drop(&mut self) {
-        self.shared.forget(self.id);
+        self.shared.take(self.id);
     }
 }
 
 impl std::fmt::Debug for Inner {
-    /// Shows who the connection is, not its routing tables.
+    /// Shows who the client is, not its routing tables.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inner")
             .field("session", &self.session)
-            .field("connection_id", &self.welcome.connection_id)
-            .field("closed", &self.cancel.is_cancelled())
+            .field("connection_id", &self.shared.welcome().connection_id)
+            .field("closed", &self.closing.is_cancelled())
             .finish_non_exhaustive()
     }
 }
 
 impl Drop for Inner {
-    /// The last clone is gone: stop both tasks, which closes the socket.
+    /// The last clone is gone: stop the supervisor and the connection's
+    /// tasks, which closes the socket and ends reconnecting.
     fn drop(&mut self) {
-        self.cancel.cancel();
+        self.closing.cancel();
     }
-}
-
-/// Encodes one frame, prefix included, held to `max_frame`.
-fn encode(frame: &ClientFrame, max_frame: u32) -> Result<Bytes, ClientError> {
-    let mut buf = BytesMut::new();
-    encode_frame_into(frame, &mut buf, max_frame)?;
-    Ok(buf.freeze())
 }
 
 /// Converts a deadline to whole milliseconds, rounding up so that a short
@@ -411,16 +455,6 @@ fn unexpected(expected: &str, got: &Reply) -> ClientError {
         Reply::Pong => "pong",
     };
     ClientError::Protocol(format!("expected a {expected} reply, got {got}"))
-}
-
-/// A frame's kind, for errors; the frame itself may be large.
-fn frame_name(frame: &ServerFrame) -> &'static str {
-    match frame {
-        ServerFrame::Welcome(_) => "welcome",
-        ServerFrame::Refused(_) => "refusal",
-        ServerFrame::Response(_) => "response",
-        ServerFrame::Event(_) => "event",
-    }
 }
 
 #[cfg(test)]

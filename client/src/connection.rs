@@ -1,5 +1,5 @@
-//! The background tasks that own the socket, and the routing table they
-//! share with the callers.
+//! The background tasks that own one socket, and the routing tables they
+//! share with the callers across reconnects.
 //!
 //! One writer task drains a queue of encoded frames into the socket's write
 //! half. One reader task decodes frames from the read half and routes each
@@ -7,19 +7,28 @@
 //! [`Profile`](crate::Profile) holding that lease. Both tasks stop when the
 //! connection's [`CancellationToken`] is cancelled, and each cancels it when
 //! it stops on its own, so one side failing takes the other down with it.
+//!
+//! A connection is one generation of the client's link to the daemon. When
+//! it ends, the requests waiting on it fail, but the event routes stay: the
+//! supervisor in [`crate::reconnect`] opens the next generation and
+//! [`Shared::resume`] keeps each route whose lease the daemon still lists.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use profiled_protocol::{ClientFrame, Error, Event, FrameCodec, Reply, Response, ServerFrame};
+use profiled_protocol::{
+    ClientFrame, Error, ErrorCode, Event, FrameCodec, HeldLease, Reply, Response, ServerFrame,
+    Welcome,
+};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{BytesCodec, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::ProfileEvent;
+use crate::{ClientError, ProfileEvent};
 
 /// The read half of a connection, decoding what the daemon sends.
 pub(crate) type FrameReader = FramedRead<OwnedReadHalf, FrameCodec<ServerFrame, ClientFrame>>;
@@ -28,12 +37,64 @@ pub(crate) type FrameReader = FramedRead<OwnedReadHalf, FrameCodec<ServerFrame, 
 /// writer only copies bytes.
 pub(crate) type FrameWriter = FramedWrite<OwnedWriteHalf, BytesCodec>;
 
-/// What the reader task and the callers share: the requests waiting for a
-/// response and the leases waiting for events.
-#[derive(Debug, Default)]
+/// What the reader tasks, the reconnect supervisor and the callers share:
+/// the requests waiting for a response, the leases waiting for events, and
+/// the state of the link.
+#[derive(Debug)]
 pub(crate) struct Shared {
     /// Held only for map operations, never across an await.
     state: Mutex<State>,
+    /// The link's state. [`Shared`] changes it under the `state` lock, so a
+    /// caller that sees [`Link::Up`] and then fails to register on that
+    /// generation is sure to see the change on its next look. Callers hold
+    /// receivers made with [`Shared::link`].
+    link: watch::Sender<Link>,
+    /// When the daemon said it releases every lease, if it announced a
+    /// shutdown. The game holds receivers from
+    /// [`Client::shutdown_notice`](crate::Client::shutdown_notice).
+    shutdown: watch::Sender<Option<Instant>>,
+}
+
+/// The client's link to the daemon, as the callers see it.
+#[derive(Clone, Debug)]
+pub(crate) enum Link {
+    /// A connection is up; requests go to it.
+    Up(Conn),
+    /// The connection dropped and the supervisor is reconnecting. New
+    /// requests wait for the next [`Link::Up`].
+    Down,
+    /// No connection will be made again; requests fail with this.
+    Ended(Ended),
+}
+
+/// One live connection, as the callers need it.
+#[derive(Clone, Debug)]
+pub(crate) struct Conn {
+    /// Which connection this is, counted from 1. A request registers under
+    /// it, so one registered as a connection ends cannot be left waiting.
+    pub(crate) generation: u64,
+    /// Encoded frames for this connection's writer task, which holds the
+    /// receiver.
+    pub(crate) frames: mpsc::Sender<Bytes>,
+    /// The largest payload a request may encode to: the smaller of the
+    /// client's and this daemon's limit.
+    pub(crate) max_frame: u32,
+}
+
+/// Why the link ended for good.
+#[derive(Clone, Debug)]
+pub(crate) enum Ended {
+    /// [`Client::close`](crate::Client::close) was called or the last handle
+    /// was dropped.
+    Closed,
+    /// The connection dropped and reconnecting was disabled, or did not
+    /// succeed within `reconnect_for`.
+    GaveUp,
+    /// The daemon refused the reconnect's handshake, or ended a connection
+    /// with a refusal.
+    Refused(Error),
+    /// The daemon answered the reconnect's handshake against the protocol.
+    Protocol(String),
 }
 
 /// A request waiting for its response.
@@ -77,15 +138,18 @@ pub(crate) enum Effect {
 }
 
 /// The routing tables, behind [`Shared::state`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
-    /// Set by the reader when it stops. From then on requests fail at once
-    /// instead of waiting for a response no one will route.
-    closed: bool,
-    /// Requests sent (or about to be), by id.
+    /// The generation whose reader is running, if any. Requests register
+    /// only on it, so none waits for a response no reader will route.
+    live: Option<u64>,
+    /// Requests sent (or about to be) on the live connection, by id.
     pending: HashMap<u64, Pending>,
-    /// Where each held lease's events go, by store and key.
+    /// Where each held lease's events go, by store and key. Routes outlive
+    /// connections: a resumed lease keeps its route.
     subscriptions: HashMap<(String, String), Subscription>,
+    /// The latest handshake answer.
+    welcome: Welcome,
 }
 
 /// The route for one lease's events.
@@ -99,20 +163,93 @@ struct Subscription {
 }
 
 impl Shared {
-    /// Registers a request before it is sent, so its response cannot arrive
-    /// first. Returns `false` once the connection is closed.
-    pub(crate) fn register(&self, id: u64, pending: Pending) -> bool {
-        let mut state = self.lock();
-        if state.closed {
-            return false;
+    /// The tables for a client whose first handshake was answered with
+    /// `welcome`, with no connection live yet.
+    pub(crate) fn new(welcome: Welcome) -> Self {
+        Self {
+            state: Mutex::new(State {
+                live: None,
+                pending: HashMap::new(),
+                subscriptions: HashMap::new(),
+                welcome,
+            }),
+            link: watch::Sender::new(Link::Down),
+            shutdown: watch::Sender::new(None),
         }
-        state.pending.insert(id, pending);
-        true
     }
 
-    /// Forgets a request that was never sent.
-    pub(crate) fn forget(&self, id: u64) {
-        self.lock().pending.remove(&id);
+    /// A receiver of the link's state, for a caller to wait on.
+    pub(crate) fn link(&self) -> watch::Receiver<Link> {
+        self.link.subscribe()
+    }
+
+    /// A receiver of the daemon's shutdown deadline.
+    pub(crate) fn shutdown(&self) -> watch::Receiver<Option<Instant>> {
+        self.shutdown.subscribe()
+    }
+
+    /// The latest handshake answer.
+    pub(crate) fn welcome(&self) -> Welcome {
+        self.lock().welcome.clone()
+    }
+
+    /// Makes `conn`, just welcomed with `welcome`, the live connection.
+    ///
+    /// Each route whose lease `welcome` lists with the same epoch is kept,
+    /// so its profile carries on as if nothing happened. Every other route
+    /// gets [`ProfileEvent::LeaseExpired`] and is removed, which ends its
+    /// stream: the daemon ended that lease while the client was away. The
+    /// shutdown notice is cleared, since a daemon that is stopping announces
+    /// it afresh on each connection.
+    pub(crate) fn resume(&self, conn: Conn, welcome: Welcome) {
+        let mut state = self.lock();
+        let held: HashSet<(&str, &str, u64)> = welcome
+            .leases
+            .iter()
+            .map(|HeldLease { store, key, epoch }| (store.as_str(), key.as_str(), *epoch))
+            .collect();
+        state.subscriptions.retain(|(store, key), sub| {
+            let kept = held.contains(&(store.as_str(), key.as_str(), sub.epoch));
+            if !kept {
+                tracing::info!(
+                    store,
+                    key,
+                    epoch = sub.epoch,
+                    "lease expired while disconnected"
+                );
+                // A profile dropped meanwhile has nothing to tell.
+                let _ = sub.events.send(ProfileEvent::LeaseExpired);
+            }
+            kept
+        });
+        drop(held);
+        state.welcome = welcome;
+        state.live = Some(conn.generation);
+        self.shutdown.send_replace(None);
+        self.link.send_replace(Link::Up(conn));
+    }
+
+    /// Registers a request on connection `generation` before it is sent, so
+    /// its response cannot arrive first. Hands the request back if that
+    /// connection is no longer live.
+    pub(crate) fn register(
+        &self,
+        generation: u64,
+        id: u64,
+        pending: Pending,
+    ) -> Result<(), Pending> {
+        let mut state = self.lock();
+        if state.live != Some(generation) {
+            return Err(pending);
+        }
+        state.pending.insert(id, pending);
+        Ok(())
+    }
+
+    /// Takes back a request that was never sent; `None` if its connection
+    /// ended meanwhile and failed it.
+    pub(crate) fn take(&self, id: u64) -> Option<Pending> {
+        self.lock().pending.remove(&id)
     }
 
     /// Removes the route of a lease whose [`Profile`](crate::Profile) is
@@ -129,6 +266,34 @@ impl Shared {
         }
     }
 
+    /// Marks connection `generation` gone and the link down. Dropping every
+    /// waiting reply sender fails those requests with `Disconnected`; the
+    /// event routes stay for the next connection.
+    pub(crate) fn disconnect(&self, generation: u64) {
+        let mut state = self.lock();
+        if state.live != Some(generation) {
+            return;
+        }
+        state.live = None;
+        let pending = std::mem::take(&mut state.pending);
+        self.link.send_replace(Link::Down);
+        drop(state);
+        drop(pending);
+    }
+
+    /// Ends the link for good. Waiting requests fail with `Disconnected`,
+    /// later ones with `why`, and dropping every event sender ends those
+    /// profiles' event streams.
+    pub(crate) fn end(&self, why: Ended) {
+        let mut state = self.lock();
+        state.live = None;
+        let pending = std::mem::take(&mut state.pending);
+        let subscriptions = std::mem::take(&mut state.subscriptions);
+        self.link.send_replace(Link::Ended(why));
+        drop(state);
+        drop((pending, subscriptions));
+    }
+
     /// Routes one frame read from the daemon.
     fn dispatch(&self, frame: ServerFrame) {
         match frame {
@@ -138,6 +303,8 @@ impl Shared {
                 tracing::warn!(?welcome, "ignoring a second welcome from the daemon");
             }
             ServerFrame::Refused(err) => {
+                // The reader ends the connection on a refusal before it gets
+                // here; this is for frames dispatched directly.
                 tracing::warn!(%err, "ignoring a refusal after the handshake");
             }
         }
@@ -177,7 +344,8 @@ impl Shared {
         let _ = reply.send(result);
     }
 
-    /// Passes an event to the holder of the lease it is about.
+    /// Passes an event to the holder of the lease it is about, or to every
+    /// holder for a shutdown.
     fn notify(&self, event: Event) {
         let (store, key, epoch, event) = match event {
             Event::ReleaseRequested {
@@ -205,6 +373,7 @@ impl Shared {
             ),
             Event::ShuttingDown { deadline_ms } => {
                 tracing::info!(deadline_ms, "the daemon is shutting down");
+                self.shutting_down(Instant::now() + Duration::from_millis(deadline_ms));
                 return;
             }
         };
@@ -235,16 +404,17 @@ impl Shared {
         }
     }
 
-    /// Marks the connection closed. Dropping every waiting reply sender
-    /// fails those requests with `Disconnected`, and dropping every event
-    /// sender ends those profiles' event streams.
-    fn close(&self) {
+    /// Tells every held profile, and the shutdown notice's watchers, that
+    /// the daemon releases every lease at `deadline`.
+    fn shutting_down(&self, deadline: Instant) {
         let mut state = self.lock();
-        state.closed = true;
-        let pending = std::mem::take(&mut state.pending);
-        let subscriptions = std::mem::take(&mut state.subscriptions);
-        drop(state);
-        drop((pending, subscriptions));
+        state.subscriptions.retain(|_, sub| {
+            // A profile that was dropped leaves a stale route to remove.
+            sub.events
+                .send(ProfileEvent::ShuttingDown { deadline })
+                .is_ok()
+        });
+        self.shutdown.send_replace(Some(deadline));
     }
 
     /// Locks the state. A panic elsewhere while holding the lock cannot
@@ -255,13 +425,33 @@ impl Shared {
     }
 }
 
-/// Reads frames until the daemon closes the connection, the socket fails,
-/// or the connection is cancelled, then fails everything still waiting.
+impl Ended {
+    /// The error a request fails with once the link has ended.
+    pub(crate) fn error(&self) -> ClientError {
+        match self {
+            Self::Closed | Self::GaveUp => ClientError::Disconnected,
+            Self::Refused(err) => ClientError::Refused(err.clone()),
+            Self::Protocol(message) => ClientError::Protocol(message.clone()),
+        }
+    }
+}
+
+/// Reads frames of connection `generation` until the daemon closes it, the
+/// socket fails, or the connection is cancelled, then fails every request
+/// still waiting on it.
+///
+/// Returns the refusal the daemon ended the connection with if it is
+/// final: [`ErrorCode::Superseded`] after the handshake says a newer
+/// connection took the session over, and reconnecting would only take it
+/// back. Other refusals after the handshake (a frame the daemon would not
+/// read, or a shutdown) leave the client to reconnect.
 pub(crate) async fn read_frames(
     mut reader: FrameReader,
     shared: Arc<Shared>,
+    generation: u64,
     cancel: CancellationToken,
-) {
+) -> Option<Error> {
+    let mut refusal = None;
     loop {
         let frame = tokio::select! {
             biased;
@@ -269,6 +459,13 @@ pub(crate) async fn read_frames(
             frame = reader.next() => frame,
         };
         match frame {
+            Some(Ok(ServerFrame::Refused(err))) => {
+                tracing::warn!(%err, "the daemon ended the connection");
+                if err.code == ErrorCode::Superseded {
+                    refusal = Some(err);
+                }
+                break;
+            }
             Some(Ok(frame)) => shared.dispatch(frame),
             Some(Err(err)) => {
                 tracing::warn!(%err, "closing the connection after a read failure");
@@ -280,8 +477,9 @@ pub(crate) async fn read_frames(
             }
         }
     }
-    shared.close();
+    shared.disconnect(generation);
     cancel.cancel();
+    refusal
 }
 
 /// Writes queued frames until the queue's senders are gone, the socket
@@ -330,7 +528,7 @@ async fn write_batch(
 
 #[cfg(test)]
 mod tests {
-    use profiled_protocol::{ErrorCode, Loaded, LossReason, ProfileMeta, SessionId};
+    use profiled_protocol::{Loaded, LossReason, ProfileMeta, SessionId};
 
     use super::*;
 
@@ -341,6 +539,41 @@ mod tests {
             load_count: 1,
             version: 0,
             active: None,
+        }
+    }
+
+    fn welcome(leases: Vec<HeldLease>) -> Welcome {
+        Welcome {
+            daemon_version: "test".into(),
+            protocol_version: profiled_protocol::PROTOCOL_VERSION,
+            max_frame: profiled_protocol::DEFAULT_MAX_FRAME,
+            connection_id: 1,
+            leases,
+        }
+    }
+
+    /// A connection of `generation` whose writer is not running.
+    fn conn(generation: u64) -> Conn {
+        let (frames, _) = mpsc::channel(1);
+        Conn {
+            generation,
+            frames,
+            max_frame: profiled_protocol::DEFAULT_MAX_FRAME,
+        }
+    }
+
+    /// Tables with connection 1 live.
+    fn live() -> Shared {
+        let shared = Shared::new(welcome(Vec::new()));
+        shared.resume(conn(1), welcome(Vec::new()));
+        shared
+    }
+
+    fn held(key: &str, epoch: u64) -> HeldLease {
+        HeldLease {
+            store: "s".into(),
+            key: key.into(),
+            epoch,
         }
     }
 
@@ -368,7 +601,8 @@ mod tests {
         })
     }
 
-    /// Registers a load of `s/key` and returns its reply and event receivers.
+    /// Registers a load of `s/key` on connection 1 and returns its reply
+    /// and event receivers.
     fn load(
         shared: &Shared,
         id: u64,
@@ -384,13 +618,23 @@ mod tests {
             key: key.into(),
             events,
         };
-        assert!(shared.register(id, Pending { reply, effect }));
+        assert!(shared.register(1, id, Pending { reply, effect }).is_ok());
         (reply_rx, events_rx)
+    }
+
+    /// Registers a ping on connection `generation`; `false` if refused.
+    fn ping(shared: &Shared, generation: u64, id: u64) -> bool {
+        let (reply, _reply_rx) = oneshot::channel();
+        let pending = Pending {
+            reply,
+            effect: Effect::None,
+        };
+        shared.register(generation, id, pending).is_ok()
     }
 
     #[test]
     fn an_event_right_behind_the_loaded_response_reaches_the_profile() {
-        let shared = Shared::default();
+        let shared = live();
         let (mut reply, mut events) = load(&shared, 1, "k");
         shared.dispatch(loaded(1, 5));
         shared.dispatch(lost("k", 5));
@@ -406,7 +650,7 @@ mod tests {
 
     #[test]
     fn events_for_other_epochs_or_keys_are_dropped() {
-        let shared = Shared::default();
+        let shared = live();
         let (_reply, mut events) = load(&shared, 1, "k");
         shared.dispatch(loaded(1, 5));
         shared.dispatch(lost("k", 4));
@@ -416,7 +660,7 @@ mod tests {
 
     #[test]
     fn a_failed_load_installs_no_route() {
-        let shared = Shared::default();
+        let shared = live();
         let (mut reply, mut events) = load(&shared, 1, "k");
         shared.dispatch(ServerFrame::Response(Response {
             id: 1,
@@ -432,7 +676,7 @@ mod tests {
 
     #[test]
     fn a_release_ends_its_lease_route_but_not_a_newer_one() {
-        let shared = Shared::default();
+        let shared = live();
         let (_reply, mut events) = load(&shared, 1, "k");
         shared.dispatch(loaded(1, 5));
 
@@ -442,7 +686,7 @@ mod tests {
             key: "k".into(),
             epoch: 4,
         };
-        assert!(shared.register(2, Pending { reply, effect }));
+        assert!(shared.register(1, 2, Pending { reply, effect }).is_ok());
         shared.dispatch(ServerFrame::Response(Response {
             id: 2,
             result: Ok(Reply::Released { version: 1 }),
@@ -456,7 +700,7 @@ mod tests {
             key: "k".into(),
             epoch: 5,
         };
-        assert!(shared.register(3, Pending { reply, effect }));
+        assert!(shared.register(1, 3, Pending { reply, effect }).is_ok());
         shared.dispatch(ServerFrame::Response(Response {
             id: 3,
             result: Ok(Reply::Released { version: 2 }),
@@ -468,12 +712,82 @@ mod tests {
     }
 
     #[test]
-    fn closing_fails_waiters_ends_streams_and_refuses_new_requests() {
-        let shared = Shared::default();
+    fn a_disconnect_fails_waiters_but_keeps_routes_for_the_next_connection() {
+        let shared = live();
         let (mut first, _) = load(&shared, 1, "a");
-        let (_, mut events) = load(&shared, 2, "b");
+        let (_b_reply, mut events) = load(&shared, 2, "b");
         shared.dispatch(loaded(2, 1));
-        shared.close();
+        shared.disconnect(1);
+        assert!(matches!(
+            first.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+        assert!(matches!(&*shared.link().borrow(), Link::Down));
+        assert!(!ping(&shared, 1, 3), "the old connection takes no requests");
+
+        shared.resume(conn(2), welcome(vec![held("b", 1)]));
+        assert!(ping(&shared, 2, 4));
+        shared.dispatch(lost("b", 1));
+        assert!(
+            events.try_recv().is_ok(),
+            "the resumed lease is still routed"
+        );
+    }
+
+    #[test]
+    fn a_resume_expires_routes_the_daemon_no_longer_lists() {
+        let shared = live();
+        let (_kept_reply, mut kept) = load(&shared, 1, "kept");
+        let (_other_reply, mut other_epoch) = load(&shared, 2, "other_epoch");
+        let (_missing_reply, mut missing) = load(&shared, 3, "missing");
+        shared.dispatch(loaded(1, 1));
+        shared.dispatch(loaded(2, 2));
+        shared.dispatch(loaded(3, 3));
+        shared.disconnect(1);
+        shared.resume(
+            conn(2),
+            welcome(vec![held("kept", 1), held("other_epoch", 9)]),
+        );
+
+        assert!(matches!(
+            kept.try_recv(),
+            Err(mpsc::error::TryRecvError::Empty)
+        ));
+        for events in [&mut other_epoch, &mut missing] {
+            assert_eq!(events.try_recv(), Ok(ProfileEvent::LeaseExpired));
+            assert!(matches!(
+                events.try_recv(),
+                Err(mpsc::error::TryRecvError::Disconnected)
+            ));
+        }
+    }
+
+    #[test]
+    fn a_shutdown_reaches_every_profile_and_the_notice_until_the_next_connection() {
+        let shared = live();
+        let notice = shared.shutdown();
+        let (_a_reply, mut a) = load(&shared, 1, "a");
+        let (_b_reply, mut b) = load(&shared, 2, "b");
+        shared.dispatch(loaded(1, 1));
+        shared.dispatch(loaded(2, 1));
+        shared.dispatch(ServerFrame::Event(Event::ShuttingDown { deadline_ms: 500 }));
+
+        let deadline = notice.borrow().expect("a deadline");
+        assert_eq!(a.try_recv(), Ok(ProfileEvent::ShuttingDown { deadline }));
+        assert_eq!(b.try_recv(), Ok(ProfileEvent::ShuttingDown { deadline }));
+
+        shared.disconnect(1);
+        shared.resume(conn(2), welcome(vec![held("a", 1), held("b", 1)]));
+        assert_eq!(*notice.borrow(), None);
+    }
+
+    #[test]
+    fn ending_fails_waiters_ends_streams_and_refuses_new_requests() {
+        let shared = live();
+        let (mut first, _) = load(&shared, 1, "a");
+        let (_b_reply, mut events) = load(&shared, 2, "b");
+        shared.dispatch(loaded(2, 1));
+        shared.end(Ended::Closed);
         assert!(matches!(
             first.try_recv(),
             Err(oneshot::error::TryRecvError::Closed)
@@ -482,19 +796,16 @@ mod tests {
             events.try_recv(),
             Err(mpsc::error::TryRecvError::Disconnected)
         ));
-        let (reply, _reply_rx) = oneshot::channel();
-        assert!(!shared.register(
-            3,
-            Pending {
-                reply,
-                effect: Effect::None
-            }
+        assert!(!ping(&shared, 1, 3));
+        assert!(matches!(
+            &*shared.link().borrow(),
+            Link::Ended(Ended::Closed)
         ));
     }
 
     #[test]
     fn unexpected_frames_are_ignored() {
-        let shared = Shared::default();
+        let shared = live();
         shared.dispatch(ServerFrame::Response(Response {
             id: 99,
             result: Ok(Reply::Pong),

@@ -23,15 +23,20 @@ pub enum ClientError {
     #[error(transparent)]
     Frame(FrameError),
     /// The daemon refused the handshake, for example with
-    /// [`ErrorCode::UnsupportedVersion`].
+    /// [`ErrorCode::UnsupportedVersion`]. After a refused reconnect, or a
+    /// connection the daemon ended with a refusal, every request fails with
+    /// it.
     #[error("handshake refused: {0}")]
     Refused(profiled_protocol::Error),
     /// The daemon answered the request with an error.
     #[error("request failed: {0}")]
     Daemon(profiled_protocol::Error),
-    /// The connection closed before the response arrived. Whether a write in
-    /// flight was applied is unknown; the lease's epoch settles it, since a
-    /// lease is released when its connection closes.
+    /// The connection dropped before the response arrived, or the client is
+    /// closed (or gave up reconnecting). Whether a request in flight was
+    /// applied is unknown, and it is not re-sent: a save may be sent again
+    /// once the client has reconnected, since it carries its epoch and the
+    /// full data; a release sent again fails with
+    /// [`ErrorCode::LeaseLost`] if the first one was applied.
     #[error("connection closed before the response arrived")]
     Disconnected,
     /// The daemon sent something the protocol does not allow at that point.

@@ -9,8 +9,12 @@
 //! yields those [`ProfileEvent`]s.
 //!
 //! Clones of a `Client` share its connection, and calls from many tasks run
-//! concurrently over it. When the connection closes, for whatever reason,
-//! the daemon releases every lease it held.
+//! concurrently over it. When the connection drops without
+//! [`Client::close`], the client reconnects with the same session and the
+//! daemon resumes its leases with the same epochs, so profiles carry on;
+//! see [Reconnecting](Client#reconnecting). When the daemon is stopping,
+//! profiles receive [`ProfileEvent::ShuttingDown`] and
+//! [`Client::shutdown_notice`] says by when to save and release.
 //!
 //! The wire format is documented in the [`protocol`] crate.
 //!
@@ -43,13 +47,15 @@ mod client;
 mod connection;
 mod error;
 mod profile;
+mod reconnect;
 
 pub use client::{Client, ConnectOptions, LoadOptions};
 pub use error::ClientError;
 pub use profile::{Profile, ProfileEvent};
 pub use profiled_protocol as protocol;
 pub use profiled_protocol::{
-    ActiveSession, ErrorCode, LoadPolicy, LossReason, ProfileMeta, Role, SessionId, Welcome,
+    ActiveSession, ErrorCode, HeldLease, LoadPolicy, LossReason, ProfileMeta, Role, SessionId,
+    Welcome,
 };
 
 #[cfg(test)]

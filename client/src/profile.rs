@@ -1,5 +1,7 @@
 //! A held lease on one profile, and the events the daemon sends about it.
 
+use std::time::Instant;
+
 use profiled_protocol::{LossReason, ProfileMeta, SessionId};
 use tokio::sync::mpsc;
 
@@ -12,9 +14,13 @@ use crate::{Client, ClientError};
 /// daemon refuses them with [`ErrorCode::LeaseLost`](crate::ErrorCode::LeaseLost)
 /// once another session has taken the profile.
 ///
+/// A `Profile` survives reconnects: if the daemon still lists its lease
+/// after one, it keeps working with the same epoch, and otherwise it
+/// receives [`ProfileEvent::LeaseExpired`].
+///
 /// Dropping a `Profile` only stops its events. It does not release the
-/// lease, which stays held until [`Profile::release`] or until the
-/// connection closes.
+/// lease, which stays held until [`Profile::release`] or until the client
+/// closes (and the daemon's resume grace has passed).
 pub struct Profile {
     /// The connection the lease belongs to; a lease is only valid on it.
     pub(crate) client: Client,
@@ -28,9 +34,10 @@ pub struct Profile {
     pub(crate) data: Option<Vec<u8>>,
     /// The metadata as loaded.
     pub(crate) meta: ProfileMeta,
-    /// The connection's reader task holds the sender and routes this
-    /// lease's events to it. It drops the sender when the connection closes
-    /// or the lease is released, which ends the stream.
+    /// The client's routing table holds the sender, and each connection's
+    /// reader task routes this lease's events to it. The sender is dropped
+    /// when the client closes, the lease is released, or a reconnect finds
+    /// the lease expired, which ends the stream.
     pub(crate) events: mpsc::UnboundedReceiver<ProfileEvent>,
 }
 
@@ -52,6 +59,26 @@ pub enum ProfileEvent {
         reason: LossReason,
         /// Who holds the profile now, if the daemon said.
         new_owner: Option<SessionId>,
+    },
+    /// The lease ended while the client was disconnected: the daemon did
+    /// not list it when the client reconnected, because the resume grace
+    /// ran out or another session took the profile meanwhile. Every later
+    /// save or release under its epoch is refused, and the event stream
+    /// ends after this event. Load the profile again to carry on.
+    ///
+    /// This is the client's own event, not the daemon's, so it has no
+    /// [`LossReason`]: the client cannot tell why the lease went.
+    LeaseExpired,
+    /// The daemon is stopping. It takes no more loads, and releases every
+    /// remaining lease itself at `deadline`, keeping the last saved data;
+    /// until then saves and releases still work. Save and release the
+    /// profile before then. [`Client::shutdown_notice`] carries the same
+    /// deadline for code that holds no profile.
+    ShuttingDown {
+        /// When the daemon releases the lease itself, by this process's
+        /// clock (the daemon's relative deadline added to when the event
+        /// arrived).
+        deadline: Instant,
     },
 }
 
@@ -98,8 +125,9 @@ impl Profile {
             .await
     }
 
-    /// Waits for the next event about this lease; `None` once the
-    /// connection is gone or the lease was released.
+    /// Waits for the next event about this lease; `None` once the client
+    /// is closed (or gave up reconnecting), the lease was released, or it
+    /// expired while the client was disconnected.
     pub async fn next_event(&mut self) -> Option<ProfileEvent> {
         self.events.recv().await
     }

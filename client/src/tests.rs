@@ -1,13 +1,13 @@
 //! The client against a scripted fake daemon on a temporary socket.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use profiled_protocol::{
-    ClientFrame, DEFAULT_MAX_FRAME, Error, ErrorCode, Event, FrameCodec, FrameError, LoadPolicy,
-    Loaded, LossReason, PROTOCOL_VERSION, ProfileMeta, Reply, Request, RequestBody, Response, Role,
-    ServerFrame, SessionId, Welcome,
+    ClientFrame, DEFAULT_MAX_FRAME, Error, ErrorCode, Event, FrameCodec, FrameError, HeldLease,
+    LoadPolicy, Loaded, LossReason, PROTOCOL_VERSION, ProfileMeta, Reply, Request, RequestBody,
+    Response, Role, ServerFrame, SessionId, Welcome,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
@@ -52,22 +52,37 @@ impl FakeDaemon {
     /// Accepts one connection and welcomes it with the given frame limit.
     async fn welcome(&self, max_frame: u32) -> Conn {
         let mut conn = self.accept().await;
-        let hello = next(&mut conn).await;
-        assert!(
-            matches!(&hello, ClientFrame::Hello(h) if h.protocol_version == PROTOCOL_VERSION),
-            "{hello:?}"
-        );
-        conn.send(ServerFrame::Welcome(Welcome {
-            daemon_version: "test".into(),
-            protocol_version: PROTOCOL_VERSION,
-            max_frame,
-            connection_id: 42,
-            leases: Vec::new(),
-        }))
-        .await
-        .expect("send welcome");
+        welcome(&mut conn, max_frame, Vec::new()).await;
         conn
     }
+
+    /// Accepts a reconnect and welcomes it back, listing `leases` as the
+    /// ones the session still holds.
+    async fn welcome_back(&self, leases: Vec<HeldLease>) -> Conn {
+        let mut conn = self.accept().await;
+        welcome(&mut conn, DEFAULT_MAX_FRAME, leases).await;
+        conn
+    }
+}
+
+/// Reads the client's hello, which must be for the test session, and
+/// answers with a welcome.
+async fn welcome(conn: &mut Conn, max_frame: u32, leases: Vec<HeldLease>) {
+    let hello = next(conn).await;
+    assert!(
+        matches!(&hello, ClientFrame::Hello(h)
+            if h.protocol_version == PROTOCOL_VERSION && h.session == session()),
+        "{hello:?}"
+    );
+    conn.send(ServerFrame::Welcome(Welcome {
+        daemon_version: "test".into(),
+        protocol_version: PROTOCOL_VERSION,
+        max_frame,
+        connection_id: 42,
+        leases,
+    }))
+    .await
+    .expect("send welcome");
 }
 
 fn session() -> SessionId {
@@ -114,11 +129,37 @@ async fn expect_eof(conn: &mut Conn) {
 
 /// Connects a client to `daemon`, which welcomes it.
 async fn connected(daemon: &FakeDaemon, max_frame: u32) -> (Client, Conn) {
+    connected_with(daemon, max_frame, ConnectOptions::default()).await
+}
+
+/// Connects a client with `options` to `daemon`, which welcomes it.
+async fn connected_with(
+    daemon: &FakeDaemon,
+    max_frame: u32,
+    options: ConnectOptions,
+) -> (Client, Conn) {
     let (client, conn) = tokio::join!(
-        Client::connect(&daemon.path, session()),
+        Client::connect_with(&daemon.path, session(), options),
         daemon.welcome(max_frame)
     );
     (client.expect("connect"), conn)
+}
+
+/// Options that end the link as soon as the connection drops.
+fn no_reconnect() -> ConnectOptions {
+    ConnectOptions {
+        reconnect_for: Duration::ZERO,
+        ..ConnectOptions::default()
+    }
+}
+
+/// The lease on `s/key` at `epoch`, as a welcome lists it.
+fn held(key: &str, epoch: u64) -> HeldLease {
+    HeldLease {
+        store: "s".into(),
+        key: key.into(),
+        epoch,
+    }
 }
 
 /// Serves one load of `s/k` with the given epoch.
@@ -375,7 +416,7 @@ async fn the_load_deadline_is_sent_in_milliseconds() {
 #[tokio::test]
 async fn events_sent_right_behind_the_load_reach_the_profile() {
     let daemon = FakeDaemon::new();
-    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let (client, mut conn) = connected_with(&daemon, DEFAULT_MAX_FRAME, no_reconnect()).await;
     let thief = SessionId {
         place_id: 7,
         job_id: "thief".into(),
@@ -436,7 +477,8 @@ async fn events_sent_right_behind_the_load_reach_the_profile() {
     );
     assert_eq!(profile.try_next_event(), None);
 
-    // The daemon goes away: the stream ends and requests fail.
+    // The daemon goes away and reconnecting is off: the stream ends and
+    // requests fail.
     drop(conn);
     assert_eq!(profile.next_event().await, None);
     let saved = profile.save(Vec::new()).await;
@@ -477,9 +519,9 @@ async fn releasing_a_profile_sends_its_epoch_and_data_and_ends_its_events() {
 }
 
 #[tokio::test]
-async fn a_response_in_flight_when_the_daemon_goes_away_is_disconnected() {
+async fn without_reconnecting_a_drop_fails_requests_in_flight_and_later() {
     let daemon = FakeDaemon::new();
-    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let (client, mut conn) = connected_with(&daemon, DEFAULT_MAX_FRAME, no_reconnect()).await;
     let server = async {
         request(&mut conn).await;
         drop(conn);
@@ -534,4 +576,268 @@ async fn dropping_every_handle_closes_the_socket() {
     drop(client);
     drop(profile);
     expect_eof(&mut conn).await;
+}
+
+/// Loads `s/key` through `client`, granted by `conn` with `epoch`.
+async fn load_held(client: &Client, conn: &mut Conn, key: &str, epoch: u64) -> crate::Profile {
+    let (profile, ()) = tokio::join!(
+        client.load("s", key, LoadPolicy::ForceLoad),
+        serve_load(conn, epoch)
+    );
+    profile.expect("load")
+}
+
+/// Answers the next request, which must be a save, with `version`, and
+/// returns what was asked.
+async fn serve_save(conn: &mut Conn, version: u64) -> RequestBody {
+    let Request { id, body } = request(conn).await;
+    assert!(matches!(body, RequestBody::Save { .. }), "{body:?}");
+    conn.send(ServerFrame::Response(Response {
+        id,
+        result: Ok(Reply::Saved { version }),
+    }))
+    .await
+    .expect("send saved");
+    body
+}
+
+/// Answers the next request, which must be a ping.
+async fn serve_ping(conn: &mut Conn) {
+    let Request { id, body } = request(conn).await;
+    assert_eq!(body, RequestBody::Ping);
+    conn.send(ServerFrame::Response(Response {
+        id,
+        result: Ok(Reply::Pong),
+    }))
+    .await
+    .expect("send pong");
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_resumed_and_listed_leases_keep_their_epochs() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let mut kept = load_held(&client, &mut conn, "kept", 4).await;
+    let mut expired = load_held(&client, &mut conn, "expired", 5).await;
+
+    // The daemon drops the connection, and welcomes the reconnect with the
+    // one lease it kept for the session.
+    drop(conn);
+    let mut conn = daemon.welcome_back(vec![held("kept", 4)]).await;
+
+    let (saved, body) = tokio::join!(kept.save(b"new".to_vec()), serve_save(&mut conn, 2));
+    assert_eq!(saved.expect("save under the resumed lease"), 2);
+    assert_eq!(
+        body,
+        RequestBody::Save {
+            store: "s".into(),
+            key: "kept".into(),
+            epoch: 4,
+            data: b"new".to_vec(),
+        }
+    );
+    assert_eq!(kept.epoch(), 4);
+    assert_eq!(
+        kept.try_next_event(),
+        None,
+        "the resumed profile saw nothing"
+    );
+
+    assert_eq!(expired.next_event().await, Some(ProfileEvent::LeaseExpired));
+    assert_eq!(expired.next_event().await, None);
+    assert_eq!(client.welcome().leases, vec![held("kept", 4)]);
+}
+
+#[tokio::test]
+async fn requests_made_while_disconnected_wait_for_the_reconnect() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+
+    // A request in flight when the connection drops fails: whether the
+    // daemon applied it is unknown, so it is not sent again.
+    let server = async {
+        request(&mut conn).await;
+        drop(conn);
+    };
+    let (ping, ()) = tokio::join!(client.ping(), server);
+    assert!(matches!(ping, Err(ClientError::Disconnected)), "{ping:?}");
+
+    // The reconnect's hello has arrived, so the client knows the link is
+    // down; a request made now waits for the welcome and then goes through.
+    let mut conn = daemon.accept().await;
+    let server = async {
+        welcome(&mut conn, DEFAULT_MAX_FRAME, Vec::new()).await;
+        serve_ping(&mut conn).await;
+    };
+    let (ping, ()) = tokio::join!(client.ping(), server);
+    ping.expect("ping after the reconnect");
+}
+
+#[tokio::test]
+async fn a_shutdown_notice_reaches_every_profile_and_the_client() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let mut notice = client.shutdown_notice();
+    assert_eq!(*notice.borrow(), None);
+    let mut first = load_held(&client, &mut conn, "a", 1).await;
+    let mut second = load_held(&client, &mut conn, "b", 1).await;
+
+    conn.send(ServerFrame::Event(Event::ShuttingDown {
+        deadline_ms: 60_000,
+    }))
+    .await
+    .expect("send shutting down");
+    let Some(ProfileEvent::ShuttingDown { deadline }) = first.next_event().await else {
+        panic!("expected a shutdown notice");
+    };
+    assert!(deadline > Instant::now(), "the deadline is ahead");
+    assert_eq!(
+        second.next_event().await,
+        Some(ProfileEvent::ShuttingDown { deadline })
+    );
+    notice
+        .wait_for(Option::is_some)
+        .await
+        .expect("the notice stays open");
+    assert_eq!(*notice.borrow(), Some(deadline));
+
+    // Saves still go through until the deadline.
+    let (saved, _) = tokio::join!(first.save(b"last".to_vec()), serve_save(&mut conn, 3));
+    assert_eq!(saved.expect("save during shutdown"), 3);
+
+    // A daemon that is running again clears the notice.
+    drop(conn);
+    let _conn = daemon.welcome_back(vec![held("a", 1), held("b", 1)]).await;
+    notice
+        .wait_for(Option::is_none)
+        .await
+        .expect("the notice stays open");
+}
+
+#[tokio::test]
+async fn close_stops_a_reconnect_under_way() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let mut profile = load_held(&client, &mut conn, "k", 1).await;
+
+    // The connection drops and the client starts a handshake that the
+    // daemon leaves unanswered.
+    drop(conn);
+    let mut conn = daemon.accept().await;
+    assert!(matches!(next(&mut conn).await, ClientFrame::Hello(_)));
+
+    client.close().await;
+    expect_eof(&mut conn).await;
+    assert_eq!(profile.next_event().await, None);
+    let saved = profile.save(Vec::new()).await;
+    assert!(matches!(saved, Err(ClientError::Disconnected)), "{saved:?}");
+}
+
+#[tokio::test]
+async fn without_reconnecting_a_drop_ends_the_link_at_once() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected_with(&daemon, DEFAULT_MAX_FRAME, no_reconnect()).await;
+    let mut profile = load_held(&client, &mut conn, "k", 1).await;
+    drop(conn);
+    assert_eq!(profile.next_event().await, None);
+    let ping = client.ping().await;
+    assert!(matches!(ping, Err(ClientError::Disconnected)), "{ping:?}");
+}
+
+#[tokio::test]
+async fn reconnecting_gives_up_after_reconnect_for() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let mut profile = load_held(&client, &mut conn, "k", 1).await;
+
+    // The daemon is gone for good. With the clock paused, the runtime skips
+    // ahead through the backoff once every task is waiting on it.
+    tokio::time::pause();
+    drop(conn);
+    drop(daemon);
+    let ping = client.ping().await;
+    assert!(matches!(ping, Err(ClientError::Disconnected)), "{ping:?}");
+    assert_eq!(profile.next_event().await, None);
+}
+
+#[tokio::test]
+async fn a_refused_reconnect_ends_the_link_with_the_refusal() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let mut profile = load_held(&client, &mut conn, "k", 1).await;
+
+    drop(conn);
+    let mut conn = daemon.accept().await;
+    next(&mut conn).await;
+    let code = ErrorCode::UnsupportedVersion {
+        client: PROTOCOL_VERSION,
+        daemon: PROTOCOL_VERSION + 1,
+    };
+    conn.send(ServerFrame::Refused(Error::new(code.clone(), "upgrade")))
+        .await
+        .expect("send refusal");
+
+    assert_eq!(profile.next_event().await, None);
+    for _ in 0..2 {
+        let err = client.ping().await.expect_err("refused");
+        assert!(matches!(err, ClientError::Refused(_)), "{err}");
+        assert_eq!(err.code(), Some(&code));
+    }
+}
+
+#[tokio::test]
+async fn a_reconnect_refused_by_a_daemon_shutting_down_tries_again() {
+    let daemon = FakeDaemon::new();
+    let (client, conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    drop(conn);
+    let mut conn = daemon.accept().await;
+    next(&mut conn).await;
+    conn.send(ServerFrame::Refused(Error::new(
+        ErrorCode::ShuttingDown,
+        "stopping",
+    )))
+    .await
+    .expect("send refusal");
+
+    let mut conn = daemon.welcome_back(Vec::new()).await;
+    let (ping, ()) = tokio::join!(client.ping(), serve_ping(&mut conn));
+    ping.expect("ping after the second reconnect");
+}
+
+#[tokio::test]
+async fn a_connection_ended_with_a_refusal_is_not_reconnected() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let mut profile = load_held(&client, &mut conn, "k", 1).await;
+
+    // What a daemon would send to the older connection of a session that a
+    // newer connection took over.
+    conn.send(ServerFrame::Refused(Error::new(
+        ErrorCode::Superseded,
+        "session taken over by a newer connection",
+    )))
+    .await
+    .expect("send refusal");
+    drop(conn);
+
+    assert_eq!(profile.next_event().await, None);
+    let err = client.ping().await.expect_err("ended");
+    assert_eq!(err.code(), Some(&ErrorCode::Superseded));
+}
+
+#[tokio::test]
+async fn a_connection_ended_for_a_bad_frame_is_reconnected() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    conn.send(ServerFrame::Refused(Error::new(
+        ErrorCode::InvalidRequest,
+        "malformed frame",
+    )))
+    .await
+    .expect("send refusal");
+    drop(conn);
+
+    let mut conn = daemon.welcome_back(Vec::new()).await;
+    let (ping, ()) = tokio::join!(client.ping(), serve_ping(&mut conn));
+    ping.expect("ping after the reconnect");
 }

@@ -119,7 +119,11 @@
 //!    within that time resumes them with the same epochs, listed in
 //!    `Welcome::leases`. After the grace the daemon releases them, keeping
 //!    the last saved data. A `Hello` for a session that is still connected
-//!    takes the session over and closes the older connection.
+//!    takes the session over; the older connection is sent
+//!    `Refused(Superseded)` and closed, and should not reconnect.
+//!
+//! `Refused` is always the last frame the daemon sends on a connection:
+//! after a failed handshake, a malformed or oversized frame, or a takeover.
 //! 5. On shutdown the daemon sends `ShuttingDown { deadline_ms }`, refuses
 //!    new loads with `ShuttingDown`, accepts saves and releases until the
 //!    deadline, then releases what is left itself.

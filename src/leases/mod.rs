@@ -366,7 +366,16 @@ impl Driver {
                 Effect::Kick { conn } => {
                     if let Some(link) = self.links.remove(&conn) {
                         tracing::info!(conn, "closing a connection whose session reconnected");
-                        link.kill.cancel();
+                        // The client must not reconnect and take the session
+                        // back, so it is told why; the writer closes the
+                        // connection after sending it.
+                        let refusal = ServerFrame::Refused(protocol::Error::new(
+                            ErrorCode::Superseded,
+                            "the session connected again on another connection",
+                        ));
+                        if link.outbound.try_send(refusal).is_err() {
+                            link.kill.cancel();
+                        }
                     }
                 }
             }
