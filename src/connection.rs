@@ -202,10 +202,7 @@ impl Session {
                 epoch,
                 data,
             } => {
-                let key = match profile_key(store, key, limits).and_then(|key| {
-                    check_data(data.len(), limits)?;
-                    Ok(key)
-                }) {
+                let key = match write_target(store, key, data.len(), limits) {
                     Ok(key) => key,
                     Err(err) => return Started::Done(Err(err)),
                 };
@@ -232,10 +229,8 @@ impl Session {
                 epoch,
                 data,
             } => {
-                let key = match profile_key(store, key, limits).and_then(|key| {
-                    check_data(data.as_ref().map_or(0, Vec::len), limits)?;
-                    Ok(key)
-                }) {
+                let len = data.as_ref().map_or(0, Vec::len);
+                let key = match write_target(store, key, len, limits) {
                     Ok(key) => key,
                     Err(err) => return Started::Done(Err(err)),
                 };
@@ -453,14 +448,24 @@ fn check_name(what: &str, name: &str, max: usize) -> Result<(), Error> {
     Ok(())
 }
 
-fn check_data(len: usize, limits: &LimitsConfig) -> Result<(), Error> {
-    if len > limits.max_data {
+/// Checks the names and data size of a save or release.
+fn write_target(
+    store: String,
+    key: String,
+    data_len: usize,
+    limits: &LimitsConfig,
+) -> Result<ProfileKey, Error> {
+    let key = profile_key(store, key, limits)?;
+    if data_len > limits.max_data {
         return Err(Error::new(
             ErrorCode::TooLarge,
-            format!("data is {len} bytes, over the limit of {}", limits.max_data),
+            format!(
+                "data is {data_len} bytes, over the limit of {}",
+                limits.max_data
+            ),
         ));
     }
-    Ok(())
+    Ok(key)
 }
 
 /// The wire form of a refused write.

@@ -162,8 +162,18 @@ async fn a_stale_socket_file_is_replaced() {
     let socket = dir.path().join("s.sock");
     drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind a listener"));
     assert!(socket.exists(), "the stale socket file remains");
-    let refused = std::os::unix::net::UnixStream::connect(&socket)
-        .expect_err("nobody listens on the stale socket");
+    // Another test forking at the moment the listener was dropped keeps a
+    // copy of it open until that child execs, so wait for the refusal.
+    let until = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        match std::os::unix::net::UnixStream::connect(&socket) {
+            Err(err) => break err,
+            Ok(_) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(_) => panic!("something still listens on the stale socket"),
+        }
+    };
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
 
     let _daemon = Process::serve(&socket, &dir.path().join("d"));

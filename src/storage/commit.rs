@@ -29,18 +29,9 @@ pub(super) enum Op {
         owner: SessionId,
         reply: oneshot::Sender<Result<Granted, WriteError>>,
     },
-    Save {
-        key: ProfileKey,
-        owner: SessionId,
-        epoch: u64,
-        data: Vec<u8>,
-        reply: oneshot::Sender<Result<u64, WriteError>>,
-    },
-    Release {
-        key: ProfileKey,
-        owner: SessionId,
-        epoch: u64,
-        data: Option<Vec<u8>>,
+    /// A save (`release: false`) or a release, checked against the lease.
+    Write {
+        write: Write,
         reply: oneshot::Sender<Result<u64, WriteError>>,
     },
     /// Flush and stop after everything submitted before it.
@@ -138,48 +129,8 @@ impl Committer {
                     let outcome = self.grant(&families, &mut slots, &mut batch, key, owner, now_ms);
                     answers.push(Answer::Granted(reply, outcome));
                 }
-                Op::Save {
-                    key,
-                    owner,
-                    epoch,
-                    data,
-                    reply,
-                } => {
-                    let outcome = self.write(
-                        &families,
-                        &mut slots,
-                        &mut batch,
-                        Write {
-                            key,
-                            owner,
-                            epoch,
-                            data: Some(data),
-                            release: false,
-                        },
-                        now_ms,
-                    );
-                    answers.push(Answer::Version(reply, outcome));
-                }
-                Op::Release {
-                    key,
-                    owner,
-                    epoch,
-                    data,
-                    reply,
-                } => {
-                    let outcome = self.write(
-                        &families,
-                        &mut slots,
-                        &mut batch,
-                        Write {
-                            key,
-                            owner,
-                            epoch,
-                            data,
-                            release: true,
-                        },
-                        now_ms,
-                    );
+                Op::Write { write, reply } => {
+                    let outcome = self.write(&families, &mut slots, &mut batch, write, now_ms);
                     answers.push(Answer::Version(reply, outcome));
                 }
                 Op::Close { reply } => close = Some(reply),
@@ -328,12 +279,18 @@ impl Committer {
 }
 
 /// A save or release, checked against the stored lease.
-struct Write {
-    key: ProfileKey,
-    owner: SessionId,
-    epoch: u64,
-    data: Option<Vec<u8>>,
-    release: bool,
+#[derive(Debug)]
+pub(super) struct Write {
+    /// The profile.
+    pub(super) key: ProfileKey,
+    /// The session the lease must belong to.
+    pub(super) owner: SessionId,
+    /// The epoch the lease must have.
+    pub(super) epoch: u64,
+    /// The new data; `None` keeps the stored data (a bare release).
+    pub(super) data: Option<Vec<u8>>,
+    /// Whether the lease ends with this write.
+    pub(super) release: bool,
 }
 
 /// The outcome to report once the batch's fate is known: a failed batch

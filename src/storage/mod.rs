@@ -155,15 +155,13 @@ impl Storage {
         epoch: u64,
         data: Vec<u8>,
     ) -> impl Future<Output = Result<u64, WriteError>> + Send + 'static {
-        let (reply, done) = oneshot::channel();
-        self.submit(commit::Op::Save {
+        self.write(commit::Write {
             key,
             owner,
             epoch,
-            data,
-            reply,
-        });
-        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
+            data: Some(data),
+            release: false,
+        })
     }
 
     /// Ends `owner`'s lease on `key` under `epoch`, writing `data` first if
@@ -175,15 +173,13 @@ impl Storage {
         epoch: u64,
         data: Option<Vec<u8>>,
     ) -> impl Future<Output = Result<u64, WriteError>> + Send + 'static {
-        let (reply, done) = oneshot::channel();
-        self.submit(commit::Op::Release {
+        self.write(commit::Write {
             key,
             owner,
             epoch,
             data,
-            reply,
-        });
-        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
+            release: true,
+        })
     }
 
     /// Applies every write submitted before this call, flushes the WAL and
@@ -202,6 +198,15 @@ impl Storage {
                 .map_err(|_| StorageError::Committer("the committer panicked".to_owned()))?;
         }
         flushed.map_err(StorageError::Committer)
+    }
+
+    fn write(
+        &self,
+        write: commit::Write,
+    ) -> impl Future<Output = Result<u64, WriteError>> + Send + 'static {
+        let (reply, done) = oneshot::channel();
+        self.submit(commit::Op::Write { write, reply });
+        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
     }
 
     fn submit(&self, op: commit::Op) {
