@@ -12,11 +12,13 @@
 pub mod activation;
 pub mod config;
 mod connection;
+pub mod daemonize;
 pub mod leases;
 pub mod logging;
 pub mod notify;
 mod profile_key;
 mod server;
+pub mod signals;
 pub mod storage;
 
 pub use config::Config;
