@@ -6,8 +6,8 @@
 //! flush RocksDB and exit; a real deployment adds its configured grace.
 //!
 //! ```sh
-//! cargo bench --bench shutdown                              # 10,000 leases
-//! PROFILED_BENCH_LEASES=100000 cargo bench --bench shutdown
+//! cargo bench --bench shutdown_time                              # 10,000 leases
+//! PROFILED_BENCH_LEASES=100000 cargo bench --bench shutdown_time
 //! ```
 
 use std::process::{Command, Stdio};
@@ -94,7 +94,7 @@ fn main() {
     println!("{:>10} {:>12}", "leases", "exit ms");
     println!("{held:>10} {:>12.1}", elapsed.as_secs_f64() * 1e3);
     println!(
-        "{{\"bench\":\"shutdown\",\"leases\":{held},\"exit_ms\":{:.1}}}",
+        "{{\"bench\":\"shutdown_time\",\"leases\":{held},\"exit_ms\":{:.1}}}",
         elapsed.as_secs_f64() * 1e3
     );
     drop(clients);
