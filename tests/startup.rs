@@ -308,7 +308,8 @@ async fn a_missing_config_file_means_the_defaults() {
 
 #[tokio::test]
 async fn sigterm_exits_zero_and_removes_the_socket() {
-    let mut daemon = Daemon::start();
+    // The holder below never releases; a short grace keeps the test quick.
+    let mut daemon = Daemon::start_with("[shutdown]\ngrace = \"200ms\"\n");
     // A connected client holding a lease must not keep the daemon up.
     let client = daemon.client("holder").await;
     let profile = client
