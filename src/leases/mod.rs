@@ -202,7 +202,7 @@ impl Leases {
         let _ = self.commands.send(Command::StopLoads { grace });
     }
 
-    /// Resolves once no lease is held or being written. Returns 0.
+    /// Resolves once no lease is held, granted or being released.
     pub async fn when_idle(&self) {
         let (reply, answer) = oneshot::channel();
         if self.commands.send(Command::WhenIdle { reply }).is_ok() {
