@@ -20,6 +20,7 @@ mod profile_key;
 mod server;
 pub mod signals;
 pub mod storage;
+pub mod testing;
 
 pub use config::Config;
 pub use profile_key::ProfileKey;

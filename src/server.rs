@@ -42,6 +42,9 @@ pub enum ServerError {
     /// A shutdown step ran out of time.
     #[error("shutdown step '{0}' did not finish in time")]
     ShutdownTimeout(&'static str),
+    /// The task running the daemon ended abnormally.
+    #[error("the daemon task stopped abnormally: {0}")]
+    Stopped(String),
 }
 
 /// A listening socket, and the socket file the daemon must remove when it
