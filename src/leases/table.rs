@@ -1358,4 +1358,192 @@ mod tests {
         table.release_done(&key(), now);
         assert!(table.is_idle());
     }
+
+    /// Random walks over loads, releases, disconnects, reconnects, storage
+    /// completions (in any order) and the passage of time. After every step
+    /// the clients' view must be consistent: each load is answered at most
+    /// once, epochs rise per profile, and before a profile is granted again
+    /// its previous holder has released it, been told it lost it, or had it
+    /// released by the daemon.
+    #[test]
+    fn random_walks_keep_the_clients_view_consistent() {
+        for seed in 1..=300u64 {
+            random_walk(seed);
+        }
+    }
+
+    fn random_walk(seed: u64) {
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let keys = [ProfileKey::new("s", "a"), ProfileKey::new("s", "b")];
+        let sessions = 4u64;
+        let mut now = Instant::now();
+        let mut table = LeaseTable::new(LeaseRules {
+            force_load_timeout: Duration::from_millis(50),
+            resume_grace: Duration::from_millis(80),
+            take_disconnected_at_once: next(2) == 0,
+        });
+        // conn ids: session s uses conn s + 10 * generation.
+        let mut conn_of: Vec<Option<ConnId>> = vec![None; sessions as usize];
+        let mut generation = 0u64;
+        let mut pending_grants: Vec<(ProfileKey, u64, SessionId)> = Vec::new();
+        let mut pending_releases: Vec<ProfileKey> = Vec::new();
+        // Epochs come from one counter, so they rise per profile and also
+        // tell which profile an answered grant was for.
+        let mut last_epoch = 0u64;
+        let mut key_of_epoch: HashMap<u64, ProfileKey> = HashMap::new();
+        // The clients' view: who was last granted each key, under which
+        // epoch, and whether that grant has ended.
+        let mut granted: HashMap<ProfileKey, (SessionId, u64, bool)> = HashMap::new();
+        let mut answered: HashSet<(ConnId, u64)> = HashSet::new();
+        let mut request = 0u64;
+
+        for _ in 0..400 {
+            match next(9) {
+                0 | 1 => {
+                    let s = next(sessions);
+                    let conn = match conn_of[s as usize] {
+                        Some(conn) => conn,
+                        None => {
+                            generation += 1;
+                            let conn = s + 10 * generation;
+                            table.connect(conn, session(&format!("s{s}")), now);
+                            conn_of[s as usize] = Some(conn);
+                            conn
+                        }
+                    };
+                    request += 1;
+                    let policy = [
+                        LoadPolicy::ForceLoad,
+                        LoadPolicy::Steal,
+                        LoadPolicy::Repeat,
+                        LoadPolicy::Cancel,
+                    ][next(4) as usize];
+                    let deadline = (next(3) == 0).then(|| now + Duration::from_millis(next(100)));
+                    table.load(
+                        LoadRequest {
+                            conn,
+                            request_id: request,
+                            key: keys[next(2) as usize].clone(),
+                            policy,
+                            deadline,
+                        },
+                        now,
+                    );
+                }
+                2 => {
+                    // The current holder of a key releases it, if connected.
+                    let key = keys[next(2) as usize].clone();
+                    if let Some((owner, epoch, false)) = granted.get(&key).cloned() {
+                        let s: usize = owner.job_id[1..].parse().expect("session index");
+                        if conn_of[s].is_some() {
+                            table.released(&key, epoch, now);
+                            if let Some(entry) = granted.get_mut(&key) {
+                                entry.2 = true;
+                            }
+                        }
+                    }
+                }
+                3 => {
+                    // A client that disconnects holds nothing it can use
+                    // until a new Welcome lists what it resumed, so its
+                    // grants end in its own view.
+                    let s = next(sessions) as usize;
+                    if let Some(conn) = conn_of[s].take() {
+                        table.disconnect(conn, now);
+                        let name = session(&format!("s{s}"));
+                        for entry in granted.values_mut() {
+                            if entry.0 == name {
+                                entry.2 = true;
+                            }
+                        }
+                    }
+                }
+                4 | 5 if !pending_grants.is_empty() => {
+                    let at = next(pending_grants.len() as u64) as usize;
+                    let (key, ticket, owner) = pending_grants.remove(at);
+                    if next(10) == 0 {
+                        table.grant_done(&key, ticket, Err(WriteError::Storage("x".into())), now);
+                    } else {
+                        last_epoch += 1;
+                        key_of_epoch.insert(last_epoch, key.clone());
+                        let granted_record = Granted {
+                            lease: LeaseRecord {
+                                session: owner,
+                                epoch: last_epoch,
+                                since_ms: 0,
+                            },
+                            meta: MetaRecord::default(),
+                            data: None,
+                        };
+                        table.grant_done(&key, ticket, Ok(granted_record), now);
+                    }
+                }
+                6 if !pending_releases.is_empty() => {
+                    let key = pending_releases.remove(0);
+                    table.release_done(&key, now);
+                }
+                _ => {
+                    now += Duration::from_millis(next(60));
+                    table.fire_timers(now);
+                }
+            }
+            for effect in table.take_effects() {
+                match effect {
+                    Effect::Grant { key, ticket, owner } => {
+                        pending_grants.push((key, ticket, owner))
+                    }
+                    Effect::Release { key, epoch, .. } => {
+                        if let Some(entry) = granted.get_mut(&key)
+                            && entry.1 == epoch
+                        {
+                            entry.2 = true;
+                        }
+                        pending_releases.push(key);
+                    }
+                    Effect::Push {
+                        event: LeaseEvent::LeaseLost { key, epoch, .. },
+                        ..
+                    } => {
+                        if let Some(entry) = granted.get_mut(&key)
+                            && entry.1 == epoch
+                        {
+                            entry.2 = true;
+                        }
+                    }
+                    Effect::Answer {
+                        conn,
+                        request_id,
+                        result,
+                    } => {
+                        assert!(
+                            answered.insert((conn, request_id)),
+                            "seed {seed}: request {request_id} answered twice"
+                        );
+                        if let Ok(grant) = result {
+                            let key = key_of_epoch
+                                .get(&grant.lease.epoch)
+                                .cloned()
+                                .expect("the answered grant's profile");
+                            if let Some((previous, epoch, ended)) = granted.get(&key) {
+                                assert!(
+                                    *ended,
+                                    "seed {seed}: {key} granted to {} while {previous} still held epoch {epoch}",
+                                    grant.lease.session
+                                );
+                                assert!(grant.lease.epoch > *epoch, "seed {seed}: epochs rise");
+                            }
+                            granted.insert(key, (grant.lease.session, grant.lease.epoch, false));
+                        }
+                    }
+                    Effect::Push { .. } | Effect::Kick { .. } => {}
+                }
+            }
+        }
+    }
 }
