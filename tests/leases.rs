@@ -463,3 +463,44 @@ async fn a_reconnecting_session_resumes_its_leases_with_the_same_epochs() {
         .await
         .expect("release the resumed lease");
 }
+
+#[tokio::test]
+async fn a_load_abandoned_by_its_caller_is_released_when_granted() {
+    let daemon = Daemon::start_with("[leases]\nforce_load_timeout = \"60s\"\n");
+    let a = daemon.client("a").await;
+    let b = daemon.client("b").await;
+    let c = daemon.client("c").await;
+    let held = a
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+
+    // B waits in line, then gives up (as a timeout around the call would)
+    // after the daemon has queued the load.
+    let abandoned = queued_load(&b, "p", policy(LoadPolicy::Repeat)).await;
+    abandoned.abort();
+    let _ = abandoned.await;
+
+    // When A releases, the daemon grants B's load; nobody on B's side
+    // holds a Profile for it, so B's client hands it straight back and C,
+    // waiting behind it, gets the profile.
+    let waiting = queued_load(
+        &c,
+        "p",
+        LoadOptions {
+            policy: LoadPolicy::Repeat,
+            deadline: Some(Duration::from_secs(20)),
+        },
+    )
+    .await;
+    held.release(Some(b"handed on".to_vec()))
+        .await
+        .expect("release");
+    let granted = waiting.await.expect("task").expect("c gets the profile");
+    assert_eq!(granted.data(), Some(&b"handed on"[..]));
+    assert_eq!(
+        granted.meta().load_count,
+        3,
+        "b's grant happened and was released"
+    );
+}

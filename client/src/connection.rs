@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use profiled_protocol::{
-    ClientFrame, Error, ErrorCode, Event, FrameCodec, HeldLease, Reply, Response, ServerFrame,
-    Welcome,
+    ClientFrame, Error, ErrorCode, Event, FrameCodec, HeldLease, Reply, Request, RequestBody,
+    Response, ServerFrame, Welcome,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -150,6 +150,9 @@ struct State {
     subscriptions: HashMap<(String, String), Subscription>,
     /// The latest handshake answer.
     welcome: Welcome,
+    /// Ids for the releases the reader sends by itself; they count down
+    /// from `u64::MAX`, far from the callers' ids, which count up from 1.
+    next_orphan_id: u64,
 }
 
 /// The route for one lease's events.
@@ -172,6 +175,7 @@ impl Shared {
                 pending: HashMap::new(),
                 subscriptions: HashMap::new(),
                 welcome,
+                next_orphan_id: u64::MAX,
             }),
             link: watch::Sender::new(Link::Down),
             shutdown: watch::Sender::new(None),
@@ -327,6 +331,14 @@ impl Shared {
                     .subscriptions
                     .insert((store, key), Subscription { epoch, events });
             }
+            (Effect::Subscribe { store, key, .. }, Ok(Reply::Loaded(loaded))) => {
+                // The caller gave up on this load (its future was dropped,
+                // say by a timeout) but the daemon granted it. Nobody holds
+                // a Profile for the lease, so it is handed straight back
+                // rather than left held until the session ends.
+                let epoch = loaded.epoch;
+                self.release_orphan(&mut state, store, key, epoch);
+            }
             (Effect::Unsubscribe { store, key, epoch }, Ok(Reply::Released { .. })) => {
                 let slot = (store, key);
                 if state
@@ -342,6 +354,54 @@ impl Shared {
         drop(state);
         // The caller may have stopped waiting; its response has nowhere to go.
         let _ = reply.send(result);
+    }
+
+    /// Sends a release for a lease granted to a load nobody waits for any
+    /// more. Its response is consumed here. If the connection cannot take
+    /// the frame now, the lease stays held until the session ends, which is
+    /// no worse than before.
+    fn release_orphan(&self, state: &mut State, store: String, key: String, epoch: u64) {
+        let Link::Up(conn) = &*self.link.borrow() else {
+            return;
+        };
+        let id = state.next_orphan_id;
+        state.next_orphan_id -= 1;
+        let frame = ClientFrame::Request(Request {
+            id,
+            body: RequestBody::Release {
+                store: store.clone(),
+                key: key.clone(),
+                epoch,
+                data: None,
+            },
+        });
+        let Ok(bytes) = profiled_protocol::encode_frame(&frame) else {
+            return;
+        };
+        let (reply, _) = oneshot::channel();
+        state.pending.insert(
+            id,
+            Pending {
+                reply,
+                effect: Effect::None,
+            },
+        );
+        if conn.frames.try_send(Bytes::from(bytes)).is_err() {
+            state.pending.remove(&id);
+            tracing::warn!(
+                store,
+                key,
+                epoch,
+                "could not release a lease whose load was abandoned"
+            );
+        } else {
+            tracing::debug!(
+                store,
+                key,
+                epoch,
+                "releasing a lease whose load was abandoned"
+            );
+        }
     }
 
     /// Passes an event to the holder of the lease it is about, or to every
