@@ -256,22 +256,7 @@ fn an_inherited_socket_is_used_instead_of_binding() {
     // shows the daemon took the inherited descriptor.
     let config = write_config(dir.path(), "");
     let activated = dir.path().join("activated.sock");
-    let output = std::fs::File::create(dir.path().join("out.log")).expect("output file");
-    // systemd-socket-activate binds the socket, then execs profiled in its
-    // own process (without --accept) with LISTEN_FDS=1 and LISTEN_PID set
-    // to that pid, exactly as systemd does.
-    let child = Command::new(activate)
-        .arg("--listen")
-        .arg(&activated)
-        .arg("--setenv=RUST_LOG=info")
-        .arg(env!("CARGO_BIN_EXE_profiled"))
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(output.try_clone().expect("clone"))
-        .stderr(output)
-        .spawn()
-        .expect("spawn systemd-socket-activate");
+    let child = socket_activate(&activate, &activated, &config, dir.path());
     let mut daemon = Foreground::from_child(child);
 
     wait_until("the activation socket to exist", || activated.exists());
@@ -287,6 +272,26 @@ fn an_inherited_socket_is_used_instead_of_binding() {
     );
     daemon.signal(Signal::SIGTERM);
     assert!(daemon.wait_exit().success());
+}
+
+/// Starts profiled under `systemd-socket-activate`, which binds `socket`,
+/// then execs profiled in its own process (without --accept) with
+/// LISTEN_FDS=1 and LISTEN_PID set to that pid, exactly as systemd does.
+/// Output goes to `out.log` in `dir`.
+fn socket_activate(activate: &Path, socket: &Path, config: &Path, dir: &Path) -> Child {
+    let output = std::fs::File::create(dir.join("out.log")).expect("output file");
+    Command::new(activate)
+        .arg("--listen")
+        .arg(socket)
+        .arg("--setenv=RUST_LOG=info")
+        .arg(env!("CARGO_BIN_EXE_profiled"))
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(output.try_clone().expect("clone"))
+        .stderr(output)
+        .spawn()
+        .expect("spawn systemd-socket-activate")
 }
 
 /// Kills a daemonized process if a test fails before stopping it.
@@ -511,18 +516,7 @@ fn an_inherited_socket_file_outlives_the_daemon() {
     let dir = TempDir::new().expect("tempdir");
     let config = write_config(dir.path(), "");
     let socket = dir.path().join("profiled.sock");
-    let output = std::fs::File::create(dir.path().join("out.log")).expect("output file");
-    let child = Command::new(activate)
-        .arg("--listen")
-        .arg(&socket)
-        .arg(env!("CARGO_BIN_EXE_profiled"))
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(output.try_clone().expect("clone"))
-        .stderr(output)
-        .spawn()
-        .expect("spawn systemd-socket-activate");
+    let child = socket_activate(&activate, &socket, &config, dir.path());
     let mut daemon = Foreground::from_child(child);
     wait_until("the daemon to serve on the inherited socket", || {
         daemon.assert_running();
