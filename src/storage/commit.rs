@@ -170,14 +170,14 @@ impl Committer {
         now_ms: u64,
     ) -> Result<Granted, WriteError> {
         let db_key = records::encode_key(&key);
-        let data = match self.slot(families, slots, &db_key)?.written.clone() {
+        let slot = self.slot(families, slots, &db_key)?;
+        let data = match slot.written.clone() {
             Some(data) => Some(data),
             None => self
                 .db
                 .get_cf(families.data, &db_key)
                 .map_err(|err| WriteError::Storage(err.into_string()))?,
         };
-        let slot = self.slot(families, slots, &db_key)?;
         let mut meta = slot.meta.clone().unwrap_or(MetaRecord {
             created_at_ms: now_ms,
             ..MetaRecord::default()
