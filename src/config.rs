@@ -24,6 +24,10 @@ pub struct Config {
     pub session: SessionConfig,
     /// Bounds on what a client may send.
     pub limits: LimitsConfig,
+    /// Which versions of each profile are kept.
+    pub history: HistoryConfig,
+    /// Where counters are exported.
+    pub metrics: MetricsConfig,
     /// How the daemon stops.
     pub shutdown: ShutdownConfig,
     /// What the daemon logs.
@@ -96,6 +100,46 @@ pub struct LimitsConfig {
     /// How long a new connection has to send its `Hello`.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// The largest message payload, in bytes.
+    pub max_message: usize,
+    /// The most messages pending for one profile. A send beyond it fails;
+    /// no pending message is ever dropped to make room.
+    pub max_pending_messages: u64,
+    /// The most meta tags on one profile.
+    pub max_meta_tags: usize,
+    /// The largest meta tag value, in bytes.
+    pub max_meta_tag_size: usize,
+    /// The most user ids on one profile.
+    pub max_user_ids: usize,
+    /// The most entries in one answer to a version listing or an export
+    /// page; larger requests are answered with this many.
+    pub max_page: u32,
+}
+
+/// Version history.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Between releases, a save is kept as a version only if the last kept
+    /// version is at least this old. Every release is kept.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Versions older than this are pruned.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the background sweep prunes expired versions.
+    #[serde(with = "humantime_serde")]
+    pub prune_every: Duration,
+}
+
+/// Metrics export.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A loopback address such as `127.0.0.1:9184` on which to serve
+    /// Prometheus metrics at `/metrics`. Unset, nothing is served; the
+    /// same numbers are always available through `profilectl stats`.
+    pub prometheus: Option<std::net::SocketAddr>,
 }
 
 /// Shutdown.
@@ -216,6 +260,37 @@ impl Config {
         if limits.handshake_timeout.is_zero() {
             return Err(invalid("limits.handshake_timeout", "must be above zero"));
         }
+        if limits.max_message == 0 || limits.max_message as u64 + 1024 > u64::from(limits.max_frame)
+        {
+            return Err(invalid(
+                "limits.max_message",
+                "must be above zero and at least 1 KiB below limits.max_frame",
+            ));
+        }
+        if limits.max_pending_messages == 0 {
+            return Err(invalid("limits.max_pending_messages", "must be above zero"));
+        }
+        if limits.max_page == 0 {
+            return Err(invalid("limits.max_page", "must be above zero"));
+        }
+        let history = &self.history;
+        if history.retention < history.interval {
+            return Err(invalid(
+                "history.retention",
+                "must be at least history.interval",
+            ));
+        }
+        if history.prune_every.is_zero() {
+            return Err(invalid("history.prune_every", "must be above zero"));
+        }
+        if let Some(addr) = self.metrics.prometheus
+            && !addr.ip().is_loopback()
+        {
+            return Err(invalid(
+                "metrics.prometheus",
+                "must be a loopback address; put a proxy in front to expose it further",
+            ));
+        }
         if self.storage.max_batch == 0 {
             return Err(invalid("storage.max_batch", "must be above zero"));
         }
@@ -287,6 +362,22 @@ impl Default for LimitsConfig {
             max_in_flight: 256,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(5),
+            max_message: 64 * 1024,
+            max_pending_messages: 1000,
+            max_meta_tags: 64,
+            max_meta_tag_size: 4096,
+            max_user_ids: 64,
+            max_page: 1000,
+        }
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5 * 60),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            prune_every: Duration::from_secs(10 * 60),
         }
     }
 }

@@ -12,30 +12,33 @@
 use std::sync::Arc;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use futures::{FutureExt, SinkExt, future::BoxFuture};
+use futures::{SinkExt, future::BoxFuture};
 use profiled_protocol::{
     ClientFrame, Error, ErrorCode, FrameCodec, FrameError, HeldLease, Hello, PROTOCOL_VERSION,
-    Reply, Request, RequestBody, Response, ServerFrame, SessionId, Welcome,
+    Response, Role, ServerFrame, SessionId, Welcome,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
-use crate::ProfileKey;
 use crate::config::LimitsConfig;
 use crate::leases::{ConnId, ConnLink, Leases};
-use crate::storage::{Storage, WriteError};
+use crate::requests::{Started, check_name};
+use crate::stats::Stats;
+use crate::storage::Storage;
 
 /// What every connection shares.
 #[derive(Debug)]
 pub struct Context {
     /// The lease driver.
     pub leases: Leases,
-    /// The database, for saves and releases.
+    /// The database, for saves, releases and reads.
     pub storage: Storage,
     /// The limits to enforce.
     pub limits: LimitsConfig,
+    /// The daemon's counters.
+    pub stats: Arc<Stats>,
 }
 
 type Transport = Framed<UnixStream, FrameCodec<ClientFrame, ServerFrame>>;
@@ -50,8 +53,10 @@ pub async fn serve(
     context: Arc<Context>,
     stop: CancellationToken,
 ) {
+    context.stats.connected();
+    let _counted = Counted(&context.stats);
     let mut transport = Framed::new(stream, FrameCodec::new(context.limits.max_frame));
-    let Some(session) = handshake(&mut transport, &context, &stop).await else {
+    let Some((session, role)) = handshake(&mut transport, &context, &stop).await else {
         return;
     };
     let (outbound, queue) = mpsc::channel(context.limits.max_in_flight + EVENT_SLACK);
@@ -98,6 +103,7 @@ pub async fn serve(
     let session = Session {
         conn,
         session,
+        role,
         context: Arc::clone(&context),
         outbound,
     };
@@ -109,11 +115,25 @@ pub async fn serve(
     tracing::debug!(conn, "session disconnected");
 }
 
+/// Counts the connection as closed when dropped, however `serve` ends.
+struct Counted<'a>(&'a Stats);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.disconnected();
+    }
+}
+
 /// A connection after its handshake.
-struct Session {
-    conn: ConnId,
-    session: SessionId,
-    context: Arc<Context>,
+pub(crate) struct Session {
+    /// The daemon's id for the connection.
+    pub(crate) conn: ConnId,
+    /// The session it serves.
+    pub(crate) session: SessionId,
+    /// The rights it asked for in its `Hello`.
+    pub(crate) role: Role,
+    /// What every connection shares.
+    pub(crate) context: Arc<Context>,
     /// Feeds the writer task, which holds the receiver.
     outbound: mpsc::Sender<ServerFrame>,
 }
@@ -176,88 +196,6 @@ impl Session {
         }
     }
 
-    /// Validates a request and starts it.
-    fn start(&self, request: Request) -> Started {
-        let id = request.id;
-        let limits = &self.context.limits;
-        match request.body {
-            RequestBody::Ping => Started::Done(Ok(Reply::Pong)),
-            RequestBody::Load {
-                store,
-                key,
-                policy,
-                deadline_ms,
-            } => {
-                let key = match profile_key(store, key, limits) {
-                    Ok(key) => key,
-                    Err(err) => return Started::Done(Err(err)),
-                };
-                let wait = deadline_ms.map(std::time::Duration::from_millis);
-                self.context.leases.load(self.conn, id, key, policy, wait);
-                Started::Queued
-            }
-            RequestBody::Save {
-                store,
-                key,
-                epoch,
-                data,
-            } => {
-                let key = match write_target(store, key, data.len(), limits) {
-                    Ok(key) => key,
-                    Err(err) => return Started::Done(Err(err)),
-                };
-                let write = self
-                    .context
-                    .storage
-                    .save(key, self.session.clone(), epoch, data);
-                Started::Pending(
-                    write
-                        .map(move |result| {
-                            ServerFrame::Response(Response {
-                                id,
-                                result: result
-                                    .map(|version| Reply::Saved { version })
-                                    .map_err(|err| write_error(err, epoch)),
-                            })
-                        })
-                        .boxed(),
-                )
-            }
-            RequestBody::Release {
-                store,
-                key,
-                epoch,
-                data,
-            } => {
-                let len = data.as_ref().map_or(0, Vec::len);
-                let key = match write_target(store, key, len, limits) {
-                    Ok(key) => key,
-                    Err(err) => return Started::Done(Err(err)),
-                };
-                let write =
-                    self.context
-                        .storage
-                        .release(key.clone(), self.session.clone(), epoch, data);
-                let leases = self.context.leases.clone();
-                Started::Pending(
-                    async move {
-                        let result = write.await;
-                        if result.is_ok() {
-                            leases.released(key, epoch);
-                        }
-                        ServerFrame::Response(Response {
-                            id,
-                            result: result
-                                .map(|version| Reply::Released { version })
-                                .map_err(|err| write_error(err, epoch)),
-                        })
-                    }
-                    .boxed(),
-                )
-            }
-        }
-    }
-
     async fn frame_error(&self, err: FrameError) {
         match err {
             FrameError::Io(err) => {
@@ -284,23 +222,13 @@ impl Session {
     }
 }
 
-/// How a request was started.
-enum Started {
-    /// Answered at once.
-    Done(Result<Reply, Error>),
-    /// Answered when the future resolves.
-    Pending(BoxFuture<'static, ServerFrame>),
-    /// Handed to the lease driver, which answers through the outbound queue.
-    Queued,
-}
-
 /// Reads and checks the `Hello`. On failure the client is told why and
 /// `None` is returned.
 async fn handshake(
     transport: &mut Transport,
     context: &Context,
     stop: &CancellationToken,
-) -> Option<SessionId> {
+) -> Option<(SessionId, Role)> {
     let first = tokio::select! {
         () = stop.cancelled() => return None,
         first = tokio::time::timeout(context.limits.handshake_timeout, transport.next()) => first,
@@ -339,7 +267,7 @@ async fn handshake(
     let Hello {
         protocol_version,
         session,
-        role: _,
+        role,
     } = hello;
     if protocol_version != PROTOCOL_VERSION {
         let code = ErrorCode::UnsupportedVersion {
@@ -355,7 +283,7 @@ async fn handshake(
         refuse(transport, err.code, err.message).await;
         return None;
     }
-    Some(session)
+    Some((session, role))
 }
 
 /// Sends `Refused` during the handshake, before the writer task exists.
@@ -414,68 +342,5 @@ async fn feed(
             Ok(())
         }
         other => other,
-    }
-}
-
-/// Checks a store name and key and forms the profile key.
-fn profile_key(store: String, key: String, limits: &LimitsConfig) -> Result<ProfileKey, Error> {
-    check_name("store", &store, limits.max_name)?;
-    check_name("key", &key, limits.max_name)?;
-    Ok(ProfileKey { store, key })
-}
-
-/// Names must be non-empty, within the length limit, and free of control
-/// characters, so they print safely in logs and tools.
-fn check_name(what: &str, name: &str, max: usize) -> Result<(), Error> {
-    if name.is_empty() {
-        return Err(Error::new(
-            ErrorCode::InvalidRequest,
-            format!("{what} is empty"),
-        ));
-    }
-    if name.len() > max {
-        return Err(Error::new(
-            ErrorCode::TooLarge,
-            format!("{what} is {} bytes, over the limit of {max}", name.len()),
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(Error::new(
-            ErrorCode::InvalidRequest,
-            format!("{what} contains a control character"),
-        ));
-    }
-    Ok(())
-}
-
-/// Checks the names and data size of a save or release.
-fn write_target(
-    store: String,
-    key: String,
-    data_len: usize,
-    limits: &LimitsConfig,
-) -> Result<ProfileKey, Error> {
-    let key = profile_key(store, key, limits)?;
-    if data_len > limits.max_data {
-        return Err(Error::new(
-            ErrorCode::TooLarge,
-            format!(
-                "data is {data_len} bytes, over the limit of {}",
-                limits.max_data
-            ),
-        ));
-    }
-    Ok(key)
-}
-
-/// The wire form of a refused write.
-fn write_error(err: WriteError, epoch: u64) -> Error {
-    match err {
-        WriteError::LeaseLost => Error::new(
-            ErrorCode::LeaseLost,
-            format!("epoch {epoch} is not the current lease of this session"),
-        ),
-        WriteError::Storage(message) => Error::new(ErrorCode::Storage, message),
-        WriteError::Closed => Error::new(ErrorCode::ShuttingDown, "storage is closed"),
     }
 }

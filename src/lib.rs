@@ -17,8 +17,12 @@ pub mod leases;
 pub mod logging;
 pub mod notify;
 mod profile_key;
+mod pruning;
+mod replies;
+mod requests;
 mod server;
 pub mod signals;
+pub mod stats;
 pub mod storage;
 pub mod testing;
 

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::connection::{self, Context};
 use crate::leases::{LeaseRules, Leases};
+use crate::stats::Stats;
 use crate::storage::{Storage, StorageError};
 
 /// Why the daemon could not start or stop cleanly.
@@ -149,9 +150,11 @@ pub async fn run_with(
         owned_path,
     } = listener;
     let storage_config = config.storage.clone();
-    let (storage, recovery) = tokio::task::spawn_blocking(move || Storage::open(&storage_config))
-        .await
-        .map_err(|err| StorageError::Committer(err.to_string()))??;
+    let history_config = config.history.clone();
+    let (storage, recovery) =
+        tokio::task::spawn_blocking(move || Storage::open(&storage_config, &history_config))
+            .await
+            .map_err(|err| StorageError::Committer(err.to_string()))??;
     if !recovery.leases.is_empty() {
         tracing::info!(
             leases = recovery.leases.len(),
@@ -169,14 +172,24 @@ pub async fn run_with(
         .into_iter()
         .map(|(key, lease)| (key, lease.session, lease.epoch))
         .collect();
-    let leases = Leases::start(storage.clone(), rules, recovered);
+    let stats = Arc::new(Stats::new());
+    let leases = Leases::start(storage.clone(), rules, recovered, Arc::clone(&stats));
     let context = Arc::new(Context {
         leases: leases.clone(),
         storage: storage.clone(),
         limits: config.limits.clone(),
+        stats: Arc::clone(&stats),
     });
     let connections = TaskTracker::new();
     let stop = CancellationToken::new();
+    // Background work that must end before storage closes.
+    let background = TaskTracker::new();
+    background.spawn(crate::pruning::run(
+        storage.clone(),
+        config.history.clone(),
+        Arc::clone(&stats),
+        stop.clone(),
+    ));
     let slots = Arc::new(Semaphore::new(config.limits.max_connections));
     let next_conn = AtomicU64::new(1);
     tracing::info!(
@@ -231,11 +244,18 @@ pub async fn run_with(
         .map_err(|_| ServerError::ShutdownTimeout("release leases"))?;
     stop.cancel();
     connections.close();
+    background.close();
     if tokio::time::timeout(STEP_DEADLINE, connections.wait())
         .await
         .is_err()
     {
         tracing::warn!("some connections did not close in time");
+    }
+    if tokio::time::timeout(STEP_DEADLINE, background.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background work did not stop in time");
     }
     drop(context);
     drop(leases);

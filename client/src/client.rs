@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use profiled_protocol::{
-    ClientFrame, DEFAULT_MAX_FRAME, LoadPolicy, Reply, Request, RequestBody, Role, SessionId,
-    Welcome,
+    Changes, ClientFrame, DEFAULT_MAX_FRAME, LoadPolicy, Reply, Request, RequestBody, Role,
+    SessionId, Welcome,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -240,6 +240,7 @@ impl Client {
                 epoch: loaded.epoch,
                 data: loaded.data,
                 meta: loaded.meta,
+                messages: loaded.messages,
                 events,
             }),
             other => Err(unexpected("loaded", &other)),
@@ -255,11 +256,26 @@ impl Client {
         epoch: u64,
         data: Vec<u8>,
     ) -> Result<u64, ClientError> {
+        self.save_with(store, key, epoch, data, Changes::default())
+            .await
+    }
+
+    /// Like [`Client::save`], also applying `changes` (meta tags, user ids,
+    /// consumed messages) in the same atomic step.
+    pub async fn save_with(
+        &self,
+        store: &str,
+        key: &str,
+        epoch: u64,
+        data: Vec<u8>,
+        changes: Changes,
+    ) -> Result<u64, ClientError> {
         let body = RequestBody::Save {
             store: store.to_owned(),
             key: key.to_owned(),
             epoch,
             data,
+            changes,
         };
         match self.request(body, Effect::None).await? {
             Reply::Saved { version } => Ok(version),
@@ -277,11 +293,26 @@ impl Client {
         epoch: u64,
         data: Option<Vec<u8>>,
     ) -> Result<u64, ClientError> {
+        self.release_with(store, key, epoch, data, Changes::default())
+            .await
+    }
+
+    /// Like [`Client::release`], also applying `changes` (meta tags, user
+    /// ids, consumed messages) in the same atomic step.
+    pub async fn release_with(
+        &self,
+        store: &str,
+        key: &str,
+        epoch: u64,
+        data: Option<Vec<u8>>,
+        changes: Changes,
+    ) -> Result<u64, ClientError> {
         let body = RequestBody::Release {
             store: store.to_owned(),
             key: key.to_owned(),
             epoch,
             data,
+            changes,
         };
         let effect = Effect::Unsubscribe {
             store: store.to_owned(),
@@ -338,7 +369,11 @@ impl Client {
     /// [`ClientError::Disconnected`]. The frame is encoded here, not by the
     /// writer task, so a frame over the limit fails only its own call and
     /// the connection stays usable.
-    async fn request(&self, body: RequestBody, effect: Effect) -> Result<Reply, ClientError> {
+    pub(crate) async fn request(
+        &self,
+        body: RequestBody,
+        effect: Effect,
+    ) -> Result<Reply, ClientError> {
         let inner = &*self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = ClientFrame::Request(Request { id, body });
@@ -447,12 +482,24 @@ fn duration_ms(deadline: Duration) -> u64 {
 }
 
 /// The error for a success of the wrong kind.
-fn unexpected(expected: &str, got: &Reply) -> ClientError {
+pub(crate) fn unexpected(expected: &str, got: &Reply) -> ClientError {
     let got = match got {
         Reply::Loaded(_) => "loaded",
         Reply::Saved { .. } => "saved",
         Reply::Released { .. } => "released",
         Reply::Pong => "pong",
+        Reply::MessageSent { .. } => "message sent",
+        Reply::Viewed(_) => "viewed",
+        Reply::Versions(_) => "versions",
+        Reply::Overwritten { .. } => "overwritten",
+        Reply::Wiped => "wiped",
+        Reply::Stats(_) => "stats",
+        Reply::Status(_) => "status",
+        Reply::Sessions(_) => "sessions",
+        Reply::Revoked { .. } => "revoked",
+        Reply::ReleaseAsked { .. } => "release asked",
+        Reply::BackedUp { .. } => "backed up",
+        Reply::Exported(_) => "exported",
     };
     ClientError::Protocol(format!("expected a {expected} reply, got {got}"))
 }

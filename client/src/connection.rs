@@ -373,6 +373,7 @@ impl Shared {
                 key: key.clone(),
                 epoch,
                 data: None,
+                changes: profiled_protocol::Changes::default(),
             },
         });
         let Ok(bytes) = profiled_protocol::encode_frame(&frame) else {
@@ -431,6 +432,12 @@ impl Shared {
                 epoch,
                 ProfileEvent::LeaseLost { reason, new_owner },
             ),
+            Event::Message {
+                store,
+                key,
+                epoch,
+                message,
+            } => (store, key, epoch, ProfileEvent::Message(message)),
             Event::ShuttingDown { deadline_ms } => {
                 tracing::info!(deadline_ms, "the daemon is shutting down");
                 self.shutting_down(Instant::now() + Duration::from_millis(deadline_ms));
@@ -599,6 +606,8 @@ mod tests {
             load_count: 1,
             version: 0,
             active: None,
+            meta_tags: Default::default(),
+            user_ids: Vec::new(),
         }
     }
 
@@ -644,6 +653,7 @@ mod tests {
                 epoch,
                 data: None,
                 meta: meta(),
+                messages: Vec::new(),
             })),
         })
     }

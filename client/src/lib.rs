@@ -46,6 +46,7 @@
 mod client;
 mod connection;
 mod error;
+mod operations;
 mod profile;
 mod reconnect;
 
@@ -54,8 +55,9 @@ pub use error::ClientError;
 pub use profile::{Profile, ProfileEvent};
 pub use profiled_protocol as protocol;
 pub use profiled_protocol::{
-    ActiveSession, ErrorCode, HeldLease, LoadPolicy, LossReason, ProfileMeta, Role, SessionId,
-    Welcome,
+    ActiveSession, Changes, DaemonStatus, ErrorCode, ExportPage, ExportedProfile, HeldLease,
+    LoadPolicy, LossReason, Message, Metric, OverwriteSource, ProfileMeta, ProfileView, Role,
+    SessionId, SessionInfo, VersionInfo, VersionQuery, Welcome,
 };
 
 #[cfg(test)]

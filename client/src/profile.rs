@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use profiled_protocol::{LossReason, ProfileMeta, SessionId};
+use profiled_protocol::{Changes, LossReason, Message, ProfileMeta, SessionId};
 use tokio::sync::mpsc;
 
 use crate::{Client, ClientError};
@@ -34,6 +34,8 @@ pub struct Profile {
     pub(crate) data: Option<Vec<u8>>,
     /// The metadata as loaded.
     pub(crate) meta: ProfileMeta,
+    /// The messages pending when the profile was loaded.
+    pub(crate) messages: Vec<Message>,
     /// The client's routing table holds the sender, and each connection's
     /// reader task routes this lease's events to it. The sender is dropped
     /// when the client closes, the lease is released, or a reconnect finds
@@ -69,6 +71,10 @@ pub enum ProfileEvent {
     /// This is the client's own event, not the daemon's, so it has no
     /// [`LossReason`]: the client cannot tell why the lease went.
     LeaseExpired,
+    /// A message was sent to the profile. Apply it, then list its id in
+    /// [`Changes::consumed_messages`] of the next save; until then it stays
+    /// pending, and the next loader receives it again.
+    Message(Message),
     /// The daemon is stopping. It takes no more loads, and releases every
     /// remaining lease itself at `deadline`, keeping the last saved data;
     /// until then saves and releases still work. Save and release the
@@ -109,6 +115,12 @@ impl Profile {
         &self.meta
     }
 
+    /// The messages that were pending when the profile was loaded, oldest
+    /// first. Later ones arrive as [`ProfileEvent::Message`].
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
     /// Writes the profile's data under this lease, and returns the
     /// profile's version after the write once it is durable.
     pub async fn save(&self, data: Vec<u8>) -> Result<u64, ClientError> {
@@ -117,11 +129,31 @@ impl Profile {
             .await
     }
 
+    /// Like [`Profile::save`], also applying `changes` (meta tags, user
+    /// ids, consumed messages) in the same atomic step.
+    pub async fn save_with(&self, data: Vec<u8>, changes: Changes) -> Result<u64, ClientError> {
+        self.client
+            .save_with(&self.store, &self.key, self.epoch, data, changes)
+            .await
+    }
+
     /// Ends the lease, with a final write of `data` in the same atomic step
     /// if given, and returns the profile's version after it.
     pub async fn release(self, data: Option<Vec<u8>>) -> Result<u64, ClientError> {
         self.client
             .release(&self.store, &self.key, self.epoch, data)
+            .await
+    }
+
+    /// Like [`Profile::release`], also applying `changes` in the same
+    /// atomic step.
+    pub async fn release_with(
+        self,
+        data: Option<Vec<u8>>,
+        changes: Changes,
+    ) -> Result<u64, ClientError> {
+        self.client
+            .release_with(&self.store, &self.key, self.epoch, data, changes)
             .await
     }
 

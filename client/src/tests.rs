@@ -99,6 +99,8 @@ fn meta() -> ProfileMeta {
         load_count: 1,
         version: 0,
         active: None,
+        meta_tags: Default::default(),
+        user_ids: Vec::new(),
     }
 }
 
@@ -172,6 +174,7 @@ async fn serve_load(conn: &mut Conn, epoch: u64) {
             epoch,
             data: Some(b"old".to_vec()),
             meta: meta(),
+            messages: Vec::new(),
         })),
     }))
     .await
@@ -431,6 +434,7 @@ async fn events_sent_right_behind_the_load_reach_the_profile() {
                 epoch: 4,
                 data: Some(b"old".to_vec()),
                 meta: meta(),
+                messages: Vec::new(),
             })),
         }))
         .await
@@ -513,6 +517,7 @@ async fn releasing_a_profile_sends_its_epoch_and_data_and_ends_its_events() {
             key: "k".into(),
             epoch: 9,
             data: Some(b"new".to_vec()),
+            changes: Default::default(),
         }
     );
     assert_eq!(profile.next_event().await, None);
@@ -634,6 +639,7 @@ async fn a_dropped_connection_is_resumed_and_listed_leases_keep_their_epochs() {
             key: "kept".into(),
             epoch: 4,
             data: b"new".to_vec(),
+            changes: Default::default(),
         }
     );
     assert_eq!(kept.epoch(), 4);

@@ -233,6 +233,7 @@ mod tests {
                 key: "k".into(),
                 epoch: 3,
                 data: vec![7; 5000],
+                changes: Default::default(),
             },
         });
         let bytes = encode_frame(&frame).expect("encode");
@@ -257,6 +258,7 @@ mod tests {
                 key: "k".into(),
                 epoch: 1,
                 data: vec![0; 200],
+                changes: Default::default(),
             },
         });
         assert!(matches!(

@@ -39,6 +39,9 @@
 //! | `Vec<T>` | `u64` count, then each `T` |
 //! | struct | its fields in declaration order, no padding, no names |
 //! | enum | `u32` variant index (0 for the first variant), then the variant's fields in order |
+//! | `f64` | 8, IEEE 754, big-endian |
+//! | `Map<K, V>` | `u64` count, then each key and its value, keys in ascending byte order |
+//! | `(A, B)` | `A` then `B` |
 //! | `Result<T, E>` | an enum: 0 then `T` for Ok, 1 then `E` for Err |
 //!
 //! Variant indexes are positions in the declarations below. Enums on the
@@ -55,11 +58,33 @@
 //! SessionId      { place_id: u64, job_id: String }
 //! Role         0 Game   1 Admin
 //! RequestBody  0 Load { store: String, key: String, policy: LoadPolicy, deadline_ms: Option<u64> }
-//!              1 Save { store: String, key: String, epoch: u64, data: bytes }
-//!              2 Release { store: String, key: String, epoch: u64, data: Option<bytes> }
+//!              1 Save { store: String, key: String, epoch: u64, data: bytes, changes: Changes }
+//!              2 Release { store: String, key: String, epoch: u64, data: Option<bytes>, changes: Changes }
 //!              3 Ping
+//!              4 SendMessage { store: String, key: String, payload: bytes }
+//!              5 View { store: String, key: String, version: Option<u64> }
+//!              6 ListVersions { store: String, key: String, query: VersionQuery }
+//!              7 Overwrite { store: String, key: String, source: OverwriteSource }      (admin)
+//!              8 Wipe { store: String, key: String }                                    (admin)
+//!              9 Stats
+//!             10 Status
+//!             11 Sessions                                                               (admin)
+//!             12 Revoke { store: String, key: String }                                  (admin)
+//!             13 AskRelease { store: String, key: String }                              (admin)
+//!             14 Backup { path: String }                                                (admin)
+//!             15 Export { store: String, after: Option<String>, limit: u32 }            (admin)
+//!             16 Import { store: String, profile: ExportedProfile }                     (admin)
 //! LoadPolicy   0 ForceLoad   1 Steal   2 Repeat   3 Cancel
+//! Changes        { meta_tags: Option<Map<String, bytes>>, user_ids: Option<Vec<u64>>,
+//!                  consumed_messages: Vec<u64> }
+//! VersionQuery   { newest_first: bool, from_ms: Option<u64>, to_ms: Option<u64>, limit: u32 }
+//! OverwriteSource 0 Data(bytes)   1 Version(u64)
+//! ExportedProfile { key: String, version: u64, updated_at_ms: u64, data: Option<bytes>,
+//!                   meta_tags: Map<String, bytes>, user_ids: Vec<u64> }
 //! ```
+//!
+//! Requests marked (admin) need a connection whose `Hello` asked for
+//! `Role::Admin`; any other connection gets `Forbidden`.
 //!
 //! The daemon sends [`ServerFrame`]s:
 //!
@@ -69,24 +94,47 @@
 //!              1 Refused(Error)
 //!              2 Response { id: u64, result: Result<Reply, Error> }
 //!              3 Event(Event)
-//! Reply        0 Loaded { epoch: u64, data: Option<bytes>, meta: ProfileMeta }
+//! Reply        0 Loaded { epoch: u64, data: Option<bytes>, meta: ProfileMeta, messages: Vec<Message> }
 //!              1 Saved { version: u64 }
 //!              2 Released { version: u64 }
 //!              3 Pong
+//!              4 MessageSent { id: u64 }
+//!              5 Viewed(ProfileView)
+//!              6 Versions(Vec<VersionInfo>)
+//!              7 Overwritten { version: u64 }
+//!              8 Wiped
+//!              9 Stats(Vec<Metric>)
+//!             10 Status(DaemonStatus)
+//!             11 Sessions(Vec<SessionInfo>)
+//!             12 Revoked { lease: Option<ActiveSession> }
+//!             13 ReleaseAsked { lease: Option<ActiveSession> }
+//!             14 BackedUp { path: String, bytes: u64 }
+//!             15 Exported(ExportPage)
 //! ProfileMeta    { created_at_ms: u64, updated_at_ms: u64, load_count: u64, version: u64,
-//!                  active: Option<ActiveSession> }
+//!                  active: Option<ActiveSession>, meta_tags: Map<String, bytes>, user_ids: Vec<u64> }
 //! ActiveSession  { session: SessionId, epoch: u64, since_ms: u64 }
+//! Message        { id: u64, sent_at_ms: u64, payload: bytes }
+//! ProfileView    { version: u64, saved_at_ms: u64, data: Option<bytes>, meta: ProfileMeta,
+//!                  messages: Vec<Message> }
+//! VersionInfo    { version: u64, saved_at_ms: u64, size: u64 }
+//! Metric         { name: String, labels: Vec<(String, String)>, value: f64 }
+//! DaemonStatus   { daemon_version: String, uptime_ms: u64, connections: u64, sessions: u64,
+//!                  leases_held: u64, queued_loads: u64, storage_bytes: u64 }
+//! SessionInfo    { session: SessionId, connection_id: Option<u64>, leases: Vec<HeldLease> }
+//! ExportPage     { profiles: Vec<ExportedProfile>, next: Option<String> }
 //! HeldLease      { store: String, key: String, epoch: u64 }
 //! Event        0 ReleaseRequested { store: String, key: String, epoch: u64, requester: SessionId }
 //!              1 LeaseLost { store: String, key: String, epoch: u64, reason: LossReason,
 //!                            new_owner: Option<SessionId> }
 //!              2 ShuttingDown { deadline_ms: u64 }
-//! LossReason   0 Stolen   1 ForceLoadTimeout
+//!              3 Message { store: String, key: String, epoch: u64, message: Message }
+//! LossReason   0 Stolen   1 ForceLoadTimeout   2 Overwritten   3 Wiped   4 Revoked
 //! Error          { code: ErrorCode, message: String }
 //! ErrorCode    0 UnsupportedVersion { client: u32, daemon: u32 }
 //!              1 InvalidRequest   2 TooLarge   3 AlreadyLoaded
 //!              4 Taken { owner: SessionId }
 //!              5 LeaseLost   6 Superseded   7 Timeout   8 ShuttingDown   9 Storage
+//!             10 NotFound   11 Forbidden   12 TooManyMessages { limit: u64 }
 //! ```
 //!
 //! Times are milliseconds since the Unix epoch, by the daemon's clock.
@@ -136,6 +184,16 @@
 //! `LeaseLost` and changes nothing. `Saved` and `Released` are sent only once
 //! the write is durable.
 //!
+//! # Messages to profiles
+//!
+//! `SendMessage` stores a message durably and answers with its id. If the
+//! profile is held, its holder is sent `Event::Message` at once; whoever
+//! loads it next finds every pending message in `Loaded::messages`. A
+//! message stays pending until a `Save` or `Release` under the current epoch
+//! lists its id in `Changes::consumed_messages`; the removal is part of that
+//! write's atomic step, so a message is applied exactly once even if the
+//! holder crashes between receiving and saving.
+//!
 //! [bincode]: https://docs.rs/bincode/2.0.1
 
 mod frame;
@@ -146,14 +204,15 @@ pub use frame::{
     encode_frame_into, encode_payload,
 };
 pub use wire::{
-    ActiveSession, ClientFrame, Error, ErrorCode, Event, HeldLease, Hello, LoadPolicy, Loaded,
-    LossReason, ProfileMeta, Reply, Request, RequestBody, Response, Role, ServerFrame, SessionId,
-    Welcome,
+    ActiveSession, Changes, ClientFrame, DaemonStatus, Error, ErrorCode, Event, ExportPage,
+    ExportedProfile, HeldLease, Hello, LoadPolicy, Loaded, LossReason, Message, Metric,
+    OverwriteSource, ProfileMeta, ProfileView, Reply, Request, RequestBody, Response, Role,
+    ServerFrame, SessionId, SessionInfo, VersionInfo, VersionQuery, Welcome,
 };
 
 /// The protocol version this crate speaks. A daemon refuses a `Hello` with
 /// any other.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The daemon's default frame limit: 4 MiB.
 pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;

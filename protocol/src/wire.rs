@@ -5,6 +5,8 @@
 //! appended, and struct fields are encoded in declaration order, so a field
 //! change is a protocol version change.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// The identity of one game-server instance, as ProfileService's
@@ -21,7 +23,8 @@ pub struct SessionId {
 /// peer's credentials by the daemon; asking for them is not enough.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
-    /// A game server: load, save, release.
+    /// A game server: load, save, release, send messages, view, list
+    /// versions, stats and status.
     Game,
     /// An operator tool such as `profilectl`.
     Admin,
@@ -130,6 +133,9 @@ pub enum RequestBody {
         /// The new data, opaque to the daemon.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        /// Metadata changes and consumed messages, applied atomically with
+        /// the data.
+        changes: Changes,
     },
     /// End a lease, optionally with a final write in the same atomic step.
     Release {
@@ -142,13 +148,152 @@ pub enum RequestBody {
         /// A final write; `None` keeps the last saved data.
         #[serde(with = "serde_bytes")]
         data: Option<Vec<u8>>,
+        /// Metadata changes and consumed messages, applied atomically with
+        /// the release.
+        changes: Changes,
     },
     /// A no-op round trip, for liveness checks and measuring the floor.
     Ping,
+    /// Queue a message for a profile, held or not, existing or not. The
+    /// holder, if any, is sent [`Event::Message`]; a later loader finds it
+    /// in [`Loaded::messages`]. It stays pending until a save or release
+    /// lists its id in [`Changes::consumed_messages`].
+    SendMessage {
+        /// The profile's store.
+        store: String,
+        /// The profile's key.
+        key: String,
+        /// The message, opaque to the daemon.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    /// Read a profile without a lease: its current data, or a kept version.
+    View {
+        /// The profile's store.
+        store: String,
+        /// The profile's key.
+        key: String,
+        /// A version from [`RequestBody::ListVersions`]; `None` is the
+        /// current data.
+        version: Option<u64>,
+    },
+    /// List a profile's kept versions. No lease is needed.
+    ListVersions {
+        /// The profile's store.
+        store: String,
+        /// The profile's key.
+        key: String,
+        /// Which versions, in which order.
+        query: VersionQuery,
+    },
+    /// Admin: replace a profile's data, ending any lease on it (the holder
+    /// is sent [`Event::LeaseLost`] with [`LossReason::Overwritten`]). The
+    /// data it replaces is kept as a version first, so a rollback can be
+    /// undone.
+    Overwrite {
+        /// The profile's store.
+        store: String,
+        /// The profile's key.
+        key: String,
+        /// The new data.
+        source: OverwriteSource,
+    },
+    /// Admin: erase a profile's data, metadata, versions and messages, and
+    /// end any lease on it. Its epoch and version counters are kept, so a
+    /// fencing token is never reused.
+    Wipe {
+        /// The profile's store.
+        store: String,
+        /// The profile's key.
+        key: String,
+    },
+    /// The daemon's counters and gauges.
+    Stats,
+    /// A summary of the daemon: version, uptime, sessions, leases, storage.
+    Status,
+    /// Admin: every session the daemon knows and the leases each holds.
+    Sessions,
+    /// Admin: end the lease on a profile now, keeping its last saved data.
+    /// The holder is sent [`Event::LeaseLost`] with [`LossReason::Revoked`]
+    /// and the next queued load is granted.
+    Revoke {
+        /// The profile's store.
+        store: String,
+        /// The profile's key.
+        key: String,
+    },
+    /// Admin: send the holder of a profile [`Event::ReleaseRequested`], as a
+    /// ForceLoad would, without queueing a load.
+    AskRelease {
+        /// The profile's store.
+        store: String,
+        /// The profile's key.
+        key: String,
+    },
+    /// Admin: write a consistent copy of the database (a RocksDB
+    /// checkpoint) to a new directory on the daemon's host. A daemon
+    /// started on that directory serves the profiles as they were.
+    Backup {
+        /// The directory to create; it must not exist.
+        path: String,
+    },
+    /// Admin: read a page of a store's profiles, in key order.
+    Export {
+        /// The store.
+        store: String,
+        /// Start after this key; `None` starts at the first.
+        after: Option<String>,
+        /// The most profiles in the page.
+        limit: u32,
+    },
+    /// Admin: write a profile as exported, ending any lease on it as
+    /// [`RequestBody::Overwrite`] does.
+    Import {
+        /// The store.
+        store: String,
+        /// The profile.
+        profile: ExportedProfile,
+    },
+}
+
+/// What a save or release changes besides the data. The default changes
+/// nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    /// Replaces every meta tag when set.
+    pub meta_tags: Option<BTreeMap<String, Vec<u8>>>,
+    /// Replaces the user ids (for GDPR requests) when set.
+    pub user_ids: Option<Vec<u64>>,
+    /// Ids of the pending messages this write has applied. They are removed
+    /// in the same atomic step as the write. Ids that are not pending are
+    /// ignored, so a retried write is harmless.
+    pub consumed_messages: Vec<u64>,
+}
+
+/// Which versions [`RequestBody::ListVersions`] returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionQuery {
+    /// Newest first rather than oldest first.
+    pub newest_first: bool,
+    /// Only versions saved at or after this time (Unix milliseconds).
+    pub from_ms: Option<u64>,
+    /// Only versions saved at or before this time (Unix milliseconds).
+    pub to_ms: Option<u64>,
+    /// The most versions returned; the daemon may return fewer.
+    pub limit: u32,
+}
+
+/// The data [`RequestBody::Overwrite`] writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OverwriteSource {
+    /// These bytes.
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The data of a kept version (a rollback).
+    Version(u64),
 }
 
 /// Frames sent by the daemon.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ServerFrame {
     /// The handshake succeeded.
     Welcome(Welcome),
@@ -161,7 +306,7 @@ pub enum ServerFrame {
 }
 
 /// The outcome of the request with the same id.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     /// The [`Request::id`] this answers.
     pub id: u64,
@@ -170,7 +315,7 @@ pub struct Response {
 }
 
 /// Successful outcomes, one per request kind.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
     /// The lease was granted.
     Loaded(Loaded),
@@ -186,6 +331,47 @@ pub enum Reply {
     },
     /// The answer to [`RequestBody::Ping`].
     Pong,
+    /// The message is durable and pending.
+    MessageSent {
+        /// The message's id, unique within the profile.
+        id: u64,
+    },
+    /// The answer to [`RequestBody::View`].
+    Viewed(ProfileView),
+    /// The answer to [`RequestBody::ListVersions`].
+    Versions(Vec<VersionInfo>),
+    /// The overwrite or import is durable.
+    Overwritten {
+        /// The profile's version after the write.
+        version: u64,
+    },
+    /// The profile is erased.
+    Wiped,
+    /// The answer to [`RequestBody::Stats`].
+    Stats(Vec<Metric>),
+    /// The answer to [`RequestBody::Status`].
+    Status(DaemonStatus),
+    /// The answer to [`RequestBody::Sessions`].
+    Sessions(Vec<SessionInfo>),
+    /// The answer to [`RequestBody::Revoke`].
+    Revoked {
+        /// The lease that was ended; `None` if the profile was not held.
+        lease: Option<ActiveSession>,
+    },
+    /// The answer to [`RequestBody::AskRelease`].
+    ReleaseAsked {
+        /// The lease whose holder was asked; `None` if it was not held.
+        lease: Option<ActiveSession>,
+    },
+    /// The backup is complete.
+    BackedUp {
+        /// The directory written.
+        path: String,
+        /// The size of its files, in bytes.
+        bytes: u64,
+    },
+    /// The answer to [`RequestBody::Export`].
+    Exported(ExportPage),
 }
 
 /// A granted lease and the profile it covers.
@@ -198,6 +384,116 @@ pub struct Loaded {
     pub data: Option<Vec<u8>>,
     /// What the daemon knows about the profile.
     pub meta: ProfileMeta,
+    /// Messages waiting to be applied, oldest first.
+    pub messages: Vec<Message>,
+}
+
+/// A message sent to a profile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Unique within the profile and increasing; a save lists it in
+    /// [`Changes::consumed_messages`] once applied.
+    pub id: u64,
+    /// When it was sent, in Unix milliseconds.
+    pub sent_at_ms: u64,
+    /// What was sent.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// A profile read without a lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileView {
+    /// The version shown.
+    pub version: u64,
+    /// When that version was written, in Unix milliseconds.
+    pub saved_at_ms: u64,
+    /// Its data; `None` if the profile has messages but was never saved.
+    #[serde(with = "serde_bytes")]
+    pub data: Option<Vec<u8>>,
+    /// The profile's current metadata.
+    pub meta: ProfileMeta,
+    /// The profile's pending messages.
+    pub messages: Vec<Message>,
+}
+
+/// One kept version of a profile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// The version, for [`RequestBody::View`] and [`OverwriteSource::Version`].
+    pub version: u64,
+    /// When it was written, in Unix milliseconds.
+    pub saved_at_ms: u64,
+    /// Its data's size in bytes.
+    pub size: u64,
+}
+
+/// One counter or gauge. Names and labels follow Prometheus conventions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metric {
+    /// For example `profiled_loads_total`.
+    pub name: String,
+    /// Label names and values, for example `("policy", "force_load")`.
+    pub labels: Vec<(String, String)>,
+    /// The value.
+    pub value: f64,
+}
+
+/// A summary of the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// The daemon's crate version.
+    pub daemon_version: String,
+    /// Milliseconds since it started.
+    pub uptime_ms: u64,
+    /// Open client connections.
+    pub connections: u64,
+    /// Sessions connected or holding leases.
+    pub sessions: u64,
+    /// Leases held.
+    pub leases_held: u64,
+    /// Loads waiting in queues.
+    pub queued_loads: u64,
+    /// The database's size on disk, in bytes.
+    pub storage_bytes: u64,
+}
+
+/// A session and its leases, for [`RequestBody::Sessions`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The session.
+    pub session: SessionId,
+    /// Its connection; `None` while it is away within its resume grace.
+    pub connection_id: Option<u64>,
+    /// The leases it holds.
+    pub leases: Vec<HeldLease>,
+}
+
+/// A page of exported profiles.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportPage {
+    /// The profiles, in key order.
+    pub profiles: Vec<ExportedProfile>,
+    /// The key to ask for the next page after; `None` at the end.
+    pub next: Option<String>,
+}
+
+/// A profile as exported and imported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportedProfile {
+    /// The profile's key.
+    pub key: String,
+    /// Its version when exported; informational on import.
+    pub version: u64,
+    /// When its data was last written, in Unix milliseconds.
+    pub updated_at_ms: u64,
+    /// Its data, `None` if never saved.
+    #[serde(with = "serde_bytes")]
+    pub data: Option<Vec<u8>>,
+    /// Its meta tags.
+    pub meta_tags: BTreeMap<String, Vec<u8>>,
+    /// Its user ids.
+    pub user_ids: Vec<u64>,
 }
 
 /// A profile's metadata.
@@ -214,6 +510,11 @@ pub struct ProfileMeta {
     pub version: u64,
     /// The session holding the lease, if any.
     pub active: Option<ActiveSession>,
+    /// Tags a game attaches to the profile, set by a save.
+    pub meta_tags: BTreeMap<String, Vec<u8>>,
+    /// The players whose personal data the profile holds, so a GDPR erasure
+    /// request can find it.
+    pub user_ids: Vec<u64>,
 }
 
 /// The holder of a lease.
@@ -264,6 +565,18 @@ pub enum Event {
         /// releases the remaining leases.
         deadline_ms: u64,
     },
+    /// A message was sent to a profile this connection holds. Apply it, and
+    /// list its id in the next save's [`Changes::consumed_messages`].
+    Message {
+        /// The profile's store.
+        store: String,
+        /// The profile's key.
+        key: String,
+        /// The epoch of the lease it was delivered under.
+        epoch: u64,
+        /// The message.
+        message: Message,
+    },
 }
 
 /// Why a lease was taken from its holder.
@@ -274,6 +587,12 @@ pub enum LossReason {
     /// The holder did not release within `force_load_timeout` of a
     /// [`Event::ReleaseRequested`].
     ForceLoadTimeout,
+    /// An admin overwrote (or imported) the profile.
+    Overwritten,
+    /// An admin wiped the profile.
+    Wiped,
+    /// An admin ended the lease.
+    Revoked,
 }
 
 /// A failed request, or a refused handshake.
@@ -327,6 +646,19 @@ pub enum ErrorCode {
     /// The storage engine failed; nothing was acknowledged.
     #[error("storage error")]
     Storage,
+    /// The profile, or the asked-for version of it, does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The request needs rights this connection does not have.
+    #[error("forbidden")]
+    Forbidden,
+    /// The profile already has the most pending messages allowed; the
+    /// message was not queued and no older one was dropped.
+    #[error("too many pending messages (limit {limit})")]
+    TooManyMessages {
+        /// The configured limit.
+        limit: u64,
+    },
 }
 
 impl Error {

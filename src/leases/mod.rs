@@ -11,22 +11,26 @@
 mod table;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{FuturesOrdered, StreamExt};
 use futures::{FutureExt, future::BoxFuture};
 use profiled_protocol::{
-    self as protocol, ActiveSession, ErrorCode, Event, LoadPolicy, Loaded, ProfileMeta, Reply,
-    Response, ServerFrame, SessionId,
+    self as protocol, ErrorCode, Event, LoadPolicy, LossReason, Reply, Response, ServerFrame,
+    SessionId,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::ProfileKey;
-use crate::storage::{Granted, Storage, WriteError};
+use crate::replies;
+use crate::stats::{LoadOutcome, Stats};
+use crate::storage::{AdminAction, AdminDone, Granted, Sent, Storage, WriteError};
 pub use table::{
     ConnId, Connected, Effect, LeaseEvent, LeaseRules, LeaseTable, LoadError, LoadRequest,
+    SessionSummary,
 };
 
 /// A handle to the lease driver. Cheap to clone.
@@ -43,6 +47,8 @@ pub struct LeaseCounts {
     pub held: usize,
     /// Loads waiting in queues.
     pub queued: usize,
+    /// Sessions connected or holding leases.
+    pub sessions: usize,
 }
 
 /// What a connection registers with the driver.
@@ -95,10 +101,40 @@ enum Command {
     Counts {
         reply: oneshot::Sender<LeaseCounts>,
     },
+    SendMessage {
+        key: ProfileKey,
+        payload: Vec<u8>,
+        max_pending: u64,
+        reply: oneshot::Sender<Result<u64, WriteError>>,
+    },
+    Admin {
+        key: ProfileKey,
+        action: AdminAction,
+        reply: oneshot::Sender<Result<AdminDone, WriteError>>,
+    },
+    AskRelease {
+        key: ProfileKey,
+        requester: SessionId,
+        reply: oneshot::Sender<Option<(SessionId, u64)>>,
+    },
+    Sessions {
+        reply: oneshot::Sender<Vec<SessionSummary>>,
+    },
 }
 
 /// A storage write the driver started, finished.
 enum Completion {
+    Message {
+        key: ProfileKey,
+        result: Result<Sent, WriteError>,
+        reply: oneshot::Sender<Result<u64, WriteError>>,
+    },
+    Admin {
+        key: ProfileKey,
+        reason: LossReason,
+        result: Result<AdminDone, WriteError>,
+        reply: oneshot::Sender<Result<AdminDone, WriteError>>,
+    },
     Grant {
         key: ProfileKey,
         ticket: u64,
@@ -117,8 +153,16 @@ struct Driver {
     commands: mpsc::UnboundedReceiver<Command>,
     /// Every registered connection's link, by id.
     links: HashMap<ConnId, ConnLink>,
-    /// Grants and releases being written.
-    writes: FuturesUnordered<BoxFuture<'static, Completion>>,
+    /// Writes under way, in the order they were submitted. The committer
+    /// applies writes in that order too, so each outcome is handled with
+    /// every earlier write's outcome already known: a message's holder, or
+    /// the lease an admin action ended, is judged against the right state.
+    writes: FuturesOrdered<BoxFuture<'static, Completion>>,
+    /// Loads waiting for an answer: when each arrived, its policy, and
+    /// whether the profile was held then, for the load and handoff stats.
+    loads: HashMap<(ConnId, u64), (Instant, LoadPolicy, bool)>,
+    /// The daemon's counters.
+    stats: Arc<Stats>,
     /// Callers of `release_all` waiting for the table to become idle.
     idle_waiters: Vec<(oneshot::Sender<usize>, usize)>,
 }
@@ -132,6 +176,7 @@ impl Leases {
         storage: Storage,
         rules: LeaseRules,
         recovered: Vec<(ProfileKey, SessionId, u64)>,
+        stats: Arc<Stats>,
     ) -> Self {
         let (commands, receiver) = mpsc::unbounded_channel();
         let mut table = LeaseTable::new(rules);
@@ -141,7 +186,9 @@ impl Leases {
             storage,
             commands: receiver,
             links: HashMap::new(),
-            writes: FuturesUnordered::new(),
+            writes: FuturesOrdered::new(),
+            loads: HashMap::new(),
+            stats,
             idle_waiters: Vec::new(),
         };
         tokio::spawn(driver.run());
@@ -228,6 +275,69 @@ impl Leases {
         }
         answer.await.unwrap_or_default()
     }
+
+    /// Stores a message for `key` and, once it is durable, pushes it to the
+    /// profile's holder. Resolves to the message's id.
+    pub async fn send_message(
+        &self,
+        key: ProfileKey,
+        payload: Vec<u8>,
+        max_pending: u64,
+    ) -> Result<u64, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::SendMessage {
+            key,
+            payload,
+            max_pending,
+            reply,
+        };
+        self.commands
+            .send(command)
+            .map_err(|_| WriteError::Closed)?;
+        answer.await.unwrap_or(Err(WriteError::Closed))
+    }
+
+    /// Applies an administrative change and, once it is durable, tells the
+    /// holder of any lease it ended and hands the profile to the next
+    /// waiter.
+    pub async fn admin(
+        &self,
+        key: ProfileKey,
+        action: AdminAction,
+    ) -> Result<AdminDone, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Admin { key, action, reply };
+        self.commands
+            .send(command)
+            .map_err(|_| WriteError::Closed)?;
+        answer.await.unwrap_or(Err(WriteError::Closed))
+    }
+
+    /// Asks the holder of `key` to release it. Returns the holder and its
+    /// epoch, if the profile is held.
+    pub async fn ask_release(
+        &self,
+        key: ProfileKey,
+        requester: SessionId,
+    ) -> Result<Option<(SessionId, u64)>, DriverGone> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::AskRelease {
+            key,
+            requester,
+            reply,
+        };
+        self.commands.send(command).map_err(|_| DriverGone)?;
+        answer.await.map_err(|_| DriverGone)
+    }
+
+    /// Every session and its leases.
+    pub async fn sessions(&self) -> Result<Vec<SessionSummary>, DriverGone> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Sessions { reply })
+            .map_err(|_| DriverGone)?;
+        answer.await.map_err(|_| DriverGone)
+    }
 }
 
 impl Driver {
@@ -272,6 +382,7 @@ impl Driver {
             }
             Command::Disconnect { conn } => {
                 self.links.remove(&conn);
+                self.loads.retain(|(c, _), _| *c != conn);
                 self.table.disconnect(conn, now);
             }
             Command::Load {
@@ -280,16 +391,20 @@ impl Driver {
                 key,
                 policy,
                 wait,
-            } => self.table.load(
-                LoadRequest {
-                    conn,
-                    request_id,
-                    key,
-                    policy,
-                    deadline: wait.map(|wait| now + wait),
-                },
-                now,
-            ),
+            } => {
+                let held = self.table.holder(&key).is_some();
+                self.loads.insert((conn, request_id), (now, policy, held));
+                self.table.load(
+                    LoadRequest {
+                        conn,
+                        request_id,
+                        key,
+                        policy,
+                        deadline: wait.map(|wait| now + wait),
+                    },
+                    now,
+                );
+            }
             Command::Released { key, epoch } => self.table.released(&key, epoch, now),
             Command::StopLoads { grace } => {
                 self.table.stop_loads();
@@ -304,7 +419,51 @@ impl Driver {
                 let _ = reply.send(LeaseCounts {
                     held: self.table.held(),
                     queued: self.table.queued(),
+                    sessions: self.table.session_count(),
                 });
+            }
+            Command::SendMessage {
+                key,
+                payload,
+                max_pending,
+                reply,
+            } => {
+                let write = self.storage.send_message(key.clone(), payload, max_pending);
+                self.writes.push_back(
+                    write
+                        .map(move |result| Completion::Message { key, result, reply })
+                        .boxed(),
+                );
+            }
+            Command::Admin { key, action, reply } => {
+                let reason = match action {
+                    AdminAction::Wipe => LossReason::Wiped,
+                    AdminAction::Revoke => LossReason::Revoked,
+                    AdminAction::Overwrite(_)
+                    | AdminAction::Rollback(_)
+                    | AdminAction::Import { .. } => LossReason::Overwritten,
+                };
+                let write = self.storage.admin(key.clone(), action);
+                self.writes.push_back(
+                    write
+                        .map(move |result| Completion::Admin {
+                            key,
+                            reason,
+                            result,
+                            reply,
+                        })
+                        .boxed(),
+                );
+            }
+            Command::AskRelease {
+                key,
+                requester,
+                reply,
+            } => {
+                let _ = reply.send(self.table.ask_release(&key, requester));
+            }
+            Command::Sessions { reply } => {
+                let _ = reply.send(self.table.sessions());
             }
         }
     }
@@ -318,10 +477,58 @@ impl Driver {
                 result,
             } => self.table.grant_done(&key, ticket, result, now),
             Completion::Release { key, result } => {
-                if let Err(err) = result {
-                    tracing::warn!(profile = %key, error = %err, "releasing a lease failed");
+                match result {
+                    Ok(_) => self.stats.daemon_released(),
+                    Err(err) => {
+                        self.stats.storage_error();
+                        tracing::warn!(profile = %key, error = %err, "releasing a lease failed");
+                    }
                 }
                 self.table.release_done(&key, now);
+            }
+            Completion::Message { key, result, reply } => {
+                self.stats.message(result.is_ok());
+                if let Ok(Sent {
+                    message,
+                    lease: Some(lease),
+                }) = &result
+                {
+                    // Only the holder the message was stored under hears of
+                    // it; a grant after it returns it with the data instead.
+                    if let Some(conn) = self.table.holder_conn(&key, &lease.session, lease.epoch) {
+                        let event = Event::Message {
+                            store: key.store.clone(),
+                            key: key.key.clone(),
+                            epoch: lease.epoch,
+                            message: message.clone(),
+                        };
+                        self.send(conn, ServerFrame::Event(event));
+                    }
+                }
+                let _ = reply.send(result.map(|sent| sent.message.id));
+            }
+            Completion::Admin {
+                key,
+                reason,
+                result,
+                reply,
+            } => {
+                if let Ok(AdminDone {
+                    ended: Some(lease), ..
+                }) = &result
+                {
+                    self.table.revoked(&key, lease.epoch, reason, now);
+                    if reason == LossReason::Revoked {
+                        self.stats.daemon_released();
+                    }
+                }
+                match (&result, reason) {
+                    (Ok(_), LossReason::Wiped) => self.stats.wiped(),
+                    (Ok(_), LossReason::Overwritten) => self.stats.overwritten(),
+                    (Err(WriteError::Storage(_)), _) => self.stats.storage_error(),
+                    _ => {}
+                }
+                let _ = reply.send(result);
             }
         }
     }
@@ -331,7 +538,7 @@ impl Driver {
             match effect {
                 Effect::Grant { key, ticket, owner } => {
                     let write = self.storage.grant(key.clone(), owner);
-                    self.writes.push(
+                    self.writes.push_back(
                         write
                             .map(move |result| Completion::Grant {
                                 key,
@@ -342,8 +549,14 @@ impl Driver {
                     );
                 }
                 Effect::Release { key, owner, epoch } => {
-                    let write = self.storage.release(key.clone(), owner, epoch, None);
-                    self.writes.push(
+                    let write = self.storage.release(
+                        key.clone(),
+                        owner,
+                        epoch,
+                        None,
+                        protocol::Changes::default(),
+                    );
+                    self.writes.push_back(
                         write
                             .map(move |result| Completion::Release { key, result })
                             .boxed(),
@@ -354,12 +567,18 @@ impl Driver {
                     request_id,
                     result,
                 } => {
+                    self.count_load(conn, request_id, &result);
                     let frame = ServerFrame::Response(Response {
                         id: request_id,
                         result: result.map(loaded).map_err(load_error),
                     });
                     self.send(conn, frame);
                 }
+                Effect::Taken { reason } => match reason {
+                    LossReason::Stolen => self.stats.stolen(),
+                    LossReason::ForceLoadTimeout => self.stats.force_timeout(),
+                    _ => {}
+                },
                 Effect::Push { conn, event } => {
                     self.send(conn, ServerFrame::Event(wire_event(event)))
                 }
@@ -380,6 +599,34 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Counts a load's outcome, and the handoff time of a ForceLoad that
+    /// took a held profile.
+    fn count_load(&mut self, conn: ConnId, request_id: u64, result: &Result<Granted, LoadError>) {
+        let Some((started, policy, held)) = self.loads.remove(&(conn, request_id)) else {
+            return;
+        };
+        let outcome = match result {
+            Ok(_) => {
+                if held && policy == LoadPolicy::ForceLoad {
+                    self.stats.handoff(started.elapsed());
+                }
+                LoadOutcome::Granted
+            }
+            Err(LoadError::AlreadyLoaded(_)) => LoadOutcome::AlreadyLoaded,
+            Err(LoadError::Taken { .. }) => LoadOutcome::Taken,
+            Err(LoadError::Superseded(_)) => LoadOutcome::Superseded,
+            Err(LoadError::Timeout(_)) => LoadOutcome::Timeout,
+            Err(LoadError::ShuttingDown | LoadError::Storage(WriteError::Closed)) => {
+                LoadOutcome::ShuttingDown
+            }
+            Err(LoadError::Storage(_)) => {
+                self.stats.storage_error();
+                LoadOutcome::StorageError
+            }
+        };
+        self.stats.load(policy, outcome);
     }
 
     /// Queues a frame for a connection without waiting. A connection whose
@@ -415,21 +662,17 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// The wire form of a granted lease.
 fn loaded(granted: Granted) -> Reply {
-    let Granted { lease, meta, data } = granted;
-    Reply::Loaded(Loaded {
+    let Granted {
+        lease,
+        meta,
+        data,
+        messages,
+    } = granted;
+    Reply::Loaded(protocol::Loaded {
         epoch: lease.epoch,
         data,
-        meta: ProfileMeta {
-            created_at_ms: meta.created_at_ms,
-            updated_at_ms: meta.updated_at_ms,
-            load_count: meta.load_count,
-            version: meta.version,
-            active: Some(ActiveSession {
-                session: lease.session,
-                epoch: lease.epoch,
-                since_ms: lease.since_ms,
-            }),
-        },
+        meta: replies::profile_meta(meta, Some(lease)),
+        messages,
     })
 }
 
@@ -443,6 +686,10 @@ fn load_error(err: LoadError) -> protocol::Error {
         LoadError::Timeout(_) => ErrorCode::Timeout,
         LoadError::ShuttingDown => ErrorCode::ShuttingDown,
         LoadError::Storage(WriteError::Closed) => ErrorCode::ShuttingDown,
+        LoadError::Storage(WriteError::NotFound) => ErrorCode::NotFound,
+        LoadError::Storage(WriteError::TooManyMessages(limit)) => {
+            ErrorCode::TooManyMessages { limit }
+        }
         LoadError::Storage(_) => ErrorCode::Storage,
     };
     protocol::Error::new(code, message)

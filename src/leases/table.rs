@@ -105,6 +105,12 @@ pub enum Effect {
         /// The older connection.
         conn: ConnId,
     },
+    /// A lease was taken from its holder by another load. Only counted;
+    /// the holder is told through [`Effect::Push`].
+    Taken {
+        /// Why it was taken.
+        reason: LossReason,
+    },
     /// Tell a connection something it did not ask about.
     Push {
         /// The connection.
@@ -161,6 +167,17 @@ pub struct LeaseRules {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Connected {
     /// The leases the session holds, resumed with their epochs.
+    pub leases: Vec<(ProfileKey, u64)>,
+}
+
+/// A session as listed for operators.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionSummary {
+    /// The session.
+    pub session: SessionId,
+    /// Its connection, `None` while it is away.
+    pub conn: Option<ConnId>,
+    /// Its leases and their epochs.
     pub leases: Vec<(ProfileKey, u64)>,
 }
 
@@ -521,6 +538,7 @@ impl LeaseTable {
                     };
                 }
                 if let Some((previous, reason)) = previous {
+                    self.effects.push(Effect::Taken { reason });
                     if let Some(conn) = self.conn_of(&previous.session) {
                         self.effects.push(Effect::Push {
                             conn,
@@ -581,6 +599,122 @@ impl LeaseTable {
             state.holder = Holder::Free;
             self.pump(key, now);
         }
+    }
+
+    /// Records that storage ended the lease `epoch` on `key` by an admin's
+    /// action: the holder is told it lost the lease for `reason`, and the
+    /// next waiter moves up. A lease that has already changed hands is left
+    /// alone.
+    pub fn revoked(&mut self, key: &ProfileKey, epoch: u64, reason: LossReason, now: Instant) {
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        let lost = match &mut state.holder {
+            Holder::Held(held) if held.epoch == epoch => {
+                let held = held.clone();
+                state.holder = Holder::Free;
+                state.force_deadline = None;
+                Some(held)
+            }
+            // The grant under way took the lease from this holder; it no
+            // longer needs telling once that grant is durable.
+            Holder::Granting(granting)
+                if granting
+                    .previous
+                    .as_ref()
+                    .is_some_and(|(p, _)| p.epoch == epoch) =>
+            {
+                granting.previous.take().map(|(held, _)| held)
+            }
+            _ => None,
+        };
+        if let Some(held) = lost {
+            if let Some(conn) = self.conn_of(&held.session) {
+                self.effects.push(Effect::Push {
+                    conn,
+                    event: LeaseEvent::LeaseLost {
+                        key: key.clone(),
+                        epoch,
+                        reason,
+                        new_owner: None,
+                    },
+                });
+            }
+            self.forget_lease(&held.session, key);
+        }
+        self.pump(key, now);
+    }
+
+    /// Asks the holder of `key` to release it on behalf of `requester`, as
+    /// a ForceLoad would but without queueing. Returns the holder and its
+    /// epoch, if the profile is held.
+    pub fn ask_release(
+        &mut self,
+        key: &ProfileKey,
+        requester: SessionId,
+    ) -> Option<(SessionId, u64)> {
+        let (session, epoch) = self.holder(key)?;
+        let (session, epoch) = (session.clone(), epoch);
+        if let Some(conn) = self.conn_of(&session) {
+            self.effects.push(Effect::Push {
+                conn,
+                event: LeaseEvent::ReleaseRequested {
+                    key: key.clone(),
+                    epoch,
+                    requester,
+                },
+            });
+        }
+        Some((session, epoch))
+    }
+
+    /// The session holding `key` and its epoch, if it is held.
+    pub fn holder(&self, key: &ProfileKey) -> Option<(&SessionId, u64)> {
+        match &self.keys.get(key)?.holder {
+            Holder::Held(held) => Some((&held.session, held.epoch)),
+            _ => None,
+        }
+    }
+
+    /// The connection of the session holding `key` under `epoch`, if that
+    /// lease is still held and its session is connected.
+    pub fn holder_conn(&self, key: &ProfileKey, session: &SessionId, epoch: u64) -> Option<ConnId> {
+        match self.holder(key) {
+            Some((holder, held)) if holder == session && held == epoch => self.conn_of(session),
+            _ => None,
+        }
+    }
+
+    /// Every session, its connection if it is connected, and the leases it
+    /// holds, sorted by session.
+    pub fn sessions(&self) -> Vec<SessionSummary> {
+        let mut out: Vec<_> = self
+            .sessions
+            .iter()
+            .map(|(id, session)| {
+                let mut leases: Vec<(ProfileKey, u64)> = session
+                    .held
+                    .iter()
+                    .filter_map(|key| {
+                        let (_, epoch) = self.holder(key)?;
+                        Some((key.clone(), epoch))
+                    })
+                    .collect();
+                leases.sort();
+                SessionSummary {
+                    session: id.clone(),
+                    conn: session.conn,
+                    leases,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.session.cmp(&b.session));
+        out
+    }
+
+    /// How many sessions are connected or hold leases.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
     }
 
     /// The earliest pending deadline.
@@ -972,6 +1106,7 @@ mod tests {
             },
             meta: MetaRecord::default(),
             data: None,
+            messages: Vec::new(),
         };
         table.grant_done(&key, ticket, Ok(granted), now);
         table.take_effects()
@@ -1008,6 +1143,65 @@ mod tests {
         let done = complete_grant(&mut table, effects, 1, now);
         assert_eq!(answers(&done), vec![(1, Ok(1))]);
         table
+    }
+
+    #[test]
+    fn a_revoked_lease_tells_its_holder_and_frees_the_profile_for_the_queue() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::Repeat, now);
+        assert!(table.take_effects().is_empty(), "repeat waits quietly");
+        table.revoked(&key(), 1, LossReason::Wiped, now);
+        let effects = table.take_effects();
+        assert_eq!(
+            pushes(&effects),
+            vec![(
+                1,
+                LeaseEvent::LeaseLost {
+                    key: key(),
+                    epoch: 1,
+                    reason: LossReason::Wiped,
+                    new_owner: None
+                }
+            )]
+        );
+        let done = complete_grant(&mut table, effects, 2, now);
+        assert_eq!(answers(&done), vec![(2, Ok(2))]);
+        assert_eq!(table.holder(&key()), Some((&session("s2"), 2)));
+        assert_eq!(table.sessions()[0].leases, Vec::<(ProfileKey, u64)>::new());
+    }
+
+    #[test]
+    fn a_revoke_of_an_older_epoch_changes_nothing() {
+        let now = Instant::now();
+        let mut table = held_by_one(1, now);
+        table.revoked(&key(), 7, LossReason::Revoked, now);
+        assert!(table.take_effects().is_empty());
+        assert_eq!(table.holder(&key()), Some((&session("s1"), 1)));
+    }
+
+    #[test]
+    fn asking_for_a_release_pushes_a_request_without_queueing() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        let holder = table.ask_release(&key(), session("admin"));
+        assert_eq!(holder, Some((session("s1"), 1)));
+        assert_eq!(
+            pushes(&table.take_effects()),
+            vec![(
+                1,
+                LeaseEvent::ReleaseRequested {
+                    key: key(),
+                    epoch: 1,
+                    requester: session("admin")
+                }
+            )]
+        );
+        assert_eq!(table.queued(), 0);
+        assert_eq!(
+            table.ask_release(&ProfileKey::new("s", "free"), session("a")),
+            None
+        );
     }
 
     #[test]
@@ -1480,6 +1674,7 @@ mod tests {
                             },
                             meta: MetaRecord::default(),
                             data: None,
+                            messages: Vec::new(),
                         };
                         table.grant_done(&key, ticket, Ok(granted_record), now);
                     }
@@ -1541,7 +1736,7 @@ mod tests {
                             granted.insert(key, (grant.lease.session, grant.lease.epoch, false));
                         }
                     }
-                    Effect::Push { .. } | Effect::Kick { .. } => {}
+                    Effect::Push { .. } | Effect::Kick { .. } | Effect::Taken { .. } => {}
                 }
             }
         }

@@ -7,17 +7,16 @@
 //! operation answered. If the write fails, every operation in the batch
 //! fails and none is acknowledged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use profiled_protocol::SessionId;
-use rocksdb::{ColumnFamily, DB, WriteBatch, WriteOptions};
+use profiled_protocol::{Changes, Message, SessionId};
+use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::oneshot;
 
 use super::records::{self, LeaseRecord, MetaRecord};
-use super::{CF_DATA, CF_LEASES, CF_META, Granted, WriteError};
+use super::{AdminAction, AdminDone, Families, Granted, Sent, WriteError, unix_ms};
 use crate::ProfileKey;
 
 /// A write waiting for the committer. Each carries the sender its caller
@@ -34,10 +33,47 @@ pub(super) enum Op {
         write: Write,
         reply: oneshot::Sender<Result<u64, WriteError>>,
     },
+    /// A message for a profile.
+    Send {
+        key: ProfileKey,
+        payload: Vec<u8>,
+        max_pending: u64,
+        reply: oneshot::Sender<Result<Sent, WriteError>>,
+    },
+    /// An administrative change that ends any lease.
+    Admin {
+        key: ProfileKey,
+        action: AdminAction,
+        reply: oneshot::Sender<Result<AdminDone, WriteError>>,
+    },
     /// Flush and stop after everything submitted before it.
     Close {
         reply: oneshot::Sender<Result<(), String>>,
     },
+}
+
+/// A save or release, checked against the stored lease.
+#[derive(Debug)]
+pub(super) struct Write {
+    /// The profile.
+    pub(super) key: ProfileKey,
+    /// The session the lease must belong to.
+    pub(super) owner: SessionId,
+    /// The epoch the lease must have.
+    pub(super) epoch: u64,
+    /// The new data; `None` keeps the stored data (a bare release).
+    pub(super) data: Option<Vec<u8>>,
+    /// Metadata changes and consumed messages.
+    pub(super) changes: Changes,
+    /// Whether the lease ends with this write.
+    pub(super) release: bool,
+}
+
+/// How the committer keeps history.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HistoryRules {
+    /// The least time between two versions kept by saves.
+    pub(super) interval_ms: u64,
 }
 
 /// The committer's state; it lives on its own thread.
@@ -45,6 +81,7 @@ pub(super) struct Committer {
     db: Arc<DB>,
     write_options: WriteOptions,
     max_batch: usize,
+    history: HistoryRules,
 }
 
 /// A profile as seen part-way through a batch: what was read from the
@@ -52,8 +89,18 @@ pub(super) struct Committer {
 struct Slot {
     meta: Option<MetaRecord>,
     lease: Option<LeaseRecord>,
-    /// Data written earlier in this batch, which a later grant must return.
-    written: Option<Vec<u8>>,
+    /// The data as this batch left it, once the batch has changed it:
+    /// `Some(None)` after a wipe.
+    written: Option<Option<Vec<u8>>>,
+    /// Messages sent earlier in this batch, which a later grant must return.
+    sent: Vec<Message>,
+    /// Message ids consumed earlier in this batch.
+    consumed: HashSet<u64>,
+    /// Versions kept earlier in this batch.
+    kept: Vec<(u64, Vec<u8>)>,
+    /// Whether this batch wiped the profile, so its stored messages and
+    /// versions no longer count.
+    wiped: bool,
 }
 
 /// An answer held back until the batch is durable.
@@ -66,23 +113,33 @@ enum Answer {
         oneshot::Sender<Result<u64, WriteError>>,
         Result<u64, WriteError>,
     ),
+    Sent(
+        oneshot::Sender<Result<Sent, WriteError>>,
+        Result<Sent, WriteError>,
+    ),
+    Admin(
+        oneshot::Sender<Result<AdminDone, WriteError>>,
+        Result<AdminDone, WriteError>,
+    ),
 }
 
-/// The column families, looked up once per batch.
-struct Families<'a> {
-    meta: &'a ColumnFamily,
-    data: &'a ColumnFamily,
-    leases: &'a ColumnFamily,
+/// One batch in the making.
+struct Batch<'a> {
+    families: Families<'a>,
+    slots: HashMap<Vec<u8>, Slot>,
+    batch: WriteBatch,
+    now_ms: u64,
 }
 
 impl Committer {
-    pub(super) fn new(db: Arc<DB>, sync: bool, max_batch: usize) -> Self {
+    pub(super) fn new(db: Arc<DB>, sync: bool, max_batch: usize, history: HistoryRules) -> Self {
         let mut write_options = WriteOptions::default();
         write_options.set_sync(sync);
         Self {
             db,
             write_options,
             max_batch,
+            history,
         }
     }
 
@@ -108,15 +165,18 @@ impl Committer {
     /// Applies and answers one batch. Returns the `Close` reply if the batch
     /// held one; operations after it in the batch fail with `Closed`.
     fn commit(&self, ops: &mut Vec<Op>) -> Option<oneshot::Sender<Result<(), String>>> {
-        let Some(families) = self.families() else {
+        let Some(families) = Families::of(&self.db) else {
             // Unreachable after a successful open; fail the batch rather
             // than panic in the daemon.
             ops.clear();
             return None;
         };
-        let now_ms = unix_ms();
-        let mut batch = WriteBatch::default();
-        let mut slots: HashMap<Vec<u8>, Slot> = HashMap::new();
+        let mut batch = Batch {
+            families,
+            slots: HashMap::new(),
+            batch: WriteBatch::default(),
+            now_ms: unix_ms(),
+        };
         let mut answers = Vec::with_capacity(ops.len());
         let mut close = None;
         for op in ops.drain(..) {
@@ -126,21 +186,34 @@ impl Committer {
             }
             match op {
                 Op::Grant { key, owner, reply } => {
-                    let outcome = self.grant(&families, &mut slots, &mut batch, key, owner, now_ms);
+                    let outcome = self.grant(&mut batch, key, owner);
                     answers.push(Answer::Granted(reply, outcome));
                 }
                 Op::Write { write, reply } => {
-                    let outcome = self.write(&families, &mut slots, &mut batch, write, now_ms);
+                    let outcome = self.write(&mut batch, write);
                     answers.push(Answer::Version(reply, outcome));
+                }
+                Op::Send {
+                    key,
+                    payload,
+                    max_pending,
+                    reply,
+                } => {
+                    let outcome = self.send(&mut batch, key, payload, max_pending);
+                    answers.push(Answer::Sent(reply, outcome));
+                }
+                Op::Admin { key, action, reply } => {
+                    let outcome = self.admin(&mut batch, key, action);
+                    answers.push(Answer::Admin(reply, outcome));
                 }
                 Op::Close { reply } => close = Some(reply),
             }
         }
-        let failure = if batch.is_empty() {
+        let failure = if batch.batch.is_empty() {
             None
         } else {
             self.db
-                .write_opt(batch, &self.write_options)
+                .write_opt(batch.batch, &self.write_options)
                 .err()
                 .map(|err| WriteError::Storage(err.into_string()))
         };
@@ -155,6 +228,12 @@ impl Committer {
                 Answer::Version(reply, outcome) => {
                     let _ = reply.send(fail_if(outcome, &failure));
                 }
+                Answer::Sent(reply, outcome) => {
+                    let _ = reply.send(fail_if(outcome, &failure));
+                }
+                Answer::Admin(reply, outcome) => {
+                    let _ = reply.send(fail_if(outcome, &failure));
+                }
             }
         }
         close
@@ -162,26 +241,19 @@ impl Committer {
 
     fn grant(
         &self,
-        families: &Families<'_>,
-        slots: &mut HashMap<Vec<u8>, Slot>,
-        batch: &mut WriteBatch,
+        batch: &mut Batch<'_>,
         key: ProfileKey,
         owner: SessionId,
-        now_ms: u64,
     ) -> Result<Granted, WriteError> {
         let db_key = records::encode_key(&key);
-        let slot = self.slot(families, slots, &db_key)?;
-        let data = match slot.written.clone() {
-            Some(data) => Some(data),
-            None => self
-                .db
-                .get_cf(families.data, &db_key)
-                .map_err(|err| WriteError::Storage(err.into_string()))?,
-        };
-        let mut meta = slot.meta.clone().unwrap_or(MetaRecord {
-            created_at_ms: now_ms,
-            ..MetaRecord::default()
-        });
+        let now_ms = batch.now_ms;
+        let data = self.current_data(batch, &db_key)?;
+        let messages = self.pending_messages(batch, &key, &db_key)?;
+        let slot = slot_of(&self.db, &mut batch.slots, &batch.families, &db_key)?;
+        let mut meta = slot.meta.clone().unwrap_or_default();
+        if !meta.exists() {
+            meta.created_at_ms = now_ms;
+        }
         meta.epoch += 1;
         meta.load_count += 1;
         let lease = LeaseRecord {
@@ -189,86 +261,343 @@ impl Committer {
             epoch: meta.epoch,
             since_ms: now_ms,
         };
-        batch.put_cf(families.meta, &db_key, records::encode(&meta));
-        batch.put_cf(families.leases, &db_key, records::encode(&lease));
         slot.meta = Some(meta.clone());
         slot.lease = Some(lease.clone());
-        Ok(Granted { lease, meta, data })
+        let families = &batch.families;
+        batch
+            .batch
+            .put_cf(families.meta, &db_key, records::encode(&meta));
+        batch
+            .batch
+            .put_cf(families.leases, &db_key, records::encode(&lease));
+        Ok(Granted {
+            lease,
+            meta,
+            data,
+            messages,
+        })
     }
 
-    fn write(
-        &self,
-        families: &Families<'_>,
-        slots: &mut HashMap<Vec<u8>, Slot>,
-        batch: &mut WriteBatch,
-        write: Write,
-        now_ms: u64,
-    ) -> Result<u64, WriteError> {
+    fn write(&self, batch: &mut Batch<'_>, write: Write) -> Result<u64, WriteError> {
         let db_key = records::encode_key(&write.key);
-        let slot = self.slot(families, slots, &db_key)?;
+        let slot = slot_of(&self.db, &mut batch.slots, &batch.families, &db_key)?;
         let holds = slot
             .lease
             .as_ref()
             .is_some_and(|lease| lease.epoch == write.epoch && lease.session == write.owner);
-        let Some(meta) = slot.meta.as_mut().filter(|_| holds) else {
+        if !holds || slot.meta.is_none() {
+            return Err(WriteError::LeaseLost);
+        }
+        let changed_data = write.data.is_some();
+        let Changes {
+            meta_tags,
+            user_ids,
+            consumed_messages,
+        } = write.changes;
+        self.consume(batch, &write.key, &db_key, &consumed_messages)?;
+        let now_ms = batch.now_ms;
+        let interval_ms = self.history.interval_ms;
+        // A bare release keeps the stored data, which history needs if this
+        // release is the one that keeps it.
+        let data = match write.data {
+            Some(data) => Some(data),
+            None if write.release => self.current_data(batch, &db_key)?,
+            None => None,
+        };
+        let slot = slot_of(&self.db, &mut batch.slots, &batch.families, &db_key)?;
+        let Some(meta) = slot.meta.as_mut() else {
             return Err(WriteError::LeaseLost);
         };
-        if let Some(data) = write.data {
+        let families = &batch.families;
+        if let Some(tags) = meta_tags {
+            meta.meta_tags = tags;
+        }
+        if let Some(ids) = user_ids {
+            meta.user_ids = ids;
+        }
+        if changed_data {
             meta.version += 1;
             meta.updated_at_ms = now_ms;
-            batch.put_cf(families.data, &db_key, &data);
-            batch.put_cf(families.meta, &db_key, records::encode(&*meta));
-            slot.written = Some(data);
         }
+        if let Some(data) = &data {
+            let due = now_ms.saturating_sub(meta.kept_at_ms) >= interval_ms;
+            let unkept = meta.kept_version != meta.version;
+            if unkept && (write.release || due) {
+                keep(&mut batch.batch, families, &write.key, meta, data, now_ms);
+                slot.kept.push((meta.version, data.clone()));
+            }
+            if changed_data {
+                batch.batch.put_cf(families.data, &db_key, data);
+                slot.written = Some(Some(data.clone()));
+            }
+        }
+        batch
+            .batch
+            .put_cf(families.meta, &db_key, records::encode(&*meta));
         let version = meta.version;
         if write.release {
-            batch.delete_cf(families.leases, &db_key);
+            batch.batch.delete_cf(families.leases, &db_key);
             slot.lease = None;
         }
         Ok(version)
     }
 
-    /// The profile's slot in this batch, read from the database on first use.
-    fn slot<'s>(
+    fn send(
         &self,
-        families: &Families<'_>,
-        slots: &'s mut HashMap<Vec<u8>, Slot>,
-        db_key: &[u8],
-    ) -> Result<&'s mut Slot, WriteError> {
-        if !slots.contains_key(db_key) {
-            let read = |family| {
-                self.db
-                    .get_pinned_cf(family, db_key)
-                    .map_err(|err| WriteError::Storage(err.into_string()))
-            };
-            let meta = read(families.meta)?
-                .map(|bytes| records::decode::<MetaRecord>(&bytes))
-                .transpose()
-                .map_err(WriteError::Storage)?;
-            let lease = read(families.leases)?
-                .map(|bytes| records::decode::<LeaseRecord>(&bytes))
-                .transpose()
-                .map_err(WriteError::Storage)?;
-            slots.insert(
-                db_key.to_vec(),
-                Slot {
-                    meta,
-                    lease,
-                    written: None,
-                },
-            );
+        batch: &mut Batch<'_>,
+        key: ProfileKey,
+        payload: Vec<u8>,
+        max_pending: u64,
+    ) -> Result<Sent, WriteError> {
+        let db_key = records::encode_key(&key);
+        let now_ms = batch.now_ms;
+        let slot = slot_of(&self.db, &mut batch.slots, &batch.families, &db_key)?;
+        let mut meta = slot.meta.clone().unwrap_or_default();
+        if meta.pending_messages >= max_pending {
+            return Err(WriteError::TooManyMessages(max_pending));
         }
-        slots
-            .get_mut(db_key)
-            .ok_or_else(|| WriteError::Storage("batch slot vanished".to_owned()))
+        if !meta.exists() {
+            meta.created_at_ms = now_ms;
+        }
+        meta.last_message_id += 1;
+        meta.pending_messages += 1;
+        let id = meta.last_message_id;
+        let families = &batch.families;
+        batch.batch.put_cf(
+            families.messages,
+            records::item_key(&key, id),
+            records::encode_item(now_ms, &payload),
+        );
+        batch
+            .batch
+            .put_cf(families.meta, &db_key, records::encode(&meta));
+        slot.meta = Some(meta);
+        let message = Message {
+            id,
+            sent_at_ms: now_ms,
+            payload,
+        };
+        slot.sent.push(message.clone());
+        Ok(Sent {
+            message,
+            lease: slot.lease.clone(),
+        })
     }
 
-    fn families(&self) -> Option<Families<'_>> {
-        Some(Families {
-            meta: self.db.cf_handle(CF_META)?,
-            data: self.db.cf_handle(CF_DATA)?,
-            leases: self.db.cf_handle(CF_LEASES)?,
-        })
+    fn admin(
+        &self,
+        batch: &mut Batch<'_>,
+        key: ProfileKey,
+        action: AdminAction,
+    ) -> Result<AdminDone, WriteError> {
+        let db_key = records::encode_key(&key);
+        let now_ms = batch.now_ms;
+        let exists = slot_of(&self.db, &mut batch.slots, &batch.families, &db_key)?
+            .meta
+            .as_ref()
+            .is_some_and(MetaRecord::exists);
+        // Find the new data first: a rollback needs the version it names.
+        let replacement: Option<Vec<u8>> = match &action {
+            AdminAction::Revoke | AdminAction::Wipe => None,
+            AdminAction::Overwrite(data) => Some(data.clone()),
+            AdminAction::Import { data, .. } => data.clone(),
+            AdminAction::Rollback(version) => {
+                let data = exists
+                    .then(|| self.version_data(batch, &key, &db_key, *version))
+                    .transpose()?
+                    .flatten();
+                Some(data.ok_or(WriteError::NotFound)?)
+            }
+        };
+        let current = self.current_data(batch, &db_key)?;
+        let slot = slot_of(&self.db, &mut batch.slots, &batch.families, &db_key)?;
+        let families = &batch.families;
+        if matches!(action, AdminAction::Revoke) {
+            let ended = slot.lease.take();
+            if ended.is_some() {
+                batch.batch.delete_cf(families.leases, &db_key);
+            }
+            let version = slot.meta.as_ref().map_or(0, |meta| meta.version);
+            return Ok(AdminDone { version, ended });
+        }
+        if matches!(action, AdminAction::Wipe) && !exists && slot.lease.is_none() {
+            return Err(WriteError::NotFound);
+        }
+        let ended = slot.lease.take();
+        if ended.is_some() {
+            batch.batch.delete_cf(families.leases, &db_key);
+        }
+        let mut meta = slot.meta.clone().unwrap_or_default();
+        match action {
+            // Handled above: a revoke touches nothing but the lease.
+            AdminAction::Revoke => {}
+            AdminAction::Wipe => {
+                let prefix = records::item_prefix(&key);
+                let (from, to) = item_range(&prefix);
+                batch.batch.delete_range_cf(families.messages, &from, &to);
+                batch.batch.delete_range_cf(families.history, &from, &to);
+                batch.batch.delete_cf(families.data, &db_key);
+                // The counters stay, so epochs, versions and message ids
+                // keep rising; everything the profile said is gone.
+                meta = MetaRecord {
+                    epoch: meta.epoch,
+                    version: meta.version,
+                    last_message_id: meta.last_message_id,
+                    kept_version: meta.version,
+                    ..MetaRecord::default()
+                };
+                slot.written = Some(None);
+                slot.sent.clear();
+                slot.kept.clear();
+                slot.wiped = true;
+            }
+            AdminAction::Overwrite(_) | AdminAction::Rollback(_) | AdminAction::Import { .. } => {
+                // The data being replaced is kept first, so the overwrite
+                // itself can be undone.
+                if let Some(current) = &current
+                    && meta.kept_version != meta.version
+                {
+                    keep(&mut batch.batch, families, &key, &mut meta, current, now_ms);
+                    slot.kept.push((meta.version, current.clone()));
+                }
+                if let AdminAction::Import {
+                    meta_tags,
+                    user_ids,
+                    ..
+                } = action
+                {
+                    meta.meta_tags = meta_tags;
+                    meta.user_ids = user_ids;
+                }
+                if !meta.exists() {
+                    meta.created_at_ms = now_ms;
+                }
+                if let Some(data) = replacement {
+                    meta.version += 1;
+                    meta.updated_at_ms = now_ms;
+                    keep(&mut batch.batch, families, &key, &mut meta, &data, now_ms);
+                    slot.kept.push((meta.version, data.clone()));
+                    batch.batch.put_cf(families.data, &db_key, &data);
+                    slot.written = Some(Some(data));
+                }
+            }
+        }
+        batch
+            .batch
+            .put_cf(families.meta, &db_key, records::encode(&meta));
+        let version = meta.version;
+        slot.meta = Some(meta);
+        Ok(AdminDone { version, ended })
+    }
+
+    /// Removes consumed messages that are pending, counting only those.
+    fn consume(
+        &self,
+        batch: &mut Batch<'_>,
+        key: &ProfileKey,
+        db_key: &[u8],
+        ids: &[u64],
+    ) -> Result<(), WriteError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut removed = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let slot = slot_of(&self.db, &mut batch.slots, &batch.families, db_key)?;
+            if slot.consumed.contains(&id) || removed.contains(&id) {
+                continue;
+            }
+            let in_batch = slot.sent.iter().any(|m| m.id == id);
+            let stored = !slot.wiped
+                && !in_batch
+                && self
+                    .db
+                    .get_pinned_cf(batch.families.messages, records::item_key(key, id))
+                    .map_err(storage_error)?
+                    .is_some();
+            if in_batch || stored {
+                removed.push(id);
+            }
+        }
+        let slot = slot_of(&self.db, &mut batch.slots, &batch.families, db_key)?;
+        for &id in &removed {
+            batch
+                .batch
+                .delete_cf(batch.families.messages, records::item_key(key, id));
+            slot.consumed.insert(id);
+            slot.sent.retain(|m| m.id != id);
+        }
+        if let Some(meta) = slot.meta.as_mut() {
+            let count = u64::try_from(removed.len()).unwrap_or(u64::MAX);
+            meta.pending_messages = meta.pending_messages.saturating_sub(count);
+        }
+        Ok(())
+    }
+
+    /// The profile's data as of this point in the batch.
+    fn current_data(
+        &self,
+        batch: &mut Batch<'_>,
+        db_key: &[u8],
+    ) -> Result<Option<Vec<u8>>, WriteError> {
+        if let Some(written) =
+            &slot_of(&self.db, &mut batch.slots, &batch.families, db_key)?.written
+        {
+            return Ok(written.clone());
+        }
+        self.db
+            .get_cf(batch.families.data, db_key)
+            .map_err(storage_error)
+    }
+
+    /// The data of a version, current or kept, as of this point in the batch.
+    fn version_data(
+        &self,
+        batch: &mut Batch<'_>,
+        key: &ProfileKey,
+        db_key: &[u8],
+        version: u64,
+    ) -> Result<Option<Vec<u8>>, WriteError> {
+        let current_version = slot_of(&self.db, &mut batch.slots, &batch.families, db_key)?
+            .meta
+            .as_ref()
+            .map_or(0, |meta| meta.version);
+        if version == current_version {
+            return self.current_data(batch, db_key);
+        }
+        let slot = slot_of(&self.db, &mut batch.slots, &batch.families, db_key)?;
+        if let Some((_, data)) = slot.kept.iter().find(|(v, _)| *v == version) {
+            return Ok(Some(data.clone()));
+        }
+        if slot.wiped {
+            return Ok(None);
+        }
+        let stored = self
+            .db
+            .get_pinned_cf(batch.families.history, records::item_key(key, version))
+            .map_err(storage_error)?;
+        stored
+            .map(|value| records::decode_item(&value).map(|item| item.bytes))
+            .transpose()
+            .map_err(WriteError::Storage)
+    }
+
+    /// The profile's pending messages as of this point in the batch, oldest
+    /// first.
+    fn pending_messages(
+        &self,
+        batch: &mut Batch<'_>,
+        key: &ProfileKey,
+        db_key: &[u8],
+    ) -> Result<Vec<Message>, WriteError> {
+        let slot = slot_of(&self.db, &mut batch.slots, &batch.families, db_key)?;
+        let mut messages = Vec::new();
+        if !slot.wiped {
+            messages = super::read::read_messages(&self.db, batch.families.messages, key, None)?;
+            messages.retain(|m| !slot.consumed.contains(&m.id));
+        }
+        messages.extend(slot.sent.iter().cloned());
+        Ok(messages)
     }
 
     /// Makes everything written durable and leaves little WAL to replay.
@@ -278,19 +607,67 @@ impl Committer {
     }
 }
 
-/// A save or release, checked against the stored lease.
-#[derive(Debug)]
-pub(super) struct Write {
-    /// The profile.
-    pub(super) key: ProfileKey,
-    /// The session the lease must belong to.
-    pub(super) owner: SessionId,
-    /// The epoch the lease must have.
-    pub(super) epoch: u64,
-    /// The new data; `None` keeps the stored data (a bare release).
-    pub(super) data: Option<Vec<u8>>,
-    /// Whether the lease ends with this write.
-    pub(super) release: bool,
+/// The profile's slot in this batch, read from the database on first use.
+fn slot_of<'s>(
+    db: &DB,
+    slots: &'s mut HashMap<Vec<u8>, Slot>,
+    families: &Families<'_>,
+    db_key: &[u8],
+) -> Result<&'s mut Slot, WriteError> {
+    if !slots.contains_key(db_key) {
+        let read = |family| db.get_pinned_cf(family, db_key).map_err(storage_error);
+        let meta = read(families.meta)?
+            .map(|bytes| records::decode_meta(&bytes))
+            .transpose()
+            .map_err(WriteError::Storage)?;
+        let lease = read(families.leases)?
+            .map(|bytes| records::decode::<LeaseRecord>(&bytes))
+            .transpose()
+            .map_err(WriteError::Storage)?;
+        slots.insert(
+            db_key.to_vec(),
+            Slot {
+                meta,
+                lease,
+                written: None,
+                sent: Vec::new(),
+                consumed: HashSet::new(),
+                kept: Vec::new(),
+                wiped: false,
+            },
+        );
+    }
+    slots
+        .get_mut(db_key)
+        .ok_or_else(|| WriteError::Storage("batch slot vanished".to_owned()))
+}
+
+/// The key range holding every item under `prefix`: from id 0 up to, not
+/// including, id `u64::MAX`, which is never given out.
+pub(super) fn item_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut from = prefix.to_vec();
+    from.extend_from_slice(&0u64.to_be_bytes());
+    let mut to = prefix.to_vec();
+    to.extend_from_slice(&u64::MAX.to_be_bytes());
+    (from, to)
+}
+
+/// Keeps `data` as the profile's current version in history.
+fn keep(
+    batch: &mut WriteBatch,
+    families: &Families<'_>,
+    key: &ProfileKey,
+    meta: &mut MetaRecord,
+    data: &[u8],
+    now_ms: u64,
+) {
+    batch.put_cf(
+        families.history,
+        records::item_key(key, meta.version),
+        records::encode_item(now_ms, data),
+    );
+    meta.kept_version = meta.version;
+    meta.kept_at_ms = now_ms;
 }
 
 /// The outcome to report once the batch's fate is known: a failed batch
@@ -305,13 +682,8 @@ fn fail_if<T>(
     }
 }
 
-/// Wall-clock time for the records' timestamps.
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
+fn storage_error(err: rocksdb::Error) -> WriteError {
+    WriteError::Storage(err.into_string())
 }
 
 impl std::fmt::Debug for Committer {

@@ -14,24 +14,36 @@
 //! cannot change a profile.
 //!
 //! Column families:
-//! - `meta`: per-profile bookkeeping, including the last granted epoch;
+//! - `meta`: per-profile bookkeeping, including the last granted epoch, the
+//!   meta tags and user ids, and message and history counters;
 //! - `data`: the profile's bytes, compressed with LZ4;
 //! - `leases`: the leases currently held, so a restart finds them without a
-//!   full scan.
+//!   full scan;
+//! - `messages`: pending messages, by profile and id;
+//! - `history`: kept versions, by profile and version, compressed with LZ4.
+//!
+//! Reads that need no lease (views, version listings, exports) and
+//! maintenance (backups, pruning, sizes) run on the caller's blocking
+//! thread against the database directly; they never wait for the committer.
 
 mod commit;
+mod maintenance;
+mod read;
 mod records;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use profiled_protocol::SessionId;
-use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, Options};
+use profiled_protocol::{Changes, Message, SessionId};
+use rocksdb::{BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, Options};
 use tokio::sync::oneshot;
 
 use crate::ProfileKey;
-use crate::config::StorageConfig;
+use crate::config::{HistoryConfig, StorageConfig};
+pub use read::{ExportedRecord, VersionFilter, View};
 pub use records::{LeaseRecord, MetaRecord};
 
 /// A handle to the database and its committer. Cheap to clone.
@@ -49,6 +61,50 @@ pub struct Granted {
     pub meta: MetaRecord,
     /// The profile's data, `None` if it was never saved.
     pub data: Option<Vec<u8>>,
+    /// The profile's pending messages, oldest first.
+    pub messages: Vec<Message>,
+}
+
+/// A message that has been made durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sent {
+    /// The message, with its id and time.
+    pub message: Message,
+    /// The lease on the profile when it was sent, whose holder should hear
+    /// of it.
+    pub lease: Option<LeaseRecord>,
+}
+
+/// An administrative change. Each ends any lease on the profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminAction {
+    /// Write these bytes as the profile's data.
+    Overwrite(Vec<u8>),
+    /// Write a kept version's data as the profile's data.
+    Rollback(u64),
+    /// Write an exported profile: its data (if any), meta tags and user ids.
+    Import {
+        /// The data; `None` keeps the stored data.
+        data: Option<Vec<u8>>,
+        /// The meta tags, replacing the stored ones.
+        meta_tags: BTreeMap<String, Vec<u8>>,
+        /// The user ids, replacing the stored ones.
+        user_ids: Vec<u64>,
+    },
+    /// Erase the data, metadata, versions and messages, keeping only the
+    /// counters that must never go backwards.
+    Wipe,
+    /// Only end the lease.
+    Revoke,
+}
+
+/// The outcome of an [`AdminAction`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminDone {
+    /// The profile's version afterwards.
+    pub version: u64,
+    /// The lease that was ended, if one was held.
+    pub ended: Option<LeaseRecord>,
 }
 
 /// What opening the database found.
@@ -68,6 +124,12 @@ pub enum WriteError {
     /// RocksDB failed; nothing in the batch was applied.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The profile already has the most pending messages allowed.
+    #[error("the profile has {0} pending messages, the most allowed")]
+    TooManyMessages(u64),
+    /// The profile, or the version asked for, does not exist.
+    #[error("not found")]
+    NotFound,
     /// The committer has stopped; the daemon is closing.
     #[error("storage is closed")]
     Closed,
@@ -100,20 +162,40 @@ pub enum StorageError {
 /// State shared by every handle.
 #[derive(Debug)]
 struct Shared {
+    /// For reads and maintenance, which bypass the committer.
+    db: Arc<DB>,
+    /// The database directory, for messages and size reports.
+    path: std::path::PathBuf,
+    /// How long kept versions are shown before the sweep prunes them.
+    retention_ms: u64,
     /// Feeds the committer thread, which holds the receiving end.
     ops: std::sync::mpsc::Sender<commit::Op>,
     /// The committer, joined by [`Storage::close`].
     committer: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// The column families, looked up once per use.
+struct Families<'a> {
+    meta: &'a ColumnFamily,
+    data: &'a ColumnFamily,
+    leases: &'a ColumnFamily,
+    messages: &'a ColumnFamily,
+    history: &'a ColumnFamily,
+}
+
 const CF_META: &str = "meta";
 const CF_DATA: &str = "data";
 const CF_LEASES: &str = "leases";
+const CF_MESSAGES: &str = "messages";
+const CF_HISTORY: &str = "history";
 
 impl Storage {
     /// Opens (or creates) the database and starts its committer. Leases
     /// recorded by a previous run are returned, still held.
-    pub fn open(config: &StorageConfig) -> Result<(Self, Recovery), StorageError> {
+    pub fn open(
+        config: &StorageConfig,
+        history: &HistoryConfig,
+    ) -> Result<(Self, Recovery), StorageError> {
         let path = &config.path;
         let db = open_db(path)?;
         let recovery = Recovery {
@@ -121,12 +203,19 @@ impl Storage {
         };
         let db = Arc::new(db);
         let (ops, receiver) = std::sync::mpsc::channel();
-        let committer = commit::Committer::new(Arc::clone(&db), config.sync, config.max_batch);
+        let rules = commit::HistoryRules {
+            interval_ms: duration_ms(history.interval),
+        };
+        let committer =
+            commit::Committer::new(Arc::clone(&db), config.sync, config.max_batch, rules);
         let handle = std::thread::Builder::new()
             .name("profiled-commit".to_owned())
             .spawn(move || committer.run(receiver))
             .map_err(|err| StorageError::Committer(err.to_string()))?;
         let shared = Arc::new(Shared {
+            db,
+            path: path.clone(),
+            retention_ms: duration_ms(history.retention),
             ops,
             committer: Mutex::new(Some(handle)),
         });
@@ -154,12 +243,14 @@ impl Storage {
         owner: SessionId,
         epoch: u64,
         data: Vec<u8>,
+        changes: Changes,
     ) -> impl Future<Output = Result<u64, WriteError>> + Send + 'static {
         self.write(commit::Write {
             key,
             owner,
             epoch,
             data: Some(data),
+            changes,
             release: false,
         })
     }
@@ -172,14 +263,46 @@ impl Storage {
         owner: SessionId,
         epoch: u64,
         data: Option<Vec<u8>>,
+        changes: Changes,
     ) -> impl Future<Output = Result<u64, WriteError>> + Send + 'static {
         self.write(commit::Write {
             key,
             owner,
             epoch,
             data,
+            changes,
             release: true,
         })
+    }
+
+    /// Queues a message for `key`, unless it already has `max_pending`.
+    /// Resolves once the message is durable.
+    pub fn send_message(
+        &self,
+        key: ProfileKey,
+        payload: Vec<u8>,
+        max_pending: u64,
+    ) -> impl Future<Output = Result<Sent, WriteError>> + Send + 'static {
+        let (reply, done) = oneshot::channel();
+        self.submit(commit::Op::Send {
+            key,
+            payload,
+            max_pending,
+            reply,
+        });
+        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
+    }
+
+    /// Applies an administrative change to `key`, ending any lease on it.
+    /// Resolves once the change is durable.
+    pub fn admin(
+        &self,
+        key: ProfileKey,
+        action: AdminAction,
+    ) -> impl Future<Output = Result<AdminDone, WriteError>> + Send + 'static {
+        let (reply, done) = oneshot::channel();
+        self.submit(commit::Op::Admin { key, action, reply });
+        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
     }
 
     /// Applies every write submitted before this call, flushes the WAL and
@@ -216,6 +339,32 @@ impl Storage {
     }
 }
 
+impl<'a> Families<'a> {
+    /// Looks the families up; `None` only if the database was opened
+    /// without them, which [`open_db`] never does.
+    fn of(db: &'a DB) -> Option<Self> {
+        Some(Self {
+            meta: db.cf_handle(CF_META)?,
+            data: db.cf_handle(CF_DATA)?,
+            leases: db.cf_handle(CF_LEASES)?,
+            messages: db.cf_handle(CF_MESSAGES)?,
+            history: db.cf_handle(CF_HISTORY)?,
+        })
+    }
+}
+
+/// Wall-clock time for the records' timestamps.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, duration_ms)
+}
+
+/// Whole milliseconds, saturating.
+fn duration_ms(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Opens the database with the column families and tuning profiled uses.
 fn open_db(path: &Path) -> Result<DB, StorageError> {
     let db_err = |err: rocksdb::Error| StorageError::Db {
@@ -237,8 +386,10 @@ fn open_db(path: &Path) -> Result<DB, StorageError> {
 
     let families = vec![
         ColumnFamilyDescriptor::new(CF_META, small.clone()),
-        ColumnFamilyDescriptor::new(CF_DATA, data),
-        ColumnFamilyDescriptor::new(CF_LEASES, small),
+        ColumnFamilyDescriptor::new(CF_DATA, data.clone()),
+        ColumnFamilyDescriptor::new(CF_LEASES, small.clone()),
+        ColumnFamilyDescriptor::new(CF_MESSAGES, small),
+        ColumnFamilyDescriptor::new(CF_HISTORY, data),
     ];
     DB::open_cf_descriptors(&options, path, families).map_err(db_err)
 }
@@ -271,11 +422,12 @@ fn read_leases(db: &DB, path: &Path) -> Result<Vec<(ProfileKey, LeaseRecord)>, S
 mod tests {
     use super::*;
 
-    fn config(dir: &Path) -> StorageConfig {
-        StorageConfig {
+    fn open(dir: &Path) -> (Storage, Recovery) {
+        let config = StorageConfig {
             path: dir.join("db"),
             ..StorageConfig::default()
-        }
+        };
+        Storage::open(&config, &HistoryConfig::default()).expect("open")
     }
 
     fn session(job: &str) -> SessionId {
@@ -288,7 +440,7 @@ mod tests {
     #[tokio::test]
     async fn a_save_needs_the_current_session_and_epoch() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (storage, _) = Storage::open(&config(dir.path())).expect("open");
+        let (storage, _) = open(dir.path());
         let key = ProfileKey::new("s", "k");
         let first = storage
             .grant(key.clone(), session("a"))
@@ -297,13 +449,31 @@ mod tests {
         assert_eq!(first.lease.epoch, 1);
         assert_eq!(first.data, None);
         let version = storage
-            .save(key.clone(), session("a"), 1, b"one".to_vec())
+            .save(
+                key.clone(),
+                session("a"),
+                1,
+                b"one".to_vec(),
+                Changes::default(),
+            )
             .await
             .expect("save");
         assert_eq!(version, 1);
-        let wrong_session = storage.save(key.clone(), session("b"), 1, b"x".to_vec());
+        let wrong_session = storage.save(
+            key.clone(),
+            session("b"),
+            1,
+            b"x".to_vec(),
+            Changes::default(),
+        );
         assert_eq!(wrong_session.await, Err(WriteError::LeaseLost));
-        let wrong_epoch = storage.save(key.clone(), session("a"), 2, b"x".to_vec());
+        let wrong_epoch = storage.save(
+            key.clone(),
+            session("a"),
+            2,
+            b"x".to_vec(),
+            Changes::default(),
+        );
         assert_eq!(wrong_epoch.await, Err(WriteError::LeaseLost));
 
         let second = storage
@@ -312,7 +482,13 @@ mod tests {
             .expect("steal");
         assert_eq!(second.lease.epoch, 2);
         assert_eq!(second.data.as_deref(), Some(&b"one"[..]));
-        let fenced = storage.save(key.clone(), session("a"), 1, b"late".to_vec());
+        let fenced = storage.save(
+            key.clone(),
+            session("a"),
+            1,
+            b"late".to_vec(),
+            Changes::default(),
+        );
         assert_eq!(fenced.await, Err(WriteError::LeaseLost));
         storage.close().await.expect("close");
     }
@@ -322,7 +498,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = ProfileKey::new("s", "k");
         {
-            let (storage, _) = Storage::open(&config(dir.path())).expect("open");
+            let (storage, _) = open(dir.path());
             storage
                 .grant(key.clone(), session("a"))
                 .await
@@ -332,12 +508,18 @@ mod tests {
                 .await
                 .expect("grant");
             storage
-                .save(key.clone(), session("b"), 2, b"kept".to_vec())
+                .save(
+                    key.clone(),
+                    session("b"),
+                    2,
+                    b"kept".to_vec(),
+                    Changes::default(),
+                )
                 .await
                 .expect("save");
             storage.close().await.expect("close");
         }
-        let (storage, recovery) = Storage::open(&config(dir.path())).expect("reopen");
+        let (storage, recovery) = open(dir.path());
         assert_eq!(recovery.leases.len(), 1);
         let (recovered_key, lease) = &recovery.leases[0];
         assert_eq!(recovered_key, &key);
@@ -355,14 +537,32 @@ mod tests {
     #[tokio::test]
     async fn writes_in_one_batch_see_each_other_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (storage, _) = Storage::open(&config(dir.path())).expect("open");
+        let (storage, _) = open(dir.path());
         let key = ProfileKey::new("s", "k");
         // Submitted back to back, these usually land in one batch; the
         // outcome must be the same either way.
         let grant = storage.grant(key.clone(), session("a"));
-        let save = storage.save(key.clone(), session("a"), 1, b"v1".to_vec());
-        let release = storage.release(key.clone(), session("a"), 1, Some(b"v2".to_vec()));
-        let late = storage.save(key.clone(), session("a"), 1, b"v3".to_vec());
+        let save = storage.save(
+            key.clone(),
+            session("a"),
+            1,
+            b"v1".to_vec(),
+            Changes::default(),
+        );
+        let release = storage.release(
+            key.clone(),
+            session("a"),
+            1,
+            Some(b"v2".to_vec()),
+            Changes::default(),
+        );
+        let late = storage.save(
+            key.clone(),
+            session("a"),
+            1,
+            b"v3".to_vec(),
+            Changes::default(),
+        );
         let regrant = storage.grant(key.clone(), session("b"));
         assert_eq!(grant.await.expect("grant").lease.epoch, 1);
         assert_eq!(save.await, Ok(1));
@@ -374,7 +574,9 @@ mod tests {
         assert_eq!(regrant.meta.version, 2);
         storage.close().await.expect("close");
         assert_eq!(
-            storage.save(key, session("b"), 2, vec![]).await,
+            storage
+                .save(key, session("b"), 2, vec![], Changes::default())
+                .await,
             Err(WriteError::Closed)
         );
     }

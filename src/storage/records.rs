@@ -1,17 +1,31 @@
 //! How keys and records are laid out in RocksDB.
 //!
 //! A profile key is stored as `u16 BE store length, store bytes, key bytes`,
-//! so all of a store's profiles are one contiguous range. Records are one
-//! format byte followed by bincode (standard configuration), so the layout
-//! can change without guessing what old bytes mean.
+//! so all of a store's profiles are one contiguous range. A profile's
+//! messages and kept versions are stored under an item key, `u16 BE store
+//! length, store, u16 BE key length, key, u64 BE id`, so one profile's items
+//! are one contiguous range in id order, and no key's range can contain
+//! another's.
+//!
+//! Records are one format byte followed by bincode (standard
+//! configuration), so the layout can change without guessing what old bytes
+//! mean. Messages and versions are a format byte, a `u64 BE` timestamp and
+//! the raw bytes, so a large profile is stored without re-encoding it.
+
+use std::collections::BTreeMap;
 
 use profiled_protocol::SessionId;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::ProfileKey;
 
-/// The record format written by this build.
-const FORMAT: u8 = 1;
+/// The record format written by this build. Format 1 differs only in the
+/// meta record, which [`decode_meta`] still reads.
+const FORMAT: u8 = 2;
+const _: () = assert!(FORMAT == 2, "decode reads formats 1 and 2");
+
+/// The format of message and version values.
+const ITEM_FORMAT: u8 = 1;
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();
 
@@ -29,6 +43,39 @@ pub struct MetaRecord {
     /// The last epoch granted. It is kept after a release, so the next
     /// grant's epoch is higher than every earlier one, across restarts.
     pub epoch: u64,
+    /// The game's tags, replaced by a save that sets them.
+    pub meta_tags: BTreeMap<String, Vec<u8>>,
+    /// The players whose data the profile holds.
+    pub user_ids: Vec<u64>,
+    /// The last message id given out; ids are never reused, even after a
+    /// wipe, so a late acknowledgement cannot remove a newer message.
+    pub last_message_id: u64,
+    /// How many messages are pending, so a send can enforce the limit
+    /// without counting them.
+    pub pending_messages: u64,
+    /// The newest version kept in history, 0 if none.
+    pub kept_version: u64,
+    /// When that version was kept, in Unix milliseconds.
+    pub kept_at_ms: u64,
+}
+
+/// The meta record as format 1 wrote it.
+#[derive(Deserialize)]
+struct MetaRecordV1 {
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    load_count: u64,
+    version: u64,
+    epoch: u64,
+}
+
+/// A pending message or a kept version: when it was written, and its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// The payload or data.
+    pub bytes: Vec<u8>,
 }
 
 /// A held lease, kept in the `leases` column family while it lasts, so a
@@ -64,6 +111,87 @@ pub fn decode_key(bytes: &[u8]) -> Option<ProfileKey> {
     Some(ProfileKey::new(store, key))
 }
 
+/// The key of a profile's message or kept version `id`.
+pub fn item_key(key: &ProfileKey, id: u64) -> Vec<u8> {
+    let mut out = item_prefix(key);
+    out.extend_from_slice(&id.to_be_bytes());
+    out
+}
+
+/// The prefix shared by every item of a profile, and only by them.
+pub fn item_prefix(key: &ProfileKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + key.store.len() + key.key.len() + 8);
+    for part in [key.store.as_bytes(), key.key.as_bytes()] {
+        let len = u16::try_from(part.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&part[..usize::from(len)]);
+    }
+    out
+}
+
+/// The id at the end of an item key.
+pub fn item_id(item_key: &[u8]) -> Option<u64> {
+    let (_, id) = item_key.split_last_chunk::<8>()?;
+    Some(u64::from_be_bytes(*id))
+}
+
+/// The value of an item.
+pub fn encode_item(at_ms: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + bytes.len());
+    out.push(ITEM_FORMAT);
+    out.extend_from_slice(&at_ms.to_be_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// Decodes a value written by [`encode_item`].
+pub fn decode_item(value: &[u8]) -> Result<Item, String> {
+    let Some((&ITEM_FORMAT, rest)) = value.split_first() else {
+        return Err("unknown item format".to_owned());
+    };
+    let (at, bytes) = rest
+        .split_first_chunk::<8>()
+        .ok_or_else(|| "truncated item".to_owned())?;
+    Ok(Item {
+        at_ms: u64::from_be_bytes(*at),
+        bytes: bytes.to_vec(),
+    })
+}
+
+/// The timestamp of an item, read without copying its bytes.
+pub fn item_time(value: &[u8]) -> Option<u64> {
+    let (&ITEM_FORMAT, rest) = value.split_first()? else {
+        return None;
+    };
+    rest.first_chunk::<8>().map(|at| u64::from_be_bytes(*at))
+}
+
+/// Decodes a meta record of this or an earlier format.
+pub fn decode_meta(bytes: &[u8]) -> Result<MetaRecord, String> {
+    match bytes.split_first() {
+        Some((1, rest)) => bincode::serde::decode_from_slice::<MetaRecordV1, _>(rest, CONFIG)
+            .map(|(old, _)| MetaRecord {
+                created_at_ms: old.created_at_ms,
+                updated_at_ms: old.updated_at_ms,
+                load_count: old.load_count,
+                version: old.version,
+                epoch: old.epoch,
+                ..MetaRecord::default()
+            })
+            .map_err(|err| err.to_string()),
+        _ => decode(bytes),
+    }
+}
+
+impl MetaRecord {
+    /// Whether the profile exists: it was loaded, saved or sent a message
+    /// since it was created or last wiped. A wiped profile keeps its
+    /// counters but does not exist.
+    pub fn exists(&self) -> bool {
+        self.created_at_ms != 0
+    }
+}
+
 /// Encodes a record with its format byte.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     let mut out = vec![FORMAT];
@@ -74,10 +202,11 @@ pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     out
 }
 
-/// Decodes a record written by [`encode`].
+/// Decodes a record written by [`encode`]. Format 1 records other than
+/// meta records have the same layout as this format's.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     match bytes.split_first() {
-        Some((&FORMAT, rest)) => bincode::serde::decode_from_slice(rest, CONFIG)
+        Some((1 | 2, rest)) => bincode::serde::decode_from_slice(rest, CONFIG)
             .map(|(record, _)| record)
             .map_err(|err| err.to_string()),
         Some((format, _)) => Err(format!("unknown record format {format}")),
@@ -111,9 +240,53 @@ mod tests {
             load_count: 3,
             version: 4,
             epoch: 5,
+            meta_tags: BTreeMap::from([("tag".to_owned(), vec![1, 2])]),
+            user_ids: vec![7],
+            last_message_id: 6,
+            pending_messages: 2,
+            kept_version: 3,
+            kept_at_ms: 9,
         };
-        assert_eq!(decode::<MetaRecord>(&encode(&meta)), Ok(meta));
+        assert_eq!(decode_meta(&encode(&meta)), Ok(meta));
         assert!(decode::<MetaRecord>(&[9, 0]).is_err());
         assert!(decode::<MetaRecord>(&[]).is_err());
+    }
+
+    #[test]
+    fn format_one_meta_records_are_still_read() {
+        #[derive(Serialize)]
+        struct V1(u64, u64, u64, u64, u64);
+        let mut bytes = vec![1];
+        bincode::serde::encode_into_std_write(V1(1, 2, 3, 4, 5), &mut bytes, CONFIG)
+            .expect("encode");
+        let meta = decode_meta(&bytes).expect("decode");
+        assert_eq!(
+            (meta.created_at_ms, meta.version, meta.epoch),
+            (1, 4, 5),
+            "{meta:?}"
+        );
+        assert!(meta.meta_tags.is_empty());
+    }
+
+    #[test]
+    fn item_keys_of_one_profile_share_a_prefix_no_other_profile_has() {
+        let a = ProfileKey::new("s", "ab");
+        let b = ProfileKey::new("s", "ab\0");
+        let key = item_key(&a, 5);
+        assert!(key.starts_with(&item_prefix(&a)));
+        assert!(!item_key(&b, 5).starts_with(&item_prefix(&a)));
+        assert!(!key.starts_with(&item_prefix(&b)));
+        assert_eq!(item_id(&key), Some(5));
+        assert!(item_key(&a, 5) < item_key(&a, 6));
+        let value = encode_item(42, b"payload");
+        assert_eq!(item_time(&value), Some(42));
+        assert_eq!(
+            decode_item(&value),
+            Ok(Item {
+                at_ms: 42,
+                bytes: b"payload".to_vec()
+            })
+        );
+        assert!(decode_item(&[2, 0]).is_err());
     }
 }
