@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use profiled_client::{Client, SessionId};
+use profiled_client::{Client, ConnectOptions, Role, SessionId};
 use tempfile::TempDir;
 
 /// How long a daemon may take to start listening before a test gives up.
@@ -80,6 +80,18 @@ impl Daemon {
         Client::connect(self.socket(), session(job))
             .await
             .expect("connect to the daemon")
+    }
+
+    /// Connects an operator's client, with the admin role, for session
+    /// `job` of place 1.
+    pub async fn admin(&self, job: &str) -> Client {
+        let options = ConnectOptions {
+            role: Role::Admin,
+            ..ConnectOptions::default()
+        };
+        Client::connect_with(self.socket(), session(job), options)
+            .await
+            .expect("connect to the daemon as an admin")
     }
 
     /// Sends `signal` to the daemon.

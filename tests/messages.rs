@@ -1,0 +1,235 @@
+//! Messages to profiles (global updates), end to end: the real daemon, the
+//! real client, real crashes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Daemon;
+use profiled_client::{Changes, ErrorCode, LoadPolicy, Message, Profile, ProfileEvent};
+
+const STORE: &str = "PlayerData";
+
+/// How long an event may take to arrive.
+const PROMPTLY: Duration = Duration::from_secs(5);
+
+async fn next_event(profile: &mut Profile) -> ProfileEvent {
+    tokio::time::timeout(PROMPTLY, profile.next_event())
+        .await
+        .expect("an event in time")
+        .expect("the event stream is open")
+}
+
+fn payloads(messages: &[Message]) -> Vec<&[u8]> {
+    messages.iter().map(|m| m.payload.as_slice()).collect()
+}
+
+fn consumed(ids: &[u64]) -> Changes {
+    Changes {
+        consumed_messages: ids.to_vec(),
+        ..Changes::default()
+    }
+}
+
+#[tokio::test]
+async fn a_message_to_a_profile_that_does_not_exist_waits_for_its_first_loader() {
+    let daemon = Daemon::start();
+    let sender = daemon.client("sender").await;
+    let first = sender
+        .send_message(STORE, "new", b"gift".to_vec())
+        .await
+        .expect("send to a missing profile");
+    let second = sender
+        .send_message(STORE, "new", b"gift 2".to_vec())
+        .await
+        .expect("send again");
+    assert!(second > first, "ids rise: {first} then {second}");
+
+    // The profile now exists as a record of messages only.
+    let view = sender.view(STORE, "new", None).await.expect("view");
+    assert_eq!(view.data, None);
+    assert_eq!(payloads(&view.messages), [&b"gift"[..], b"gift 2"]);
+
+    let loader = daemon.client("loader").await;
+    let profile = loader
+        .load(STORE, "new", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    assert_eq!(profile.data(), None);
+    assert_eq!(payloads(profile.messages()), [&b"gift"[..], b"gift 2"]);
+    assert_eq!(profile.messages()[0].id, first);
+}
+
+#[tokio::test]
+async fn the_holder_hears_of_a_message_at_once_and_a_save_consumes_it() {
+    let daemon = Daemon::start();
+    let game = daemon.client("game").await;
+    let mut profile = game
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    let sender = daemon.client("web").await;
+    let id = sender
+        .send_message(STORE, "p", b"+100 coins".to_vec())
+        .await
+        .expect("send");
+    let ProfileEvent::Message(message) = next_event(&mut profile).await else {
+        panic!("expected a message event");
+    };
+    assert_eq!(
+        (message.id, message.payload.as_slice()),
+        (id, &b"+100 coins"[..])
+    );
+
+    profile
+        .save_with(b"coins=100".to_vec(), consumed(&[id]))
+        .await
+        .expect("save that applies the message");
+    let view = sender.view(STORE, "p", None).await.expect("view");
+    assert_eq!(view.data.as_deref(), Some(&b"coins=100"[..]));
+    assert!(view.messages.is_empty(), "consumed with the save");
+    // Consuming it again is harmless.
+    profile
+        .save_with(b"coins=100".to_vec(), consumed(&[id]))
+        .await
+        .expect("a repeated acknowledgement is ignored");
+}
+
+/// The exactly-once promise across crashes: a message received but not yet
+/// saved survives a daemon crash, and one saved is never delivered again.
+#[tokio::test]
+async fn a_message_survives_a_crash_before_its_save_and_is_gone_after_it() {
+    let mut daemon = Daemon::start();
+    let game = daemon.client("game").await;
+    let mut profile = game
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    profile.save(b"coins=0".to_vec()).await.expect("save");
+    let sender = daemon.client("web").await;
+    let id = sender
+        .send_message(STORE, "p", b"+5".to_vec())
+        .await
+        .expect("send");
+    let ProfileEvent::Message(received) = next_event(&mut profile).await else {
+        panic!("expected a message event");
+    };
+    assert_eq!(received.id, id);
+
+    // The game applied it in memory, and the daemon dies before the save.
+    daemon.kill();
+    drop(profile);
+    game.close().await;
+    sender.close().await;
+    daemon.restart();
+
+    // Steal rather than wait out the dead session's resume grace.
+    let game = daemon.client("game-2").await;
+    let profile = game
+        .load(STORE, "p", LoadPolicy::Steal)
+        .await
+        .expect("load after the crash");
+    assert_eq!(
+        profile.data(),
+        Some(&b"coins=0"[..]),
+        "the unsaved change is gone"
+    );
+    assert_eq!(
+        payloads(profile.messages()),
+        [&b"+5"[..]],
+        "so the message must still be pending"
+    );
+
+    // Now the save that applies it is acknowledged, and the daemon dies.
+    profile
+        .save_with(b"coins=5".to_vec(), consumed(&[id]))
+        .await
+        .expect("save that applies the message");
+    daemon.kill();
+    drop(profile);
+    game.close().await;
+    daemon.restart();
+
+    let game = daemon.client("game-3").await;
+    let profile = game
+        .load(STORE, "p", LoadPolicy::Steal)
+        .await
+        .expect("load after the second crash");
+    assert_eq!(profile.data(), Some(&b"coins=5"[..]));
+    assert!(
+        profile.messages().is_empty(),
+        "an applied message is never delivered again: {:?}",
+        profile.messages()
+    );
+}
+
+#[tokio::test]
+async fn a_write_under_a_lost_lease_consumes_nothing() {
+    let daemon = Daemon::start();
+    let old = daemon.client("old").await;
+    let stale = old
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    let id = old
+        .send_message(STORE, "p", b"m".to_vec())
+        .await
+        .expect("send");
+    let new = daemon.client("new").await;
+    let _taken = new
+        .load(STORE, "p", LoadPolicy::Steal)
+        .await
+        .expect("steal");
+    let err = stale
+        .save_with(b"x".to_vec(), consumed(&[id]))
+        .await
+        .expect_err("a fenced save");
+    assert_eq!(err.code(), Some(&ErrorCode::LeaseLost));
+    let view = new.view(STORE, "p", None).await.expect("view");
+    assert_eq!(view.messages.len(), 1, "the message is still pending");
+}
+
+#[tokio::test]
+async fn sends_over_the_limits_fail_and_drop_nothing() {
+    let daemon = Daemon::start_with("[limits]\nmax_pending_messages = 2\nmax_message = 1024\n");
+    let sender = daemon.client("sender").await;
+    for payload in [b"one", b"two"] {
+        sender
+            .send_message(STORE, "p", payload.to_vec())
+            .await
+            .expect("within the limit");
+    }
+    let err = sender
+        .send_message(STORE, "p", b"three".to_vec())
+        .await
+        .expect_err("over the pending limit");
+    assert_eq!(err.code(), Some(&ErrorCode::TooManyMessages { limit: 2 }));
+    let err = sender
+        .send_message(STORE, "q", vec![0; 1025])
+        .await
+        .expect_err("over the size limit");
+    assert_eq!(err.code(), Some(&ErrorCode::TooLarge));
+
+    let view = sender.view(STORE, "p", None).await.expect("view");
+    assert_eq!(
+        payloads(&view.messages),
+        [&b"one"[..], b"two"],
+        "the oldest message is not dropped to make room"
+    );
+
+    // Consuming one makes room for the next.
+    let game = daemon.client("game").await;
+    let profile = game
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    let first = profile.messages()[0].id;
+    profile
+        .save_with(b"applied one".to_vec(), consumed(&[first]))
+        .await
+        .expect("save");
+    sender
+        .send_message(STORE, "p", b"three".to_vec())
+        .await
+        .expect("room again");
+}
