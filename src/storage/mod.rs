@@ -421,6 +421,7 @@ fn read_leases(db: &DB, path: &Path) -> Result<Vec<(ProfileKey, LeaseRecord)>, S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::VersionFilter;
 
     fn open(dir: &Path) -> (Storage, Recovery) {
         let config = StorageConfig {
@@ -579,5 +580,121 @@ mod tests {
                 .await,
             Err(WriteError::Closed)
         );
+    }
+
+    fn keep_all() -> HistoryConfig {
+        HistoryConfig {
+            interval: std::time::Duration::ZERO,
+            ..HistoryConfig::default()
+        }
+    }
+
+    fn all_versions() -> VersionFilter {
+        VersionFilter {
+            newest_first: false,
+            from_ms: None,
+            to_ms: None,
+            limit: 100,
+        }
+    }
+
+    #[tokio::test]
+    async fn pruning_removes_kept_versions_older_than_the_cutoff_but_never_the_current() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StorageConfig {
+            path: dir.path().join("db"),
+            ..StorageConfig::default()
+        };
+        let (storage, _) = Storage::open(&config, &keep_all()).expect("open");
+        let key = ProfileKey::new("s", "k");
+        storage
+            .grant(key.clone(), session("a"))
+            .await
+            .expect("grant");
+        for data in [b"v1", b"v2", b"v3"] {
+            storage
+                .save(
+                    key.clone(),
+                    session("a"),
+                    1,
+                    data.to_vec(),
+                    Changes::default(),
+                )
+                .await
+                .expect("save");
+        }
+        let listed = |list: Vec<profiled_protocol::VersionInfo>| {
+            list.iter().map(|v| v.version).collect::<Vec<_>>()
+        };
+        let before = storage
+            .list_versions(key.clone(), all_versions())
+            .await
+            .expect("list");
+        assert_eq!(listed(before), [1, 2, 3]);
+
+        assert_eq!(storage.prune_history(0).await.expect("prune"), 0);
+        let pruned = storage.prune_history(u64::MAX).await.expect("prune");
+        assert_eq!(pruned, 3, "every kept version is older than the cutoff");
+        let after = storage
+            .list_versions(key.clone(), all_versions())
+            .await
+            .expect("list");
+        assert_eq!(listed(after), [3], "the current version is always listed");
+        assert_eq!(
+            storage.view(key.clone(), Some(1)).await,
+            Err(WriteError::NotFound)
+        );
+        let current = storage.view(key, Some(3)).await.expect("current");
+        assert_eq!(current.data.as_deref(), Some(&b"v3"[..]));
+        storage.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn messages_and_wipes_in_one_batch_are_seen_by_a_later_grant() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (storage, _) = open(dir.path());
+        let key = ProfileKey::new("s", "k");
+        // Submitted back to back, these usually share a batch; the outcome
+        // must be the same either way.
+        let first = storage.send_message(key.clone(), b"one".to_vec(), 10);
+        let grant = storage.grant(key.clone(), session("a"));
+        let second = storage.send_message(key.clone(), b"two".to_vec(), 10);
+        let consume = storage.save(
+            key.clone(),
+            session("a"),
+            1,
+            b"applied".to_vec(),
+            Changes {
+                consumed_messages: vec![1],
+                ..Changes::default()
+            },
+        );
+        let regrant = storage.grant(key.clone(), session("b"));
+        let wipe = storage.admin(key.clone(), AdminAction::Wipe);
+        let after_wipe = storage.grant(key.clone(), session("c"));
+
+        assert_eq!(first.await.expect("send").message.id, 1);
+        let granted = grant.await.expect("grant");
+        assert_eq!(granted.messages.len(), 1);
+        let sent = second.await.expect("send");
+        assert_eq!(sent.message.id, 2);
+        assert_eq!(sent.lease.map(|l| l.epoch), Some(1), "sent under a's lease");
+        assert_eq!(consume.await, Ok(1));
+        let regranted = regrant.await.expect("regrant");
+        let ids: Vec<u64> = regranted.messages.iter().map(|m| m.id).collect();
+        assert_eq!(
+            ids,
+            [2],
+            "the consumed message is gone, the later one pending"
+        );
+        assert_eq!(regranted.data.as_deref(), Some(&b"applied"[..]));
+        let wiped = wipe.await.expect("wipe");
+        assert_eq!(wiped.ended.map(|l| l.epoch), Some(2));
+        let fresh = after_wipe.await.expect("grant after the wipe");
+        assert!(fresh.messages.is_empty());
+        assert_eq!(fresh.data, None);
+        assert_eq!(fresh.lease.epoch, 3, "the epoch counter survives the wipe");
+        assert_eq!(fresh.meta.load_count, 1);
+        storage.close().await.expect("close");
     }
 }
