@@ -592,7 +592,13 @@ impl Committer {
     ) -> Result<Vec<Message>, WriteError> {
         let slot = slot_of(&self.db, &mut batch.slots, &batch.families, db_key)?;
         let mut messages = Vec::new();
-        if !slot.wiped {
+        // The meta record counts pending messages, so the common case of
+        // none costs no scan.
+        let stored = slot
+            .meta
+            .as_ref()
+            .is_some_and(|meta| meta.pending_messages > 0);
+        if stored && !slot.wiped {
             messages = super::read::read_messages(&self.db, batch.families.messages, key, None)?;
             messages.retain(|m| !slot.consumed.contains(&m.id));
         }
