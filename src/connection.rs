@@ -14,8 +14,8 @@ use std::sync::Arc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::{SinkExt, future::BoxFuture};
 use profiled_protocol::{
-    ClientFrame, Error, ErrorCode, FrameCodec, FrameError, HeldLease, Hello, PROTOCOL_VERSION,
-    Response, Role, ServerFrame, SessionId, Welcome,
+    ClientFrame, Error, ErrorCode, FrameCodec, FrameError, Hello, PROTOCOL_VERSION, Response, Role,
+    ServerFrame, SessionId, Welcome,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -80,11 +80,7 @@ pub async fn serve(
     let leases = connected
         .leases
         .into_iter()
-        .map(|(key, epoch)| HeldLease {
-            store: key.store,
-            key: key.key,
-            epoch,
-        })
+        .map(crate::replies::held_lease)
         .collect();
     let welcome = ServerFrame::Welcome(Welcome {
         daemon_version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -1,7 +1,8 @@
 //! How the daemon's records become the protocol's replies.
 
-use profiled_protocol::{ActiveSession, Error, ErrorCode, ProfileMeta};
+use profiled_protocol::{ActiveSession, Error, ErrorCode, HeldLease, ProfileMeta};
 
+use crate::ProfileKey;
 use crate::storage::{LeaseRecord, MetaRecord, WriteError};
 
 /// A profile's metadata as clients see it.
@@ -23,6 +24,15 @@ pub fn active_session(lease: LeaseRecord) -> ActiveSession {
         session: lease.session,
         epoch: lease.epoch,
         since_ms: lease.since_ms,
+    }
+}
+
+/// A session's lease as listed in `Welcome` and `Sessions`.
+pub fn held_lease((key, epoch): (ProfileKey, u64)) -> HeldLease {
+    HeldLease {
+        store: key.store,
+        key: key.key,
+        epoch,
     }
 }
 

@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use profiled_protocol::{
-    Changes, DaemonStatus, Error, ErrorCode, ExportPage, ExportedProfile, HeldLease,
-    OverwriteSource, ProfileView, Reply, Request, RequestBody, Response, Role, ServerFrame,
-    SessionInfo, VersionQuery,
+    Changes, DaemonStatus, Error, ErrorCode, ExportPage, ExportedProfile, OverwriteSource,
+    ProfileView, Reply, Request, RequestBody, Response, Role, ServerFrame, SessionInfo,
+    VersionQuery,
 };
 
 use crate::ProfileKey;
@@ -316,11 +316,7 @@ impl Session {
                                 leases: summary
                                     .leases
                                     .into_iter()
-                                    .map(|(key, epoch)| HeldLease {
-                                        store: key.store,
-                                        key: key.key,
-                                        epoch,
-                                    })
+                                    .map(replies::held_lease)
                                     .collect(),
                             })
                             .collect(),
@@ -530,7 +526,7 @@ fn count_write<T>(context: &crate::connection::Context, result: &Result<T, Write
 }
 
 /// The gauges a report needs from the lease driver and storage.
-async fn gauges(context: &crate::connection::Context) -> Gauges {
+pub(crate) async fn gauges(context: &crate::connection::Context) -> Gauges {
     let counts = context.leases.counts().await;
     let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
     Gauges {

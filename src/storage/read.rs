@@ -111,14 +111,7 @@ fn view(
     let families = families(db)?;
     let snapshot = db.snapshot();
     let db_key = records::encode_key(key);
-    let meta = snapshot
-        .get_cf(families.meta, &db_key)
-        .map_err(storage_error)?
-        .map(|bytes| records::decode_meta(&bytes))
-        .transpose()
-        .map_err(WriteError::Storage)?
-        .filter(MetaRecord::exists)
-        .ok_or(WriteError::NotFound)?;
+    let meta = existing_meta(&snapshot, &families, &db_key)?;
     let lease = snapshot
         .get_cf(families.leases, &db_key)
         .map_err(storage_error)?
@@ -171,14 +164,7 @@ fn list_versions(
     let families = families(db)?;
     let snapshot = db.snapshot();
     let db_key = records::encode_key(key);
-    let meta = snapshot
-        .get_cf(families.meta, &db_key)
-        .map_err(storage_error)?
-        .map(|bytes| records::decode_meta(&bytes))
-        .transpose()
-        .map_err(WriteError::Storage)?
-        .filter(MetaRecord::exists)
-        .ok_or(WriteError::NotFound)?;
+    let meta = existing_meta(&snapshot, &families, &db_key)?;
     // The current version is always listed, kept or not, with the data
     // column's copy: its history entry may be pruned or not yet written.
     let current = snapshot
@@ -331,6 +317,22 @@ pub(super) fn read_messages(
         });
     }
     Ok(messages)
+}
+
+/// A profile's meta record, or `NotFound` if it does not exist.
+fn existing_meta(
+    snapshot: &rocksdb::Snapshot<'_>,
+    families: &Families<'_>,
+    db_key: &[u8],
+) -> Result<MetaRecord, WriteError> {
+    snapshot
+        .get_cf(families.meta, db_key)
+        .map_err(storage_error)?
+        .map(|bytes| records::decode_meta(&bytes))
+        .transpose()
+        .map_err(WriteError::Storage)?
+        .filter(MetaRecord::exists)
+        .ok_or(WriteError::NotFound)
 }
 
 /// The oldest time a kept version may have and still be shown.
