@@ -17,6 +17,7 @@ pub mod leases;
 pub mod logging;
 pub mod notify;
 mod profile_key;
+mod prometheus;
 mod pruning;
 mod replies;
 mod requests;

@@ -37,6 +37,14 @@ pub enum ServerError {
         /// Why.
         source: io::Error,
     },
+    /// The Prometheus endpoint could not listen on `metrics.prometheus`.
+    #[error("cannot serve metrics.prometheus on {addr}: {reason}")]
+    Metrics {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why, as the exporter put it.
+        reason: String,
+    },
     /// The database failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -149,6 +157,13 @@ pub async fn run_with(
         socket: listener,
         owned_path,
     } = listener;
+    // Bound before storage opens, so a taken address stops the start with
+    // nothing to undo.
+    let exporter = config
+        .metrics
+        .prometheus
+        .map(crate::prometheus::Exporter::bind)
+        .transpose()?;
     let storage_config = config.storage.clone();
     let history_config = config.history.clone();
     let (storage, recovery) =
@@ -190,6 +205,9 @@ pub async fn run_with(
         Arc::clone(&stats),
         stop.clone(),
     ));
+    if let Some(exporter) = exporter {
+        exporter.spawn(Arc::clone(&context), &stop, &background);
+    }
     let slots = Arc::new(Semaphore::new(config.limits.max_connections));
     let next_conn = AtomicU64::new(1);
     tracing::info!(
