@@ -42,6 +42,31 @@ pub enum ClientError {
     /// The daemon sent something the protocol does not allow at that point.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// Typed profile data could not be encoded as MessagePack.
+    #[error("cannot encode profile data: {0}")]
+    Encode(String),
+    /// Stored profile data could not be decoded into the profile's type, or
+    /// a migration failed.
+    #[error("cannot decode profile data: {0}")]
+    Decode(String),
+    /// The store's validator refused the data; nothing was sent.
+    #[error("invalid profile data: {0}")]
+    Invalid(String),
+    /// The stored data was written by a newer schema than this server
+    /// knows. It is refused rather than silently downgraded.
+    #[error(
+        "profile data has schema version {stored}, newer than the {supported} this server knows"
+    )]
+    SchemaTooNew {
+        /// The stored data's schema version.
+        stored: u32,
+        /// The newest this server's migrations reach.
+        supported: u32,
+    },
+    /// The typed profile's session has ended (it was released, or its lease
+    /// was lost), so it can no longer be saved.
+    #[error("the profile's session has ended")]
+    Ended,
 }
 
 impl ClientError {

@@ -49,6 +49,7 @@ mod error;
 mod operations;
 mod profile;
 mod reconnect;
+pub mod typed;
 
 pub use client::{Client, ConnectOptions, LoadOptions};
 pub use error::ClientError;
