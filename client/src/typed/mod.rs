@@ -194,14 +194,20 @@ pub struct ProfileStore<T: ProfileData> {
     rules: Arc<Rules<T>>,
 }
 
+/// A store's validator: `Err` carries the reason the data is refused.
+type Validator<T> = dyn Fn(&T) -> Result<(), String> + Send + Sync;
+
+/// A store's before-save hook.
+type BeforeSave<T> = dyn Fn(&mut T, SaveReason) + Send + Sync;
+
 /// A store's rules, shared by its profiles' tasks.
 pub(crate) struct Rules<T> {
     /// Upgrade steps, in schema order.
     migrations: Vec<Migration>,
     /// Refuses invalid data before any save.
-    validator: Option<Arc<dyn Fn(&T) -> Result<(), String> + Send + Sync>>,
+    validator: Option<Arc<Validator<T>>>,
     /// Changes data just before every save.
-    before_save: Option<Arc<dyn Fn(&mut T, SaveReason) + Send + Sync>>,
+    before_save: Option<Arc<BeforeSave<T>>>,
     /// How often a changed profile is saved; `None` never.
     autosave: Option<Duration>,
     /// Whether a release request is answered by saving and releasing.
