@@ -16,6 +16,15 @@
 //! profiles receive [`ProfileEvent::ShuttingDown`] and
 //! [`Client::shutdown_notice`] says by when to save and release.
 //!
+//! Most games want the [`typed`] layer on top: [`Client::store`] gives a
+//! [`typed::ProfileStore<T>`] whose profiles hold a `T` encoded as
+//! MessagePack, with Reconcile, migrations, validation, auto-save, hooks
+//! and a lifecycle event stream. The raw layer ([`Client::load`] and
+//! [`Profile`]) stays available for games that bring their own encoding.
+//!
+//! Requests that need no lease (messages, views, version history, stats)
+//! and the admin requests are methods on [`Client`] too.
+//!
 //! The wire format is documented in the [`protocol`] crate.
 //!
 //! # Example
@@ -42,6 +51,8 @@
 //! # Ok(())
 //! # }
 //! ```
+
+#![warn(missing_docs)]
 
 mod client;
 mod connection;

@@ -196,6 +196,8 @@
 //!
 //! [bincode]: https://docs.rs/bincode/2.0.1
 
+#![warn(missing_docs)]
+
 mod frame;
 mod wire;
 
