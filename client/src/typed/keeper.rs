@@ -218,7 +218,8 @@ impl<T: ProfileData> Profile<T> {
         change(&mut self.data_mut())
     }
 
-    /// Whether the lease is still held: not released, lost or expired.
+    /// Whether the lease is still held: not released, lost or expired, and
+    /// no last save has begun. Changes made once it is false are not saved.
     pub fn is_active(&self) -> bool {
         self.shared.lock().active
     }
@@ -363,11 +364,11 @@ impl<T: ProfileData> Keeper<T> {
                         let _ = self.events.send(LifecycleEvent::Message(message));
                     }
                     Some(ProfileEvent::ReleaseRequested { requester }) => {
+                        let _ = self.events.send(LifecycleEvent::ReleaseRequested { requester });
                         if self.rules.release_on_request {
                             let (_, end) = self.last_save(LastSaveReason::ReleaseRequested).await;
                             return end;
                         }
-                        let _ = self.events.send(LifecycleEvent::ReleaseRequested { requester });
                     }
                     Some(ProfileEvent::ShuttingDown { .. }) => {
                         let (_, end) = self.last_save(LastSaveReason::Shutdown).await;
@@ -505,9 +506,15 @@ impl<T: ProfileData> Keeper<T> {
         }
     }
 
-    /// Validates, runs the before-save hook, and encodes.
+    /// Validates, runs the before-save hook, and encodes. The last save
+    /// also marks the profile inactive under the same lock, so a change
+    /// made after it was taken is never mistaken for a saved one: once
+    /// [`Profile::is_active`] is false, changes are not saved.
     fn prepare(&self, reason: SaveReason) -> Result<Prepared, ClientError> {
         let mut state = self.shared.lock();
+        if matches!(reason, SaveReason::Last(_)) {
+            state.active = false;
+        }
         if let Some(validator) = &self.rules.validator {
             validator(&state.data).map_err(ClientError::Invalid)?;
         }

@@ -34,7 +34,11 @@
 //!   is off, in which case the request is passed on as an event.
 //! - On the daemon's `ShuttingDown` it makes a final save and releases.
 //! - When the [`Profile`] is dropped while still held, it makes a final save
-//!   and releases in the background, and logs a warning if it cannot.
+//!   and releases in the background, and logs a warning if it cannot. That
+//!   background task dies with the runtime, so release profiles (or wait
+//!   for their `SessionEnded`) before the process exits.
+//! - Once a last save has begun, [`Profile::is_active`] is false and later
+//!   changes to the data are not saved.
 //! - A reconnect that resumes the lease is invisible; the game sees
 //!   [`EndReason::LeaseLost`] only if the lease really was lost.
 
@@ -136,9 +140,10 @@ pub enum LifecycleEvent {
     /// [`Profile::ack`] with its id; the next save removes it. Until then it
     /// stays pending, and a later loader receives it again.
     Message(crate::Message),
-    /// Another server wants the profile. Only sent when
-    /// [`ProfileStore::release_on_request`] is off; otherwise the profile
-    /// saves and releases itself.
+    /// Another server wants the profile. With
+    /// [`ProfileStore::release_on_request`] on (the default) the profile
+    /// then saves and releases itself, and this event only says who asked;
+    /// with it off, the game must save and release.
     ReleaseRequested {
         /// Who asks.
         requester: SessionId,
