@@ -57,7 +57,7 @@ async fn measure(sessions: usize, run_for: Duration, sync: bool) -> Row {
     config.listen.socket = dir.path().join("bench.sock");
     config.storage.path = dir.path().join("data");
     config.storage.sync = sync;
-    let listener = profiled::bind(&config.listen.socket).expect("bind");
+    let listener = profiled::bind(&config.listen.socket, &config.access).expect("bind");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(profiled::run(config.clone(), listener, async {
         let _ = stopped.await;

@@ -22,6 +22,8 @@ pub struct Config {
     pub leases: LeaseConfig,
     /// What happens to a session's leases when its connection drops.
     pub session: SessionConfig,
+    /// Who may connect, and as what.
+    pub access: AccessConfig,
     /// Bounds on what a client may send.
     pub limits: LimitsConfig,
     /// Which versions of each profile are kept.
@@ -114,6 +116,27 @@ pub struct LimitsConfig {
     /// The most entries in one answer to a version listing or an export
     /// page; larger requests are answered with this many.
     pub max_page: u32,
+}
+
+/// Access control: the socket file's permissions, and which peers (by the
+/// credentials the kernel reports) may use each role.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessConfig {
+    /// The socket file's mode, in octal, such as `"0660"`. A process needs
+    /// write permission on the file to connect.
+    pub socket_mode: String,
+    /// The socket file's group (a name or a gid); unset keeps the daemon's.
+    pub socket_group: Option<String>,
+    /// Users (names or uids) allowed to connect as game servers. With both
+    /// this and `game_groups` empty, anyone who can open the socket may.
+    pub game_users: Vec<String>,
+    /// Groups (names or gids) whose members may connect as game servers.
+    pub game_groups: Vec<String>,
+    /// Users allowed the admin role, besides root and the daemon's own user.
+    pub admin_users: Vec<String>,
+    /// Groups whose members are allowed the admin role.
+    pub admin_groups: Vec<String>,
 }
 
 /// Version history.
@@ -291,6 +314,28 @@ impl Config {
                 "must be a loopback address; put a proxy in front to expose it further",
             ));
         }
+        if self.access.mode().is_none() {
+            return Err(invalid(
+                "access.socket_mode",
+                "must be an octal file mode such as \"0660\"",
+            ));
+        }
+        if let Err(err) = crate::access::AccessPolicy::new(&self.access) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: err.key,
+                problem: err.problem,
+            });
+        }
+        if let Some(group) = &self.access.socket_group
+            && let Err(err) = crate::access::socket_group(group)
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: err.key,
+                problem: err.problem,
+            });
+        }
         if self.storage.max_batch == 0 {
             return Err(invalid("storage.max_batch", "must be above zero"));
         }
@@ -315,6 +360,29 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+impl AccessConfig {
+    /// The socket mode as a number, or `None` if it is not octal or has
+    /// bits beyond the permission bits.
+    pub fn mode(&self) -> Option<u32> {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|mode| *mode <= 0o777)
+    }
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        Self {
+            socket_mode: "0660".to_owned(),
+            socket_group: None,
+            game_users: Vec::new(),
+            game_groups: Vec::new(),
+            admin_users: Vec::new(),
+            admin_groups: Vec::new(),
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{AccessPolicy, Peer};
 use crate::config::LimitsConfig;
 use crate::leases::{ConnId, ConnLink, Leases};
 use crate::requests::{Started, check_name};
@@ -39,6 +40,8 @@ pub struct Context {
     pub limits: LimitsConfig,
     /// The daemon's counters.
     pub stats: Arc<Stats>,
+    /// Who may connect, and as what.
+    pub access: AccessPolicy,
 }
 
 type Transport = Framed<UnixStream, FrameCodec<ClientFrame, ServerFrame>>;
@@ -55,8 +58,25 @@ pub async fn serve(
 ) {
     context.stats.connected();
     let _counted = Counted(&context.stats);
+    // The kernel's word on who is connecting; without it, the peer is
+    // treated as nobody in particular, which only an open policy admits.
+    let peer = match stream.peer_cred() {
+        Ok(cred) => Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        },
+        Err(err) => {
+            tracing::warn!(conn, error = %err, "could not read the peer's credentials");
+            Peer {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                pid: None,
+            }
+        }
+    };
     let mut transport = Framed::new(stream, FrameCodec::new(context.limits.max_frame));
-    let Some((session, role)) = handshake(&mut transport, &context, &stop).await else {
+    let Some((session, role)) = handshake(&mut transport, &context, &peer, &stop).await else {
         return;
     };
     let (outbound, queue) = mpsc::channel(context.limits.max_in_flight + EVENT_SLACK);
@@ -223,6 +243,7 @@ impl Session {
 async fn handshake(
     transport: &mut Transport,
     context: &Context,
+    peer: &Peer,
     stop: &CancellationToken,
 ) -> Option<(SessionId, Role)> {
     let first = tokio::select! {
@@ -277,6 +298,18 @@ async fn handshake(
     }
     if let Err(err) = check_name("job id", &session.job_id, context.limits.max_name) {
         refuse(transport, err.code, err.message).await;
+        return None;
+    }
+    if let Err(why) = context.access.check(peer, role) {
+        tracing::warn!(
+            uid = peer.uid,
+            gid = peer.gid,
+            pid = ?peer.pid,
+            ?role,
+            %session,
+            "refused a connection: {why}"
+        );
+        refuse(transport, ErrorCode::Forbidden, why).await;
         return None;
     }
     Some((session, role))

@@ -9,6 +9,7 @@
 //! [`run`] starts the daemon on a listener of the caller's choosing, so
 //! tests can run it in-process.
 
+pub mod access;
 pub mod activation;
 pub mod config;
 mod connection;

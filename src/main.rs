@@ -118,7 +118,7 @@ fn serve(args: &Args, config: Config) -> anyhow::Result<()> {
                 );
                 profiled::Listener::inherited(profiled::activation::into_tokio(listener)?)
             }
-            None => profiled::bind(&config.listen.socket)?,
+            None => profiled::bind(&config.listen.socket, &config.access)?,
         };
         if let Some(notifier) = profiled::notify::Notifier::from_env() {
             profiled::notify::spawn_watchdog(notifier);

@@ -14,6 +14,8 @@ use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::AccessPolicy;
+use crate::config::AccessConfig;
 use crate::config::Config;
 use crate::connection::{self, Context};
 use crate::leases::{LeaseRules, Leases};
@@ -48,6 +50,10 @@ pub enum ServerError {
     /// The database failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The access rules could not be resolved, or the socket file's mode
+    /// or group could not be set.
+    #[error("access: {0}")]
+    Access(String),
     /// A shutdown step ran out of time.
     #[error("shutdown step '{0}' did not finish in time")]
     ShutdownTimeout(&'static str),
@@ -79,12 +85,12 @@ impl Listener {
 /// How long each shutdown step after the grace period may take.
 const STEP_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Binds the Unix socket at `path`.
+/// Binds the Unix socket at `path`, with the mode and group `access` gives.
 ///
 /// A socket file nobody answers on is left over from a daemon that died,
 /// and is replaced. A socket somebody answers on belongs to a live daemon,
 /// and this one refuses to start rather than steal its clients.
-pub fn bind(path: &Path) -> Result<Listener, ServerError> {
+pub fn bind(path: &Path, access: &AccessConfig) -> Result<Listener, ServerError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             use std::os::unix::fs::FileTypeExt;
@@ -116,13 +122,48 @@ pub fn bind(path: &Path) -> Result<Listener, ServerError> {
             });
         }
     }
-    let socket = UnixListener::bind(path).map_err(|source| ServerError::Bind {
+    // The socket is bound under a temporary name, given its mode and group,
+    // and only then renamed into place, so no client ever finds it with
+    // looser permissions than configured.
+    let bind_error = |source| ServerError::Bind {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.new", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let socket = UnixListener::bind(&staging).map_err(bind_error)?;
+    let secured = secure(&staging, access).and_then(|()| {
+        std::fs::rename(&staging, path).map_err(|err| ServerError::Bind {
+            path: path.to_owned(),
+            source: err,
+        })
+    });
+    if let Err(err) = secured {
+        let _ = std::fs::remove_file(&staging);
+        return Err(err);
+    }
     Ok(Listener {
         socket,
         owned_path: Some(path.to_owned()),
+    })
+}
+
+/// Gives a socket file the configured mode and group.
+fn secure(path: &Path, access: &AccessConfig) -> Result<(), ServerError> {
+    let mode = access
+        .mode()
+        .ok_or_else(|| ServerError::Access("access.socket_mode is not an octal mode".to_owned()))?;
+    let group = match &access.socket_group {
+        Some(group) => Some(
+            crate::access::socket_group(group)
+                .map_err(|err| ServerError::Access(err.to_string()))?,
+        ),
+        None => None,
+    };
+    crate::access::secure_socket(path, mode, group).map_err(|err| {
+        ServerError::Access(format!("cannot set the mode of {}: {err}", path.display()))
     })
 }
 
@@ -187,6 +228,8 @@ pub async fn run_with(
         .into_iter()
         .map(|(key, lease)| (key, lease.session, lease.epoch))
         .collect();
+    let access =
+        AccessPolicy::new(&config.access).map_err(|err| ServerError::Access(err.to_string()))?;
     let stats = Arc::new(Stats::new());
     let leases = Leases::start(storage.clone(), rules, recovered, Arc::clone(&stats));
     let context = Arc::new(Context {
@@ -194,6 +237,7 @@ pub async fn run_with(
         storage: storage.clone(),
         limits: config.limits.clone(),
         stats: Arc::clone(&stats),
+        access,
     });
     let connections = TaskTracker::new();
     let stop = CancellationToken::new();

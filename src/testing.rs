@@ -71,7 +71,7 @@ impl TestDaemon {
         config.listen.socket = dir.path().join("profiled.sock");
         config.storage.path = dir.path().join("data");
         let socket = config.listen.socket.clone();
-        let listener = crate::bind(&socket)?;
+        let listener = crate::bind(&socket, &config.access)?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(crate::run(config, listener, async {
             let _ = stopped.await;

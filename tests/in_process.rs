@@ -22,7 +22,7 @@ async fn run_serves_until_shutdown_then_releases_everything() {
     // The client below never releases; the daemon releases for it once the
     // grace is over.
     config.shutdown.grace = Duration::from_millis(200);
-    let listener = profiled::bind(&config.listen.socket).expect("bind");
+    let listener = profiled::bind(&config.listen.socket, &config.access).expect("bind");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(profiled::run(config.clone(), listener, async {
         let _ = stopped.await;
@@ -55,7 +55,7 @@ async fn run_serves_until_shutdown_then_releases_everything() {
     assert!(late.is_err(), "the connection is gone after shutdown");
 
     // A second run on the same directory finds the profile free.
-    let listener = profiled::bind(&config.listen.socket).expect("bind again");
+    let listener = profiled::bind(&config.listen.socket, &config.access).expect("bind again");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(profiled::run(config.clone(), listener, async {
         let _ = stopped.await;

@@ -185,6 +185,23 @@ impl Drop for Daemon {
     }
 }
 
+/// A binary the workspace builds beside the test executables, such as
+/// `profilectl` or `examples/game_server`.
+pub fn built_binary(relative: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable is in target/<profile>/deps");
+    let path = dir.join(relative);
+    assert!(
+        path.is_file(),
+        "{} does not exist: build the workspace with `cargo test --workspace` first",
+        path.display()
+    );
+    path
+}
+
 /// The session id of test job `job`.
 pub fn session(job: &str) -> SessionId {
     SessionId {
