@@ -482,3 +482,88 @@ async fn fifty_connections_sending_junk_at_once_leave_the_daemon_serving() {
     bystander.close().await;
     assert_serves(&daemon, "after-storm").await;
 }
+
+#[tokio::test]
+async fn a_connection_that_never_says_hello_is_refused_after_the_handshake_timeout() {
+    let daemon = Daemon::start_with("[limits]\nhandshake_timeout = \"200ms\"\n");
+    let mut silent = raw(&daemon).await;
+    // Nothing is sent; the daemon gives up on its own.
+    assert_eq!(
+        expect_refused_then_closed(&mut silent).await,
+        ErrorCode::InvalidRequest
+    );
+    assert_serves(&daemon, "after-silence").await;
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_refused_until_one_closes() {
+    let daemon = Daemon::start_with("[limits]\nmax_connections = 2\n");
+    let first = daemon.client("first").await;
+    let mut second = raw(&daemon).await;
+    handshake(&mut second, "second").await;
+    let mut third = raw(&daemon).await;
+    assert_eq!(
+        expect_refused_then_closed(&mut third).await,
+        ErrorCode::TooLarge,
+        "a third connection is turned away"
+    );
+    first.ping().await.expect("the first still works");
+    drop(second);
+    // The slot frees once the daemon has seen the close; retry briefly.
+    let until = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mut fourth = raw(&daemon).await;
+        send(&mut fourth, &hello(PROTOCOL_VERSION, "fourth")).await;
+        match next(&mut fourth).await {
+            Next::Frame(ServerFrame::Welcome(_)) => break,
+            Next::Frame(ServerFrame::Refused(_)) | Next::Closed => {
+                assert!(tokio::time::Instant::now() < until, "the slot never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// A client that writes requests and never reads the answers is pushed
+/// back by its socket: the daemon stops reading once its bounded queues
+/// are full, instead of buffering without bound.
+#[tokio::test]
+async fn a_client_that_does_not_read_is_pushed_back_not_buffered() {
+    let daemon = Daemon::start_with("[limits]\nmax_in_flight = 4\n");
+    let stream = raw(&daemon).await;
+    let mut stream = stream;
+    handshake(&mut stream, "flooder").await;
+    let std_stream = stream.into_std().expect("into std");
+    std_stream.set_nonblocking(true).expect("nonblocking");
+    let mut writer = std_stream.try_clone().expect("clone");
+    let batch: Vec<u8> = (0..1024).flat_map(ping).collect();
+    // Far more than the kernel's buffers and the daemon's queues hold.
+    const CAP: usize = 512 * 1024 * 1024;
+    let mut accepted = 0usize;
+    let mut blocked_polls = 0;
+    let until = std::time::Instant::now() + PATIENCE;
+    while accepted < CAP && blocked_polls < 20 {
+        assert!(std::time::Instant::now() < until, "the flood never settled");
+        match std::io::Write::write(&mut writer, &batch) {
+            Ok(n) => {
+                accepted += n;
+                blocked_polls = 0;
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                // Give the daemon time to drain what it will; it must stop.
+                blocked_polls += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            Err(err) => panic!("write failed: {err}"),
+        }
+    }
+    assert!(
+        accepted < CAP,
+        "the daemon kept reading {accepted} bytes from a client that never reads"
+    );
+    // Meanwhile everyone else is served.
+    assert_serves(&daemon, "beside-the-flood").await;
+    drop(writer);
+    drop(std_stream);
+}
