@@ -102,6 +102,12 @@ pub struct LimitsConfig {
     /// How long a new connection has to send its `Hello`.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// How long a connection may send nothing, with no request in flight,
+    /// before the daemon closes it; 0 never closes one. Off by default: a
+    /// game server may hold leases for hours without a request, and its
+    /// liveness is its open connection.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// The largest message payload, in bytes.
     pub max_message: usize,
     /// The most messages pending for one profile. A send beyond it fails;
@@ -430,6 +436,7 @@ impl Default for LimitsConfig {
             max_in_flight: 256,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::ZERO,
             max_message: 64 * 1024,
             max_pending_messages: 1000,
             max_meta_tags: 64,

@@ -162,11 +162,24 @@ impl Session {
         stop: &CancellationToken,
     ) {
         let max_in_flight = self.context.limits.max_in_flight;
+        let idle_timeout = self.context.limits.idle_timeout;
         let mut in_flight: FuturesUnordered<BoxFuture<'static, ServerFrame>> =
             FuturesUnordered::new();
+        let mut last_frame = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = kill.cancelled() => break,
+                () = tokio::time::sleep_until(last_frame + idle_timeout),
+                    if !idle_timeout.is_zero() && in_flight.is_empty() =>
+                {
+                    tracing::info!(conn = self.conn, ?idle_timeout, "closing an idle connection");
+                    self.close_with(
+                        ErrorCode::Timeout,
+                        format!("no request for {}s", idle_timeout.as_secs_f64()),
+                    )
+                    .await;
+                    break;
+                }
                 () = stop.cancelled() => {
                     // The daemon is stopping: read nothing more, but answer
                     // what is in flight, so a write that committed is
@@ -184,6 +197,7 @@ impl Session {
                     }
                 }
                 next = frames.next(), if in_flight.len() < max_in_flight => {
+                    last_frame = tokio::time::Instant::now();
                     let request = match next {
                         None => break,
                         Some(Ok(ClientFrame::Request(request))) => request,

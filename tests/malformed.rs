@@ -567,3 +567,26 @@ async fn a_client_that_does_not_read_is_pushed_back_not_buffered() {
     drop(writer);
     drop(std_stream);
 }
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let daemon = Daemon::start_with("[limits]\nidle_timeout = \"300ms\"\n");
+    let mut idle = raw(&daemon).await;
+    handshake(&mut idle, "idle").await;
+    assert_eq!(
+        expect_refused_then_closed(&mut idle).await,
+        ErrorCode::Timeout
+    );
+    // A client that keeps talking is not cut off: ten pings, each well
+    // inside the timeout, span more than it.
+    let mut busy = raw(&daemon).await;
+    handshake(&mut busy, "busy").await;
+    for id in 0..10 {
+        send(&mut busy, &ping(id)).await;
+        match next(&mut busy).await {
+            Next::Frame(ServerFrame::Response(Response { id: got, .. })) => assert_eq!(got, id),
+            other => panic!("expected a pong, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+}
