@@ -9,6 +9,11 @@
 //! [`run`] starts the daemon on a listener of the caller's choosing, so
 //! tests can run it in-process.
 
+// Data from clients must never panic the daemon: no `expect` and no
+// indexing that could go out of bounds outside tests (`unwrap` is denied
+// workspace-wide).
+#![cfg_attr(not(test), warn(clippy::expect_used, clippy::indexing_slicing))]
+
 pub mod access;
 pub mod activation;
 pub mod config;

@@ -131,7 +131,16 @@ impl Stats {
 
     /// Counts a load's outcome.
     pub fn load(&self, policy: LoadPolicy, outcome: LoadOutcome) {
-        bump(&self.loads[policy_index(policy)][outcome as usize]);
+        if let Some(counter) = self.load_counter(policy, outcome) {
+            bump(counter);
+        }
+    }
+
+    /// The counter of one policy and outcome; every pair has one.
+    fn load_counter(&self, policy: LoadPolicy, outcome: LoadOutcome) -> Option<&AtomicU64> {
+        self.loads
+            .get(policy_index(policy))
+            .and_then(|row| row.get(outcome as usize))
     }
 
     /// Counts an acknowledged save.
@@ -234,7 +243,7 @@ impl Stats {
         add("profiled_uptime_seconds", &[], self.uptime().as_secs_f64());
         for policy in ALL_POLICIES {
             for outcome in LoadOutcome::ALL {
-                let value = count(&self.loads[policy_index(policy)][outcome as usize]);
+                let value = self.load_counter(policy, outcome).map_or(0.0, count);
                 add(
                     "profiled_loads_total",
                     &[("policy", policy_name(policy)), ("outcome", outcome.name())],
@@ -265,16 +274,16 @@ impl Stats {
             count(&self.force_timeouts),
         );
         let mut cumulative = 0.0;
-        for (i, bound) in BUCKETS_MS.iter().enumerate() {
-            cumulative += count(&self.handoffs.buckets[i]);
-            let le = format!("{}", *bound as f64 / 1000.0);
+        for (bucket, bound) in self.handoffs.buckets.iter().zip(BUCKETS_MS) {
+            cumulative += count(bucket);
+            let le = format!("{}", bound as f64 / 1000.0);
             add(
                 "profiled_handoff_seconds_bucket",
                 &[("le", &le)],
                 cumulative,
             );
         }
-        cumulative += count(&self.handoffs.buckets[BUCKETS_MS.len()]);
+        cumulative += self.handoffs.buckets.last().map_or(0.0, count);
         add(
             "profiled_handoff_seconds_bucket",
             &[("le", "+Inf")],

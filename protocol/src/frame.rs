@@ -71,10 +71,10 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
-        let Some(prefix) = src.get(..LENGTH_PREFIX) else {
+        let Some(prefix) = src.first_chunk::<LENGTH_PREFIX>() else {
             return Ok(None);
         };
-        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+        let len = u32::from_be_bytes(*prefix);
         if len > self.max_frame {
             return Err(FrameError::TooLarge {
                 len: u64::from(len),
@@ -124,7 +124,10 @@ pub fn encode_frame_into<T: Serialize>(
     };
     match u32::try_from(len) {
         Ok(len32) if len32 <= max_frame => {
-            dst[start..start + LENGTH_PREFIX].copy_from_slice(&len32.to_be_bytes());
+            // The prefix was reserved above, so this range exists.
+            if let Some(prefix) = dst.get_mut(start..start + LENGTH_PREFIX) {
+                prefix.copy_from_slice(&len32.to_be_bytes());
+            }
             Ok(())
         }
         _ => {

@@ -196,6 +196,10 @@
 //!
 //! [bincode]: https://docs.rs/bincode/2.0.1
 
+// Data from clients must never panic the daemon: no `expect` and no
+// indexing that could go out of bounds outside tests (`unwrap` is denied
+// workspace-wide).
+#![cfg_attr(not(test), warn(clippy::expect_used, clippy::indexing_slicing))]
 #![warn(missing_docs)]
 
 mod frame;

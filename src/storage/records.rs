@@ -96,7 +96,7 @@ pub fn encode_key(key: &ProfileKey) -> Vec<u8> {
     let len = u16::try_from(store.len()).unwrap_or(u16::MAX);
     let mut out = Vec::with_capacity(2 + store.len() + key.key.len());
     out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&store[..usize::from(len)]);
+    out.extend_from_slice(store.get(..usize::from(len)).unwrap_or(store));
     out.extend_from_slice(key.key.as_bytes());
     out
 }
@@ -124,7 +124,7 @@ pub fn item_prefix(key: &ProfileKey) -> Vec<u8> {
     for part in [key.store.as_bytes(), key.key.as_bytes()] {
         let len = u16::try_from(part.len()).unwrap_or(u16::MAX);
         out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(&part[..usize::from(len)]);
+        out.extend_from_slice(part.get(..usize::from(len)).unwrap_or(part));
     }
     out
 }
