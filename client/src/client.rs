@@ -57,13 +57,44 @@ use crate::{ClientError, Profile};
 /// reconnected either: another connection took the session over, and
 /// reconnecting would only take it back. Requests then fail with that
 /// refusal.
+///
+/// ```no_run
+/// use profiled_client::{Client, SessionId};
+///
+/// # async fn run() -> Result<(), profiled_client::ClientError> {
+/// let session = SessionId { place_id: 1818, job_id: "server-7".into() };
+/// let client = Client::connect("/run/profiled/profiled.sock", session).await?;
+/// // Each task gets its own clone; they all share the one connection.
+/// let background = client.clone();
+/// tokio::spawn(async move { background.ping().await });
+/// client.ping().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Client {
     /// Dropped with the last clone, which stops the background tasks.
     inner: Arc<Inner>,
 }
 
-/// How to connect.
+/// How [`Client::connect_with`] connects.
+///
+/// The [`Default`] suits a game server: the game role, the protocol's
+/// default frame limit and 30 s of reconnecting. Set only the fields that
+/// differ and take the rest from the default, so the code keeps compiling
+/// and keeps sensible values when fields are added.
+///
+/// ```
+/// use std::time::Duration;
+/// use profiled_client::{ConnectOptions, Role};
+///
+/// // An operator tool asks for admin rights, and gives up soon on a daemon that is gone.
+/// let options = ConnectOptions {
+///     role: Role::Admin,
+///     reconnect_for: Duration::from_secs(5),
+///     ..ConnectOptions::default()
+/// };
+/// assert_eq!(options.role, Role::Admin);
+/// ```
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
     /// The rights asked for. The daemon grants [`Role::Admin`] only to
@@ -83,7 +114,22 @@ pub struct ConnectOptions {
     pub reconnect_for: Duration,
 }
 
-/// How to load.
+/// How [`Client::load_with`] and the typed
+/// [`ProfileStore::load_with`](crate::typed::ProfileStore::load_with) load.
+///
+/// The default is [`LoadPolicy::ForceLoad`] with no deadline, which is what
+/// [`Client::load`] does. A deadline keeps a player's join from stalling
+/// behind a holder that is slow to let go.
+///
+/// ```
+/// use std::time::Duration;
+/// use profiled_client::{LoadOptions, LoadPolicy};
+///
+/// // Wait in line for the lease, but no longer than 5 seconds.
+/// let options = LoadOptions { policy: LoadPolicy::Repeat, deadline: Some(Duration::from_secs(5)) };
+/// assert_eq!(LoadOptions::default().policy, LoadPolicy::ForceLoad);
+/// # let _ = options;
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     /// What to do when another session holds the profile.
@@ -124,6 +170,19 @@ impl Default for ConnectOptions {
 impl Client {
     /// Connects to the daemon's socket at `path` as a game server and
     /// completes the handshake.
+    ///
+    /// The daemon owns leases by session, so `session` must be unique to this
+    /// server process; see [`Client::connect_with`] for other options.
+    ///
+    /// ```no_run
+    /// use profiled_client::{Client, SessionId};
+    ///
+    /// # async fn run() -> Result<(), profiled_client::ClientError> {
+    /// let session = SessionId { place_id: 1818, job_id: "server-7".into() };
+    /// let client = Client::connect("/run/profiled/profiled.sock", session).await?;
+    /// println!("connected to profiled {}", client.welcome().daemon_version);
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(
         path: impl AsRef<Path>,
         session: SessionId,
@@ -136,6 +195,17 @@ impl Client {
     ///
     /// This first connection is made once: its failure is returned, not
     /// retried. Reconnecting applies to connections that drop later.
+    ///
+    /// ```no_run
+    /// use profiled_client::{Client, ConnectOptions, Role, SessionId};
+    ///
+    /// # async fn run() -> Result<(), profiled_client::ClientError> {
+    /// let session = SessionId { place_id: 0, job_id: "ops-console".into() };
+    /// let options = ConnectOptions { role: Role::Admin, ..ConnectOptions::default() };
+    /// let admin = Client::connect_with("/run/profiled/profiled.sock", session, options).await?;
+    /// # let _ = admin;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect_with(
         path: impl AsRef<Path>,
         session: SessionId,
@@ -167,7 +237,15 @@ impl Client {
         })
     }
 
-    /// The session this client's connections are opened for.
+    /// The session this client's connections are opened for, which owns
+    /// every lease the client holds. It is useful in logs, to match them with
+    /// the daemon's.
+    ///
+    /// ```no_run
+    /// # fn run(client: profiled_client::Client) {
+    /// println!("serving as {}", client.session());
+    /// # }
+    /// ```
     pub fn session(&self) -> &SessionId {
         &self.inner.session
     }
@@ -175,6 +253,16 @@ impl Client {
     /// The daemon's latest handshake answer: the first connection's, or the
     /// last reconnect's. Its `leases` are what the daemon said this session
     /// held at that handshake.
+    ///
+    /// ```no_run
+    /// # fn run(client: profiled_client::Client) {
+    /// // Leases this session already held when it connected, for example from
+    /// // a load whose answer was lost.
+    /// for lease in client.welcome().leases {
+    ///     println!("holding {}/{} at epoch {}", lease.store, lease.key, lease.epoch);
+    /// }
+    /// # }
+    /// ```
     pub fn welcome(&self) -> Welcome {
         self.inner.shared.welcome()
     }
@@ -192,11 +280,36 @@ impl Client {
     ///
     /// An [`Instant`] rather than the daemon's relative `deadline_ms`, so
     /// the value stays right however late the receiver looks at it.
+    ///
+    /// ```no_run
+    /// # async fn run(client: profiled_client::Client) {
+    /// let mut notice = client.shutdown_notice();
+    /// // Wakes once the daemon announces it is stopping; fails if the client closes first.
+    /// if let Ok(deadline) = notice.wait_for(Option::is_some).await {
+    ///     println!("save and release every profile by {:?}", *deadline);
+    /// }
+    /// # }
+    /// ```
     pub fn shutdown_notice(&self) -> watch::Receiver<Option<Instant>> {
         self.inner.shared.shutdown()
     }
 
     /// Acquires the lease on `store`/`key` and reads the profile.
+    ///
+    /// When another session holds the profile, `policy` says whether to take
+    /// it, wait for it or give up; see [`LoadPolicy`].
+    ///
+    /// ```no_run
+    /// use profiled_client::{ErrorCode, LoadPolicy};
+    ///
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// match client.load("PlayerData", "Player_2261", LoadPolicy::Cancel).await {
+    ///     Ok(profile) => println!("loaded at epoch {}", profile.epoch()),
+    ///     Err(err) if matches!(err.code(), Some(ErrorCode::Taken { .. })) => println!("in use elsewhere"),
+    ///     Err(err) => return Err(err),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn load(
         &self,
         store: &str,
@@ -212,6 +325,20 @@ impl Client {
 
     /// Acquires the lease on `store`/`key` and reads the profile, with a
     /// deadline if given.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use profiled_client::{ErrorCode, LoadOptions, LoadPolicy};
+    ///
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// let options = LoadOptions { policy: LoadPolicy::Repeat, deadline: Some(Duration::from_secs(5)) };
+    /// match client.load_with("PlayerData", "Player_2261", options).await {
+    ///     Ok(profile) => println!("loaded at epoch {}", profile.epoch()),
+    ///     Err(err) if err.code() == Some(&ErrorCode::Timeout) => println!("still held; try again later"),
+    ///     Err(err) => return Err(err),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn load_with(
         &self,
         store: &str,
@@ -249,6 +376,18 @@ impl Client {
 
     /// Writes a held profile's data under the lease `epoch`, and returns
     /// the profile's version after the write once it is durable.
+    ///
+    /// Most code saves through [`Profile::save`]; this form is for code that
+    /// kept only the lease's store, key and epoch, such as a lease listed in
+    /// [`Client::welcome`].
+    ///
+    /// ```no_run
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// # let epoch = 1;
+    /// let version = client.save("PlayerData", "Player_2261", epoch, b"coins=10".to_vec()).await?;
+    /// println!("saved as version {version}");
+    /// # Ok(()) }
+    /// ```
     pub async fn save(
         &self,
         store: &str,
@@ -262,6 +401,17 @@ impl Client {
 
     /// Like [`Client::save`], also applying `changes` (meta tags, user ids,
     /// consumed messages) in the same atomic step.
+    ///
+    /// ```no_run
+    /// use profiled_client::Changes;
+    ///
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// # let epoch = 1;
+    /// // Record whose data this is, so a GDPR erasure request can find it.
+    /// let changes = Changes { user_ids: Some(vec![2261]), ..Changes::default() };
+    /// client.save_with("PlayerData", "Player_2261", epoch, b"coins=10".to_vec(), changes).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn save_with(
         &self,
         store: &str,
@@ -286,6 +436,16 @@ impl Client {
     /// Ends the lease `epoch` on a profile, with a final write of `data` in
     /// the same atomic step if given, and returns the profile's version
     /// after it. The lease's [`Profile`] receives no more events.
+    ///
+    /// ```no_run
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// // Right after connecting, end the leases an earlier run of this session
+    /// // left behind, keeping their last saved data.
+    /// for lease in client.welcome().leases {
+    ///     client.release(&lease.store, &lease.key, lease.epoch, None).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn release(
         &self,
         store: &str,
@@ -299,6 +459,17 @@ impl Client {
 
     /// Like [`Client::release`], also applying `changes` (meta tags, user
     /// ids, consumed messages) in the same atomic step.
+    ///
+    /// ```no_run
+    /// use profiled_client::Changes;
+    ///
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// # let epoch = 1;
+    /// // The final data includes message 7's effect, so consume it in the same step.
+    /// let changes = Changes { consumed_messages: vec![7], ..Changes::default() };
+    /// client.release_with("PlayerData", "Player_2261", epoch, Some(b"coins=17".to_vec()), changes).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn release_with(
         &self,
         store: &str,
@@ -325,7 +496,16 @@ impl Client {
         }
     }
 
-    /// Makes a round trip to the daemon.
+    /// Makes a round trip to the daemon, to check that it answers, for
+    /// example in a health check. While the client is reconnecting it waits
+    /// for the new connection like any request.
+    ///
+    /// ```no_run
+    /// # async fn run(client: profiled_client::Client) {
+    /// let healthy = client.ping().await.is_ok();
+    /// # let _ = healthy;
+    /// # }
+    /// ```
     pub async fn ping(&self) -> Result<(), ClientError> {
         match self.request(RequestBody::Ping, Effect::None).await? {
             Reply::Pong => Ok(()),
@@ -341,6 +521,17 @@ impl Client {
     /// the same way without waiting, event streams end, and no reconnect is
     /// attempted, even if one was under way. It returns once the socket is
     /// shut down.
+    ///
+    /// ```no_run
+    /// use profiled_client::LoadPolicy;
+    ///
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// # let profile = client.load("PlayerData", "Player_2261", LoadPolicy::ForceLoad).await?;
+    /// // Closing does not release leases, so release what is held first.
+    /// profile.release(None).await?;
+    /// client.close().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn close(self) {
         self.inner.closing.cancel();
         let supervisor = self

@@ -11,6 +11,21 @@ use profiled_protocol::{ErrorCode, FrameError};
 /// with a typed refusal, and is usually handled by matching on
 /// [`ClientError::code`]. Every other variant means the call could not be
 /// carried out at all.
+///
+/// ```
+/// use profiled_client::ClientError;
+///
+/// // What a caller may conclude from a failure.
+/// fn describe(err: &ClientError) -> &'static str {
+///     match err {
+///         ClientError::Daemon(_) => "the daemon refused it; see `err.code()`",
+///         ClientError::Disconnected => "it may or may not have been applied",
+///         ClientError::Invalid(_) => "the validator refused the data; nothing was sent",
+///         _ => "it could not be carried out",
+///     }
+/// }
+/// assert_eq!(describe(&ClientError::Disconnected), "it may or may not have been applied");
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
@@ -72,6 +87,21 @@ pub enum ClientError {
 impl ClientError {
     /// The daemon's error code, for [`ClientError::Refused`] and
     /// [`ClientError::Daemon`]; `None` for failures the daemon did not name.
+    /// Matching on the code rather than the variant handles a refusal the
+    /// same way wherever it came from.
+    ///
+    /// ```
+    /// use profiled_client::protocol::Error;
+    /// use profiled_client::{ClientError, ErrorCode};
+    ///
+    /// let err = ClientError::Daemon(Error::new(ErrorCode::LeaseLost, "lease lost"));
+    /// match err.code() {
+    ///     Some(ErrorCode::LeaseLost) => println!("another server took the profile; stop saving it"),
+    ///     Some(code) => println!("the daemon refused: {code}"),
+    ///     None => println!("the call did not complete: {err}"),
+    /// }
+    /// assert_eq!(ClientError::Disconnected.code(), None);
+    /// ```
     pub fn code(&self) -> Option<&ErrorCode> {
         match self {
             Self::Refused(err) | Self::Daemon(err) => Some(&err.code),

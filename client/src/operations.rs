@@ -23,6 +23,15 @@ impl Client {
     /// returns its id once it is durable. The holder receives it as
     /// [`ProfileEvent::Message`](crate::ProfileEvent::Message); otherwise
     /// the next loader finds it in [`Profile::messages`](crate::Profile::messages).
+    ///
+    /// ```no_run
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// // A gift for a player who may be offline: whoever holds or next loads
+    /// // the profile applies it.
+    /// let id = client.send_message("PlayerData", "Player_2261", b"gift:100".to_vec()).await?;
+    /// println!("queued message {id}");
+    /// # Ok(()) }
+    /// ```
     pub async fn send_message(
         &self,
         store: &str,
@@ -41,7 +50,15 @@ impl Client {
     }
 
     /// Reads a profile without a lease: its current data when `version` is
-    /// `None`, or a kept version.
+    /// `None`, or a kept version. It does not disturb the holder, so it suits
+    /// looking at other players' profiles and support tools.
+    ///
+    /// ```no_run
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// let view = client.view("PlayerData", "Player_2261", None).await?;
+    /// println!("version {} holds {} bytes", view.version, view.data.map_or(0, |d| d.len()));
+    /// # Ok(()) }
+    /// ```
     pub async fn view(
         &self,
         store: &str,
@@ -59,7 +76,19 @@ impl Client {
         }
     }
 
-    /// Lists a profile's kept versions.
+    /// Lists a profile's kept versions, for example to pick one to
+    /// [`view`](Client::view) or roll back to with [`Client::overwrite`].
+    ///
+    /// ```no_run
+    /// use profiled_client::VersionQuery;
+    ///
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// let query = VersionQuery { newest_first: true, from_ms: None, to_ms: None, limit: 10 };
+    /// for info in client.list_versions("PlayerData", "Player_2261", query).await? {
+    ///     println!("version {} at {} ms: {} bytes", info.version, info.saved_at_ms, info.size);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn list_versions(
         &self,
         store: &str,
@@ -79,6 +108,16 @@ impl Client {
 
     /// Admin: replaces a profile's data with new bytes or a kept version,
     /// ending any lease on it. Returns the profile's new version.
+    ///
+    /// ```no_run
+    /// use profiled_client::OverwriteSource;
+    ///
+    /// # async fn run(admin: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// // Roll a corrupted profile back to a version known to be good.
+    /// let version = admin.overwrite("PlayerData", "Player_2261", OverwriteSource::Version(41)).await?;
+    /// println!("restored as version {version}");
+    /// # Ok(()) }
+    /// ```
     pub async fn overwrite(
         &self,
         store: &str,
@@ -97,7 +136,14 @@ impl Client {
     }
 
     /// Admin: erases a profile's data, metadata, versions and messages,
-    /// ending any lease on it.
+    /// ending any lease on it. This is how a GDPR erasure request is carried
+    /// out, since nothing of the profile is kept.
+    ///
+    /// ```no_run
+    /// # async fn run(admin: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// admin.wipe("PlayerData", "Player_2261").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn wipe(&self, store: &str, key: &str) -> Result<(), ClientError> {
         let body = RequestBody::Wipe {
             store: store.to_owned(),
@@ -109,7 +155,16 @@ impl Client {
         }
     }
 
-    /// The daemon's counters and gauges.
+    /// The daemon's counters and gauges, for monitoring. Names and labels
+    /// follow Prometheus conventions.
+    ///
+    /// ```no_run
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// for metric in client.stats().await? {
+    ///     println!("{} {:?} = {}", metric.name, metric.labels, metric.value);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn stats(&self) -> Result<Vec<Metric>, ClientError> {
         match self.call(RequestBody::Stats).await? {
             Reply::Stats(metrics) => Ok(metrics),
@@ -117,7 +172,15 @@ impl Client {
         }
     }
 
-    /// A summary of the daemon.
+    /// A summary of the daemon, for dashboards and for checking which
+    /// version is running.
+    ///
+    /// ```no_run
+    /// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// let status = client.status().await?;
+    /// println!("profiled {} holds {} leases", status.daemon_version, status.leases_held);
+    /// # Ok(()) }
+    /// ```
     pub async fn status(&self) -> Result<DaemonStatus, ClientError> {
         match self.call(RequestBody::Status).await? {
             Reply::Status(status) => Ok(status),
@@ -125,7 +188,16 @@ impl Client {
         }
     }
 
-    /// Admin: every session the daemon knows, with its leases.
+    /// Admin: every session the daemon knows, with its leases, for finding
+    /// which server holds what.
+    ///
+    /// ```no_run
+    /// # async fn run(admin: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// for info in admin.sessions().await? {
+    ///     println!("{}: {} leases", info.session, info.leases.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn sessions(&self) -> Result<Vec<SessionInfo>, ClientError> {
         match self.call(RequestBody::Sessions).await? {
             Reply::Sessions(sessions) => Ok(sessions),
@@ -134,7 +206,17 @@ impl Client {
     }
 
     /// Admin: ends the lease on a profile now, keeping its last saved data.
-    /// Returns the lease that was ended, if there was one.
+    /// Returns the lease that was ended, if there was one. The holder is not
+    /// asked first, so this is for a holder that is stuck; prefer
+    /// [`Client::ask_release`] otherwise.
+    ///
+    /// ```no_run
+    /// # async fn run(admin: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// if let Some(lease) = admin.revoke("PlayerData", "Player_2261").await? {
+    ///     println!("ended the lease of {} at epoch {}", lease.session, lease.epoch);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn revoke(
         &self,
         store: &str,
@@ -151,7 +233,17 @@ impl Client {
     }
 
     /// Admin: asks the holder of a profile to release it. Returns the lease
-    /// whose holder was asked, if there was one.
+    /// whose holder was asked, if there was one. Unlike [`Client::revoke`],
+    /// this lets the holder save its latest changes first.
+    ///
+    /// ```no_run
+    /// # async fn run(admin: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// match admin.ask_release("PlayerData", "Player_2261").await? {
+    ///     Some(lease) => println!("asked {} to release", lease.session),
+    ///     None => println!("nobody holds the profile"),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn ask_release(
         &self,
         store: &str,
@@ -170,6 +262,13 @@ impl Client {
     /// Admin: has the daemon write a consistent copy of its database to
     /// `path`, a directory on the daemon's host that must not exist yet.
     /// Returns the size of the copy in bytes.
+    ///
+    /// ```no_run
+    /// # async fn run(admin: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// let bytes = admin.backup("/var/backups/profiled/2024-06-01").await?;
+    /// println!("backup written: {bytes} bytes");
+    /// # Ok(()) }
+    /// ```
     pub async fn backup(&self, path: &str) -> Result<u64, ClientError> {
         let body = RequestBody::Backup {
             path: path.to_owned(),
@@ -182,6 +281,23 @@ impl Client {
 
     /// Admin: reads up to `limit` profiles of `store` in key order, after
     /// the key `after`. Pass the page's `next` to get the following page.
+    ///
+    /// ```no_run
+    /// # async fn run(admin: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// // Walk a whole store, one page at a time.
+    /// let mut after = None;
+    /// loop {
+    ///     let page = admin.export_page("PlayerData", after, 500).await?;
+    ///     for profile in &page.profiles {
+    ///         println!("{} at version {}", profile.key, profile.version);
+    ///     }
+    ///     match page.next {
+    ///         Some(next) => after = Some(next),
+    ///         None => break,
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn export_page(
         &self,
         store: &str,
@@ -200,7 +316,18 @@ impl Client {
     }
 
     /// Admin: writes an exported profile into `store`, ending any lease on
-    /// it. Returns the profile's new version.
+    /// it. Returns the profile's new version. With [`Client::export_page`]
+    /// it copies profiles between stores or daemons.
+    ///
+    /// ```no_run
+    /// # async fn run(source: profiled_client::Client, admin: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+    /// // Seed a test store with the first page of the live one.
+    /// let page = source.export_page("PlayerData", None, 100).await?;
+    /// for profile in page.profiles {
+    ///     admin.import("PlayerData_Test", profile).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn import(&self, store: &str, profile: ExportedProfile) -> Result<u64, ClientError> {
         let body = RequestBody::Import {
             store: store.to_owned(),

@@ -21,6 +21,19 @@ use crate::{Client, ClientError};
 /// Dropping a `Profile` only stops its events. It does not release the
 /// lease, which stays held until [`Profile::release`] or until the client
 /// closes (and the daemon's resume grace has passed).
+///
+/// ```no_run
+/// use profiled_client::{LoadPolicy, ProfileEvent};
+///
+/// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+/// let mut profile = client.load("PlayerData", "Player_2261", LoadPolicy::ForceLoad).await?;
+/// let data = profile.data().map(<[u8]>::to_vec).unwrap_or_default();
+/// // Hand the profile over as soon as another server asks for it.
+/// if let Some(ProfileEvent::ReleaseRequested { .. }) = profile.next_event().await {
+///     profile.release(Some(data)).await?;
+/// }
+/// # Ok(()) }
+/// ```
 pub struct Profile {
     /// The connection the lease belongs to; a lease is only valid on it.
     pub(crate) client: Client,
@@ -44,6 +57,24 @@ pub struct Profile {
 }
 
 /// Something the daemon tells a lease holder without being asked.
+///
+/// ```no_run
+/// use profiled_client::ProfileEvent;
+///
+/// # async fn run(mut profile: profiled_client::Profile) -> Result<(), profiled_client::ClientError> {
+/// # let data = Vec::new();
+/// while let Some(event) = profile.next_event().await {
+///     match event {
+///         ProfileEvent::ReleaseRequested { .. } | ProfileEvent::ShuttingDown { .. } => {
+///             profile.release(Some(data)).await?;
+///             break;
+///         }
+///         ProfileEvent::Message(message) => println!("message {} to apply", message.id),
+///         _ => break, // The lease is gone; saving is pointless.
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ProfileEvent {
@@ -89,40 +120,94 @@ pub enum ProfileEvent {
 }
 
 impl Profile {
-    /// The profile's store.
+    /// The profile's store, as passed to [`Client::load`].
+    ///
+    /// ```no_run
+    /// # fn run(profile: &profiled_client::Profile) {
+    /// println!("holding {}/{}", profile.store(), profile.key());
+    /// # }
+    /// ```
     pub fn store(&self) -> &str {
         &self.store
     }
 
-    /// The profile's key within its store.
+    /// The profile's key within its store, as passed to [`Client::load`].
+    ///
+    /// ```no_run
+    /// # fn run(profile: &profiled_client::Profile) {
+    /// println!("holding {}/{}", profile.store(), profile.key());
+    /// # }
+    /// ```
     pub fn key(&self) -> &str {
         &self.key
     }
 
-    /// The lease's fencing token, which every save and release carries.
+    /// The lease's fencing token, which every save and release carries. It is
+    /// worth logging with saves, to tell which lease a refused save was made
+    /// under.
+    ///
+    /// ```no_run
+    /// # fn run(profile: &profiled_client::Profile) {
+    /// println!("{} loaded at epoch {}", profile.key(), profile.epoch());
+    /// # }
+    /// ```
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
     /// The data as loaded, or `None` for a profile that was never saved.
     /// Saving does not change it.
+    ///
+    /// ```no_run
+    /// # fn run(profile: &profiled_client::Profile) {
+    /// // A profile that was never saved is a new player: start from defaults.
+    /// let bytes = profile.data().unwrap_or(b"coins=0");
+    /// # let _ = bytes;
+    /// # }
+    /// ```
     pub fn data(&self) -> Option<&[u8]> {
         self.data.as_deref()
     }
 
-    /// The profile's metadata as loaded.
+    /// The profile's metadata as loaded; saving does not change it.
+    ///
+    /// ```no_run
+    /// # fn run(profile: &profiled_client::Profile) {
+    /// let meta = profile.meta();
+    /// println!("loaded {} times, at version {}", meta.load_count, meta.version);
+    /// # }
+    /// ```
     pub fn meta(&self) -> &ProfileMeta {
         &self.meta
     }
 
     /// The messages that were pending when the profile was loaded, oldest
     /// first. Later ones arrive as [`ProfileEvent::Message`].
+    ///
+    /// ```no_run
+    /// use profiled_client::Changes;
+    ///
+    /// # async fn run(profile: profiled_client::Profile) -> Result<(), profiled_client::ClientError> {
+    /// // Apply what arrived while nobody held the profile, then consume it with the save.
+    /// let consumed = profile.messages().iter().map(|message| message.id).collect();
+    /// # let data = Vec::new();
+    /// profile.save_with(data, Changes { consumed_messages: consumed, ..Changes::default() }).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn messages(&self) -> &[Message] {
         &self.messages
     }
 
     /// Writes the profile's data under this lease, and returns the
-    /// profile's version after the write once it is durable.
+    /// profile's version after the write once it is durable. Each save sends
+    /// the whole data.
+    ///
+    /// ```no_run
+    /// # async fn run(profile: profiled_client::Profile) -> Result<(), profiled_client::ClientError> {
+    /// let version = profile.save(b"coins=10".to_vec()).await?;
+    /// println!("saved as version {version}");
+    /// # Ok(()) }
+    /// ```
     pub async fn save(&self, data: Vec<u8>) -> Result<u64, ClientError> {
         self.client
             .save(&self.store, &self.key, self.epoch, data)
@@ -131,6 +216,18 @@ impl Profile {
 
     /// Like [`Profile::save`], also applying `changes` (meta tags, user
     /// ids, consumed messages) in the same atomic step.
+    ///
+    /// ```no_run
+    /// use std::collections::BTreeMap;
+    /// use profiled_client::Changes;
+    ///
+    /// # async fn run(profile: profiled_client::Profile) -> Result<(), profiled_client::ClientError> {
+    /// // Meta tags set here replace all of the profile's tags.
+    /// let tags = BTreeMap::from([("region".to_owned(), b"eu".to_vec())]);
+    /// let changes = Changes { meta_tags: Some(tags), ..Changes::default() };
+    /// profile.save_with(b"coins=10".to_vec(), changes).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn save_with(&self, data: Vec<u8>, changes: Changes) -> Result<u64, ClientError> {
         self.client
             .save_with(&self.store, &self.key, self.epoch, data, changes)
@@ -138,7 +235,15 @@ impl Profile {
     }
 
     /// Ends the lease, with a final write of `data` in the same atomic step
-    /// if given, and returns the profile's version after it.
+    /// if given, and returns the profile's version after it. Without `data`
+    /// the last saved data is kept.
+    ///
+    /// ```no_run
+    /// # async fn run(profile: profiled_client::Profile) -> Result<(), profiled_client::ClientError> {
+    /// let version = profile.release(Some(b"coins=10".to_vec())).await?;
+    /// println!("released at version {version}");
+    /// # Ok(()) }
+    /// ```
     pub async fn release(self, data: Option<Vec<u8>>) -> Result<u64, ClientError> {
         self.client
             .release(&self.store, &self.key, self.epoch, data)
@@ -147,6 +252,16 @@ impl Profile {
 
     /// Like [`Profile::release`], also applying `changes` in the same
     /// atomic step.
+    ///
+    /// ```no_run
+    /// use profiled_client::Changes;
+    ///
+    /// # async fn run(profile: profiled_client::Profile) -> Result<(), profiled_client::ClientError> {
+    /// // The final data includes message 7's effect, so consume it in the same step.
+    /// let changes = Changes { consumed_messages: vec![7], ..Changes::default() };
+    /// profile.release_with(Some(b"coins=17".to_vec()), changes).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn release_with(
         self,
         data: Option<Vec<u8>>,
@@ -160,11 +275,29 @@ impl Profile {
     /// Waits for the next event about this lease; `None` once the client
     /// is closed (or gave up reconnecting), the lease was released, or it
     /// expired while the client was disconnected.
+    ///
+    /// ```no_run
+    /// # async fn run(mut profile: profiled_client::Profile) {
+    /// while let Some(event) = profile.next_event().await {
+    ///     println!("{}: {event:?}", profile.key());
+    /// }
+    /// // The stream ended: the lease is released, expired, or the client closed.
+    /// # }
+    /// ```
     pub async fn next_event(&mut self) -> Option<ProfileEvent> {
         self.events.recv().await
     }
 
-    /// The next event about this lease if one has arrived, without waiting.
+    /// The next event about this lease if one has arrived, without waiting,
+    /// for code such as a game loop's tick that must not block.
+    ///
+    /// ```no_run
+    /// # fn tick(profile: &mut profiled_client::Profile) {
+    /// while let Some(event) = profile.try_next_event() {
+    ///     println!("{}: {event:?}", profile.key());
+    /// }
+    /// # }
+    /// ```
     pub fn try_next_event(&mut self) -> Option<ProfileEvent> {
         self.events.try_recv().ok()
     }

@@ -24,6 +24,17 @@ use crate::ClientError;
 
 /// The meta tag that records which schema version (how many migrations)
 /// the stored data has had, as a decimal number.
+///
+/// ```no_run
+/// use profiled_client::typed::SCHEMA_TAG;
+///
+/// # async fn run(client: profiled_client::Client) -> Result<(), profiled_client::ClientError> {
+/// // Which schema a stored profile has, read without taking its lease.
+/// let view = client.view("PlayerData", "Player_2261", None).await?;
+/// let schema = view.meta.meta_tags.get(SCHEMA_TAG).map(|tag| String::from_utf8_lossy(tag).into_owned());
+/// println!("schema {}", schema.as_deref().unwrap_or("0"));
+/// # Ok(()) }
+/// ```
 pub const SCHEMA_TAG: &str = "profiled.schema";
 
 /// One step that upgrades stored data by one schema version.

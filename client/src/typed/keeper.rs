@@ -57,11 +57,32 @@ pub struct Profile<T: ProfileData> {
     epoch: u64,
 }
 
-/// Read access to a profile's data. Dereferences to `T`.
+/// Read access to a profile's data, from [`Profile::data`]. Dereferences
+/// to `T`. It holds the profile's lock, so drop it before any `.await`.
+///
+/// ```no_run
+/// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+/// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+/// let coins = profile.data().coins; // the guard is dropped at the `;`
+/// # let _ = coins;
+/// # }
+/// ```
 pub struct DataRef<'a, T>(MutexGuard<'a, State<T>>);
 
-/// Write access to a profile's data. Dereferences to `T`; taking it marks
-/// the profile changed, so the next auto-save writes it.
+/// Write access to a profile's data, from [`Profile::data_mut`].
+/// Dereferences to `T`; taking it marks the profile changed, so the next
+/// auto-save writes it. It holds the profile's lock, so drop it before any
+/// `.await`.
+///
+/// ```no_run
+/// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+/// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+/// {
+///     let mut data = profile.data_mut();
+///     data.coins += 10;
+/// } // the guard is dropped here, before anything awaits
+/// # }
+/// ```
 pub struct DataMut<'a, T>(MutexGuard<'a, State<T>>);
 
 /// What the handle and the task share.
@@ -186,55 +207,140 @@ pub(super) async fn start<T: ProfileData>(
 }
 
 impl<T: ProfileData> Profile<T> {
-    /// The profile's store.
+    /// The profile's store, as given to [`Client::store`](crate::Client::store).
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// println!("holding {}/{}", profile.store(), profile.key());
+    /// # }
+    /// ```
     pub fn store(&self) -> &str {
         &self.store
     }
 
-    /// The profile's key.
+    /// The profile's key, as given to [`ProfileStore::load`](super::ProfileStore::load).
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// println!("holding {}/{}", profile.store(), profile.key());
+    /// # }
+    /// ```
     pub fn key(&self) -> &str {
         &self.key
     }
 
-    /// The lease's fencing token.
+    /// The lease's fencing token. It is worth logging, to match the profile
+    /// with the daemon's logs.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// println!("{} held at epoch {}", profile.key(), profile.epoch());
+    /// # }
+    /// ```
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
-    /// Reads the data.
+    /// Reads the data. The guard holds the profile's lock, which the task
+    /// needs to save, so keep it short.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// println!("{} coins", profile.data().coins);
+    /// # }
+    /// ```
     pub fn data(&self) -> DataRef<'_, T> {
         DataRef(self.shared.lock())
     }
 
-    /// Changes the data; the profile counts as changed.
+    /// Changes the data; the profile counts as changed, so the next
+    /// auto-save writes it. The guard holds the profile's lock, so keep it
+    /// short and never across an `.await`.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// profile.data_mut().coins += 10;
+    /// # }
+    /// ```
     pub fn data_mut(&self) -> DataMut<'_, T> {
         let mut state = self.shared.lock();
         state.changes += 1;
         DataMut(state)
     }
 
-    /// Changes the data with `change`, and returns what it returns.
+    /// Changes the data with `change`, and returns what it returns. The lock
+    /// is held only while `change` runs, so it cannot be held across an
+    /// `.await` by mistake.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// let coins = profile.update(|data| {
+    ///     data.coins += 10;
+    ///     data.coins
+    /// });
+    /// # let _ = coins;
+    /// # }
+    /// ```
     pub fn update<R>(&self, change: impl FnOnce(&mut T) -> R) -> R {
         change(&mut self.data_mut())
     }
 
     /// Whether the lease is still held: not released, lost or expired, and
     /// no last save has begun. Changes made once it is false are not saved.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// // A reward granted now would not be saved once the profile is inactive.
+    /// if profile.is_active() {
+    ///     profile.update(|data| data.coins += 100);
+    /// }
+    /// # }
+    /// ```
     pub fn is_active(&self) -> bool {
         self.shared.lock().active
     }
 
-    /// The profile's metadata as loaded.
+    /// The profile's metadata as loaded; saving does not change it.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// println!("loaded {} times", profile.meta().load_count);
+    /// # }
+    /// ```
     pub fn meta(&self) -> ProfileMeta {
         self.shared.lock().meta.clone()
     }
 
     /// The meta tags, as the next save will write them.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// let region = profile.meta_tags().get("region").cloned();
+    /// # let _ = region;
+    /// # }
+    /// ```
     pub fn meta_tags(&self) -> BTreeMap<String, Vec<u8>> {
         self.shared.lock().meta_tags.clone()
     }
 
-    /// Sets a meta tag; the next save writes it with the data.
+    /// Sets a meta tag; the next save writes it with the data. Tags are
+    /// visible in [`Client::view`](crate::Client::view) without taking the lease.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// profile.set_meta_tag("region", b"eu".to_vec());
+    /// # }
+    /// ```
     pub fn set_meta_tag(&self, name: &str, value: Vec<u8>) {
         let mut state = self.shared.lock();
         state.meta_tags.insert(name.to_owned(), value);
@@ -242,25 +348,62 @@ impl<T: ProfileData> Profile<T> {
     }
 
     /// The user ids, as the next save will write them.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// let has_owner = profile.user_ids().contains(&2261);
+    /// # let _ = has_owner;
+    /// # }
+    /// ```
     pub fn user_ids(&self) -> Vec<u64> {
         self.shared.lock().user_ids.clone()
     }
 
     /// Sets the user ids (the players whose data this is, for GDPR
     /// requests); the next save writes them with the data.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// profile.set_user_ids(vec![2261]);
+    /// # }
+    /// ```
     pub fn set_user_ids(&self, ids: Vec<u64>) {
         let mut state = self.shared.lock();
         state.user_ids = ids;
         state.changes += 1;
     }
 
-    /// Messages received and not yet acknowledged, oldest first.
+    /// Messages received and not yet acknowledged, oldest first, for a game
+    /// that applies them later than their [`LifecycleEvent::Message`](super::LifecycleEvent::Message).
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(profile: &profiled_client::typed::Profile<PlayerData>) {
+    /// for message in profile.pending_messages() {
+    ///     println!("message {} is not applied yet", message.id);
+    /// }
+    /// # }
+    /// ```
     pub fn pending_messages(&self) -> Vec<Message> {
         self.shared.lock().pending.clone()
     }
 
     /// Acknowledges a message the game has applied to the data. The next
     /// save removes it, atomically with the data that includes its effect.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # use profiled_client::typed::LifecycleEvent;
+    /// # async fn run(mut profile: profiled_client::typed::Profile<PlayerData>) {
+    /// if let Some(LifecycleEvent::Message(message)) = profile.next_event().await {
+    ///     profile.update(|data| data.coins += 100); // say every message is a gift
+    ///     // The next save removes the message along with the coins it granted.
+    ///     profile.ack(message.id);
+    /// }
+    /// # }
+    /// ```
     pub fn ack(&self, message_id: u64) {
         let mut state = self.shared.lock();
         if state.pending.iter().any(|m| m.id == message_id) {
@@ -270,8 +413,18 @@ impl<T: ProfileData> Profile<T> {
     }
 
     /// Saves now, whether or not the data changed, and returns the version
-    /// once durable. Fails with [`ClientError::Invalid`] if the validator
+    /// once durable, for changes that must not wait for the auto-save, such
+    /// as a purchase. Fails with [`ClientError::Invalid`] if the validator
     /// refuses the data, and [`ClientError::Ended`] after the session ended.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # async fn run(profile: profiled_client::typed::Profile<PlayerData>) -> Result<(), profiled_client::ClientError> {
+    /// profile.update(|data| data.coins -= 50);
+    /// let version = profile.save().await?;
+    /// println!("purchase saved as version {version}");
+    /// # Ok(()) }
+    /// ```
     pub async fn save(&self) -> Result<u64, ClientError> {
         let (reply, answer) = oneshot::channel();
         self.commands
@@ -283,6 +436,15 @@ impl<T: ProfileData> Profile<T> {
     /// Makes the last save and releases the lease; returns the version.
     /// If the data is invalid, the lease is released keeping the last
     /// saved data, and the validator's error is returned.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # async fn run(profile: profiled_client::typed::Profile<PlayerData>) -> Result<(), profiled_client::ClientError> {
+    /// // The player logged out.
+    /// let version = profile.release().await?;
+    /// println!("released at version {version}");
+    /// # Ok(()) }
+    /// ```
     pub async fn release(self) -> Result<u64, ClientError> {
         let (reply, answer) = oneshot::channel();
         self.commands
@@ -293,11 +455,30 @@ impl<T: ProfileData> Profile<T> {
 
     /// The next event; `None` once the session has ended and every event
     /// was taken.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # async fn run(mut profile: profiled_client::typed::Profile<PlayerData>) {
+    /// while let Some(event) = profile.next_event().await {
+    ///     println!("{}: {event:?}", profile.key());
+    /// }
+    /// # }
+    /// ```
     pub async fn next_event(&mut self) -> Option<LifecycleEvent> {
         self.events.recv().await
     }
 
-    /// The next event if one has arrived, without waiting.
+    /// The next event if one has arrived, without waiting, for code such as
+    /// a game loop's tick that must not block.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn tick(profile: &mut profiled_client::typed::Profile<PlayerData>) {
+    /// while let Some(event) = profile.try_next_event() {
+    ///     println!("{}: {event:?}", profile.key());
+    /// }
+    /// # }
+    /// ```
     pub fn try_next_event(&mut self) -> Option<LifecycleEvent> {
         self.events.try_recv().ok()
     }

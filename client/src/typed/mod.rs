@@ -59,7 +59,22 @@ pub use keeper::{DataMut, DataRef, Profile};
 pub use rmpv;
 
 /// What a typed profile's data must be: MessagePack-encodable with serde,
-/// with a `Default` for new profiles and missing fields.
+/// with a `Default` for new profiles and missing fields. It is implemented
+/// for every such type, so a game only derives the traits.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use profiled_client::typed::ProfileData;
+///
+/// #[derive(Default, serde::Serialize, serde::Deserialize)]
+/// struct PlayerData {
+///     coins: u64,
+///     inventory: BTreeMap<String, u32>,
+/// }
+///
+/// fn is_profile_data<T: ProfileData>() {}
+/// is_profile_data::<PlayerData>();
+/// ```
 pub trait ProfileData: Serialize + DeserializeOwned + Default + Send + 'static {}
 
 impl<T: Serialize + DeserializeOwned + Default + Send + 'static> ProfileData for T {}
@@ -88,7 +103,27 @@ impl<T: Serialize + DeserializeOwned + Default + Send + 'static> ProfileData for
 #[derive(Clone)]
 pub struct Migration(Arc<codec::MigrationFn>);
 
-/// Why a save was made.
+/// Why a save was made, passed to the
+/// [before-save hook](ProfileStore::on_before_save) and reported in
+/// [`LifecycleEvent`]s, so a game can treat the final save differently.
+///
+/// ```no_run
+/// use profiled_client::typed::SaveReason;
+/// use std::time::{SystemTime, UNIX_EPOCH};
+///
+/// #[derive(Default, serde::Serialize, serde::Deserialize)]
+/// struct PlayerData { last_seen_s: u64 }
+///
+/// # fn run(client: profiled_client::Client) {
+/// let store = client.store::<PlayerData>("PlayerData").on_before_save(|data, reason| {
+///     // Only the final save marks when the player left.
+///     if let SaveReason::Last(_) = reason {
+///         data.last_seen_s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+///     }
+/// });
+/// # let _ = store;
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SaveReason {
@@ -100,7 +135,21 @@ pub enum SaveReason {
     Last(LastSaveReason),
 }
 
-/// Why a profile made its final save and released.
+/// Why a profile made its final save and released. It tells a game whether
+/// the player left on purpose or the profile was taken over.
+///
+/// ```no_run
+/// use profiled_client::typed::{EndReason, LastSaveReason, LifecycleEvent};
+///
+/// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+/// # async fn run(mut profile: profiled_client::typed::Profile<PlayerData>) {
+/// while let Some(event) = profile.next_event().await {
+///     if let LifecycleEvent::SessionEnded { reason: EndReason::Released(LastSaveReason::ReleaseRequested) } = event {
+///         println!("the player moved to another server");
+///     }
+/// }
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LastSaveReason {
@@ -114,7 +163,29 @@ pub enum LastSaveReason {
     Dropped,
 }
 
-/// Why a profile's session ended.
+/// Why a profile's session ended, carried by
+/// [`LifecycleEvent::SessionEnded`]. It tells a game whether the player's
+/// latest changes were kept: after [`EndReason::Released`] the last save
+/// was made unless a [`LifecycleEvent::SaveFailed`] just before it says
+/// otherwise, and after any other reason changes since the last save are
+/// lost.
+///
+/// ```no_run
+/// use profiled_client::typed::{EndReason, LifecycleEvent};
+///
+/// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+/// # async fn run(mut profile: profiled_client::typed::Profile<PlayerData>) {
+/// while let Some(event) = profile.next_event().await {
+///     if let LifecycleEvent::SessionEnded { reason } = event {
+///         match reason {
+///             EndReason::Released(why) => println!("released ({why:?})"),
+///             EndReason::LeaseLost(why) => eprintln!("lost ({why:?}); unsaved changes are gone"),
+///             other => eprintln!("ended: {other:?}"),
+///         }
+///     }
+/// }
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum EndReason {
@@ -133,6 +204,25 @@ pub enum EndReason {
 }
 
 /// What happened to a profile, in order. See the [module docs](self).
+///
+/// ```no_run
+/// use profiled_client::typed::LifecycleEvent;
+///
+/// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+/// # async fn run(mut profile: profiled_client::typed::Profile<PlayerData>) {
+/// while let Some(event) = profile.next_event().await {
+///     match event {
+///         LifecycleEvent::Message(message) => {
+///             profile.update(|data| data.coins += 100); // say every message is a gift
+///             profile.ack(message.id);
+///         }
+///         LifecycleEvent::SaveFailed { error, attempt, .. } => eprintln!("save failed ({attempt} in a row): {error}"),
+///         LifecycleEvent::SessionEnded { reason } => println!("ended: {reason:?}"),
+///         _ => {}
+///     }
+/// }
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum LifecycleEvent {
@@ -249,7 +339,14 @@ impl Client {
 }
 
 impl<T: ProfileData> ProfileStore<T> {
-    /// The store's name.
+    /// The store's name, as given to [`Client::store`]; handy in logs.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(store: profiled_client::typed::ProfileStore<PlayerData>) {
+    /// println!("using store {}", store.name());
+    /// # }
+    /// ```
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -258,12 +355,36 @@ impl<T: ProfileData> ProfileStore<T> {
     /// `n` runs `migrations[n..]` at load. Data written by a newer schema
     /// than `migrations.len()` is refused with
     /// [`ClientError::SchemaTooNew`].
+    ///
+    /// ```no_run
+    /// use profiled_client::typed::Migration;
+    /// use profiled_client::typed::rmpv::Value;
+    ///
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(client: profiled_client::Client) {
+    /// // Data saved before the typed layer was a bare coin count; schema 1 is a map.
+    /// let to_v1 = Migration::new(|coins| Ok(Value::Map(vec![(Value::from("coins"), coins)])));
+    /// let store = client.store::<PlayerData>("PlayerData").with_migrations(vec![to_v1]);
+    /// # let _ = store;
+    /// # }
+    /// ```
     pub fn with_migrations(self, migrations: Vec<Migration>) -> Self {
         self.with_rules(|rules| rules.migrations = migrations)
     }
 
     /// Sets a validator that runs before every save; an invalid save is
-    /// refused locally with [`ClientError::Invalid`] and nothing is sent.
+    /// refused locally with [`ClientError::Invalid`] and nothing is sent. It
+    /// keeps a bug from overwriting good data with impossible values.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(client: profiled_client::Client) {
+    /// let store = client.store::<PlayerData>("PlayerData").with_validator(|data| {
+    ///     if data.coins <= 1_000_000 { Ok(()) } else { Err(format!("{} coins is over the cap", data.coins)) }
+    /// });
+    /// # let _ = store;
+    /// # }
+    /// ```
     pub fn with_validator(
         self,
         validator: impl Fn(&T) -> Result<(), String> + Send + Sync + 'static,
@@ -272,12 +393,32 @@ impl<T: ProfileData> ProfileStore<T> {
     }
 
     /// Sets a hook that may change the data just before every save is
-    /// encoded (after the validator has accepted it).
+    /// encoded (after the validator has accepted it), for bookkeeping that
+    /// must be in every save, such as a save counter.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { saves: u64 }
+    /// # fn run(client: profiled_client::Client) {
+    /// let store = client.store::<PlayerData>("PlayerData").on_before_save(|data, _reason| data.saves += 1);
+    /// # let _ = store;
+    /// # }
+    /// ```
     pub fn on_before_save(self, hook: impl Fn(&mut T, SaveReason) + Send + Sync + 'static) -> Self {
         self.with_rules(|rules| rules.before_save = Some(Arc::new(hook)))
     }
 
-    /// Sets the auto-save interval; `None` turns auto-save off.
+    /// Sets the auto-save interval; `None` turns auto-save off. A shorter
+    /// interval loses less on a crash, at the cost of more writes.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    ///
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(client: profiled_client::Client) {
+    /// let store = client.store::<PlayerData>("PlayerData").with_autosave(Some(Duration::from_secs(10)));
+    /// # let _ = store;
+    /// # }
+    /// ```
     pub fn with_autosave(self, interval: Option<Duration>) -> Self {
         self.with_rules(|rules| rules.autosave = interval.filter(|i| !i.is_zero()))
     }
@@ -285,11 +426,30 @@ impl<T: ProfileData> ProfileStore<T> {
     /// Whether a release request (another server force-loading a profile)
     /// is answered by a final save and a release (the default), or passed
     /// on as [`LifecycleEvent::ReleaseRequested`] for the game to handle.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # fn run(client: profiled_client::Client) {
+    /// // Let the current match finish before handing the profile over.
+    /// let store = client.store::<PlayerData>("PlayerData").release_on_request(false);
+    /// # let _ = store;
+    /// # }
+    /// ```
     pub fn release_on_request(self, release: bool) -> Self {
         self.with_rules(|rules| rules.release_on_request = release)
     }
 
     /// Loads the profile `key` with `policy` and starts its task.
+    ///
+    /// ```no_run
+    /// use profiled_client::LoadPolicy;
+    ///
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # async fn run(store: profiled_client::typed::ProfileStore<PlayerData>) -> Result<(), profiled_client::ClientError> {
+    /// let profile = store.load("Player_2261", LoadPolicy::ForceLoad).await?;
+    /// println!("{} coins", profile.data().coins);
+    /// # Ok(()) }
+    /// ```
     pub async fn load(&self, key: &str, policy: LoadPolicy) -> Result<Profile<T>, ClientError> {
         let options = LoadOptions {
             policy,
@@ -301,6 +461,21 @@ impl<T: ProfileData> ProfileStore<T> {
     /// Loads the profile `key` with a deadline if given, and starts its task.
     /// A profile whose data cannot be decoded (or is of a newer schema) is
     /// released again at once, keeping its data, and the error returned.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use profiled_client::{ClientError, LoadOptions, LoadPolicy};
+    ///
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # async fn run(store: profiled_client::typed::ProfileStore<PlayerData>) -> Result<(), ClientError> {
+    /// let options = LoadOptions { policy: LoadPolicy::Repeat, deadline: Some(Duration::from_secs(5)) };
+    /// match store.load_with("Player_2261", options).await {
+    ///     Ok(profile) => println!("{} coins", profile.data().coins),
+    ///     Err(ClientError::SchemaTooNew { stored, .. }) => eprintln!("saved by a newer server (schema {stored})"),
+    ///     Err(err) => return Err(err),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn load_with(
         &self,
         key: &str,
@@ -319,7 +494,24 @@ impl<T: ProfileData> ProfileStore<T> {
 }
 
 impl Migration {
-    /// A migration from a function on the raw MessagePack value.
+    /// A migration from a function on the raw MessagePack value. The
+    /// function returns `Err` with a reason for data it cannot upgrade, which
+    /// fails the load with [`ClientError::Decode`].
+    ///
+    /// ```
+    /// use profiled_client::typed::Migration;
+    /// use profiled_client::typed::rmpv::Value;
+    ///
+    /// // Every player starts with 50 gems; a missing field would default to 0.
+    /// let add_gems = Migration::new(|value| match value {
+    ///     Value::Map(mut fields) => {
+    ///         fields.push((Value::from("gems"), Value::from(50)));
+    ///         Ok(Value::Map(fields))
+    ///     }
+    ///     other => Err(format!("expected a map, got {other}")),
+    /// });
+    /// # let _ = add_gems;
+    /// ```
     pub fn new(
         step: impl Fn(rmpv::Value) -> Result<rmpv::Value, String> + Send + Sync + 'static,
     ) -> Self {
