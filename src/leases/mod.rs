@@ -8,6 +8,8 @@
 //! each connection's outbound queue, in the order the table produced them,
 //! so a client always sees `Loaded` before any event about that lease.
 
+#[cfg(test)]
+mod model;
 mod table;
 
 use std::collections::HashMap;
