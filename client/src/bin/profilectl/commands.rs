@@ -32,16 +32,16 @@ pub async fn status(client: &Client, json: bool) -> Outcome {
             "storage_bytes": status.storage_bytes,
         }));
     } else {
-        println!("daemon version  {}", status.daemon_version);
-        println!(
+        outln!("daemon version  {}", status.daemon_version);
+        outln!(
             "uptime          {}",
             output::human_duration(status.uptime_ms)
         );
-        println!("connections     {}", status.connections);
-        println!("sessions        {}", status.sessions);
-        println!("leases held     {}", status.leases_held);
-        println!("queued loads    {}", status.queued_loads);
-        println!(
+        outln!("connections     {}", status.connections);
+        outln!("sessions        {}", status.sessions);
+        outln!("leases held     {}", status.leases_held);
+        outln!("queued loads    {}", status.queued_loads);
+        outln!(
             "storage         {}",
             output::human_bytes(status.storage_bytes)
         );
@@ -77,7 +77,7 @@ pub async fn sessions(client: &Client, json: bool) -> Outcome {
         return Ok(());
     }
     if sessions.is_empty() {
-        println!("no sessions");
+        outln!("no sessions");
     }
     for info in &sessions {
         let link = match info.connection_id {
@@ -86,9 +86,9 @@ pub async fn sessions(client: &Client, json: bool) -> Outcome {
         };
         let count = info.leases.len();
         let plural = if count == 1 { "" } else { "s" };
-        println!("{}  {link}  {count} lease{plural}", info.session);
+        outln!("{}  {link}  {count} lease{plural}", info.session);
         for lease in &info.leases {
-            println!("  {}/{}  epoch {}", lease.store, lease.key, lease.epoch);
+            outln!("  {}/{}  epoch {}", lease.store, lease.key, lease.epoch);
         }
     }
     Ok(())
@@ -203,7 +203,7 @@ pub async fn view(
             let _ = writeln!(text, "data          none (never saved)");
         }
     }
-    print!("{text}");
+    out!("{text}");
     Ok(())
 }
 
@@ -227,12 +227,12 @@ pub async fn versions(
         return Ok(());
     }
     if versions.is_empty() {
-        println!("no kept versions match");
+        outln!("no kept versions match");
         return Ok(());
     }
-    println!("{:>8}  {:<24}  {:>10}", "VERSION", "SAVED AT", "SIZE");
+    outln!("{:>8}  {:<24}  {:>10}", "VERSION", "SAVED AT", "SIZE");
     for v in &versions {
-        println!(
+        outln!(
             "{:>8}  {:<24}  {:>10}",
             v.version,
             output::time(v.saved_at_ms),
@@ -256,9 +256,10 @@ pub async fn rollback(client: &Client, profile: &ProfileAddr, to: u64, json: boo
             "version": version,
         }));
     } else {
-        println!(
+        outln!(
             "rolled {}/{} back to version {to}; it is now version {version}",
-            profile.store, profile.key
+            profile.store,
+            profile.key
         );
     }
     Ok(())
@@ -305,7 +306,7 @@ pub async fn wipe(client: &Client, profile: &ProfileAddr, json: bool) -> Outcome
     if json {
         print_json(&json!({ "store": profile.store, "key": profile.key, "wiped": true }));
     } else {
-        println!("wiped {}/{}", profile.store, profile.key);
+        outln!("wiped {}/{}", profile.store, profile.key);
     }
     Ok(())
 }
@@ -339,7 +340,7 @@ pub async fn send(client: &Client, profile: &ProfileAddr, bytes: Vec<u8>, json: 
     if json {
         print_json(&json!({ "store": profile.store, "key": profile.key, "id": id }));
     } else {
-        println!("sent message {id} to {}/{}", profile.store, profile.key);
+        outln!("sent message {id} to {}/{}", profile.store, profile.key);
     }
     Ok(())
 }
@@ -360,7 +361,7 @@ pub async fn release(
         if json {
             print_json(&json!({ "store": profile.store, "key": profile.key, "held": false }));
         } else {
-            println!("{}/{} is not held", profile.store, profile.key);
+            outln!("{}/{} is not held", profile.store, profile.key);
         }
         return Ok(());
     };
@@ -411,9 +412,11 @@ pub async fn release(
             "waited_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         }));
     } else {
-        println!(
+        outln!(
             "{} released {}/{}",
-            lease.session, profile.store, profile.key
+            lease.session,
+            profile.store,
+            profile.key
         );
     }
     Ok(())
@@ -434,13 +437,13 @@ pub async fn steal(client: &Client, profile: &ProfileAddr, json: bool) -> Outcom
         return Ok(());
     }
     match ended {
-        Some(lease) => println!(
+        Some(lease) => outln!(
             "ended the lease on {}/{} of {}",
             profile.store,
             profile.key,
             output::lease_text(&lease)
         ),
-        None => println!("{}/{} is not held", profile.store, profile.key),
+        None => outln!("{}/{} is not held", profile.store, profile.key),
     }
     Ok(())
 }
@@ -486,7 +489,7 @@ pub async fn stats(client: &Client, json: bool) -> Outcome {
         return Ok(());
     }
     for (name, value) in lines {
-        println!("{name} {value}");
+        outln!("{name} {value}");
     }
     Ok(())
 }

@@ -5,6 +5,27 @@
 //! stderr and exit with a code from the table in `--help` (see [`exit`]),
 //! so scripts can tell a missing profile from a daemon that is down.
 
+/// Writes to stdout like `print!`. A reader that went away (`profilectl
+/// stats | head`) ends the program quietly with status 0 instead of a
+/// panic; any other write failure exits 74 (EX_IOERR).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(err) = write!(std::io::stdout().lock(), $($arg)*) {
+            crate::stdout_failed(&err);
+        }
+    }};
+}
+
+/// Like `println!`, through [`out!`].
+macro_rules! outln {
+    () => { out!("\n") };
+    ($($arg:tt)*) => {{
+        out!($($arg)*);
+        out!("\n");
+    }};
+}
+
 mod args;
 mod commands;
 mod output;
@@ -214,4 +235,13 @@ async fn connect(socket: &std::path::Path) -> Result<Client, Failure> {
             ),
             other => Failure::request("the daemon refused the connection", &other),
         })
+}
+
+/// Ends the program after stdout failed: quietly when its reader has gone.
+fn stdout_failed(err: &std::io::Error) -> ! {
+    if err.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("profilectl: cannot write to stdout: {err}");
+    std::process::exit(74);
 }

@@ -18,7 +18,7 @@ const HEX_LIMIT: usize = 64;
 pub fn print_json(value: &Value) {
     // Serializing a `Value` cannot fail.
     let text = serde_json::to_string_pretty(value).unwrap_or_default();
-    println!("{text}");
+    outln!("{text}");
 }
 
 /// Standard base64, the encoding of every byte string in JSON output and

@@ -55,7 +55,7 @@ pub async fn backup(client: &Client, dir: &Path, json: bool) -> Outcome {
     if json {
         print_json(&json!({ "path": text, "bytes": bytes }));
     } else {
-        println!("backed up to {text}: {}", output::human_bytes(bytes));
+        outln!("backed up to {text}: {}", output::human_bytes(bytes));
     }
     Ok(())
 }
