@@ -322,11 +322,7 @@ async fn a_backup_taken_while_serving_starts_a_second_daemon() {
     let err = admin.backup("relative").await.expect_err("relative path");
     assert!(err.code().is_some());
 
-    let mut second = Daemon::start();
-    second.kill();
-    std::fs::remove_dir_all(second.data_dir()).expect("remove the fresh data");
-    copy_dir(&target, &second.data_dir());
-    second.restart();
+    let second = Daemon::start_on_copy_of(&target);
     let reader = second.client("reader").await;
     // The backup holds the lease the game had; stealing shows the data.
     let restored = reader
@@ -334,17 +330,4 @@ async fn a_backup_taken_while_serving_starts_a_second_daemon() {
         .await
         .expect("load from the backup");
     assert_eq!(restored.data(), Some(&b"before the backup"[..]));
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).expect("create");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).expect("copy");
-        }
-    }
 }

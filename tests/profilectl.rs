@@ -636,11 +636,7 @@ async fn a_backup_starts_a_second_daemon() {
         "a backup over an existing directory must fail"
     );
 
-    let mut second = Daemon::start();
-    second.kill();
-    std::fs::remove_dir_all(second.data_dir()).expect("remove the fresh data");
-    std::fs::rename(&backup, second.data_dir()).expect("move the backup in");
-    second.restart();
+    let second = Daemon::start_on_copy_of(&backup);
     let profile = second
         .client("server-8")
         .await

@@ -45,6 +45,20 @@ impl Daemon {
         daemon
     }
 
+    /// Starts a daemon on a copy of `data`, a database directory such as a
+    /// backup, with the test defaults.
+    pub fn start_on_copy_of(data: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut daemon = Self {
+            child: None,
+            dir,
+            extra_config: String::new(),
+        };
+        copy_dir(data, &daemon.data_dir());
+        daemon.spawn();
+        daemon
+    }
+
     /// The socket path.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("profiled.sock")
@@ -200,6 +214,20 @@ pub fn built_binary(relative: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Copies a directory tree.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create a directory");
+    for entry in std::fs::read_dir(from).expect("read a directory") {
+        let entry = entry.expect("a directory entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("a file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy a file");
+        }
+    }
 }
 
 /// The session id of test job `job`.
