@@ -534,5 +534,6 @@ pub(crate) async fn gauges(context: &crate::connection::Context) -> Gauges {
         queued_loads: as_u64(counts.queued),
         sessions: as_u64(counts.sessions),
         storage_bytes: context.storage.size_on_disk().await,
+        storage_degraded: context.storage.is_degraded(),
     }
 }

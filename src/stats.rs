@@ -81,6 +81,9 @@ pub struct Gauges {
     pub sessions: u64,
     /// The database's size on disk.
     pub storage_bytes: u64,
+    /// Whether storage is recovering from a failed write (a full disk,
+    /// say) and refusing writes meanwhile.
+    pub storage_degraded: bool,
 }
 
 /// A latency histogram with fixed buckets, in the Prometheus shape.
@@ -327,6 +330,11 @@ impl Stats {
         add("profiled_queued_loads", &[], gauges.queued_loads as f64);
         add("profiled_sessions", &[], gauges.sessions as f64);
         add("profiled_storage_bytes", &[], gauges.storage_bytes as f64);
+        add(
+            "profiled_storage_degraded",
+            &[],
+            if gauges.storage_degraded { 1.0 } else { 0.0 },
+        );
         out
     }
 }

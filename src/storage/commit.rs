@@ -76,10 +76,32 @@ pub(super) struct HistoryRules {
     pub(super) interval_ms: u64,
 }
 
+/// Why a committer stopped.
+#[derive(Debug)]
+pub(super) enum Ended {
+    /// It was closed, or every sender is gone.
+    Closed,
+    /// A batch's write failed (the disk is full, say). RocksDB refuses
+    /// every later write until the database is reopened.
+    Failed(String),
+}
+
+/// What a batch did.
+enum Outcome {
+    /// It was written, or every operation in it was refused on its own.
+    Committed,
+    /// It held a `Close`.
+    Close(oneshot::Sender<Result<(), String>>),
+    /// Its write failed; every operation in it was failed.
+    WriteFailed(String),
+}
+
 /// The committer's state; it lives on its own thread.
 pub(super) struct Committer {
     db: Arc<DB>,
     write_options: WriteOptions,
+    /// Whether the write options sync, for a replacement committer.
+    write_options_sync: bool,
     max_batch: usize,
     history: HistoryRules,
 }
@@ -138,13 +160,15 @@ impl Committer {
         Self {
             db,
             write_options,
+            write_options_sync: sync,
             max_batch,
             history,
         }
     }
 
-    /// Runs until a `Close` op or until every sender is gone.
-    pub(super) fn run(self, ops: Receiver<Op>) {
+    /// Runs until a `Close` op, until every sender is gone, or until a
+    /// batch's write fails; says which.
+    pub(super) fn run(&self, ops: &Receiver<Op>) -> Ended {
         let mut batch = Vec::with_capacity(self.max_batch);
         while let Ok(first) = ops.recv() {
             batch.push(first);
@@ -154,22 +178,32 @@ impl Committer {
                     Err(_) => break,
                 }
             }
-            if let Some(reply) = self.commit(&mut batch) {
-                let flushed = self.flush();
-                let _ = reply.send(flushed);
-                return;
+            match self.commit(&mut batch) {
+                Outcome::Committed => {}
+                Outcome::Close(reply) => {
+                    let flushed = self.flush();
+                    let _ = reply.send(flushed);
+                    return Ended::Closed;
+                }
+                Outcome::WriteFailed(message) => return Ended::Failed(message),
             }
         }
+        Ended::Closed
     }
 
-    /// Applies and answers one batch. Returns the `Close` reply if the batch
-    /// held one; operations after it in the batch fail with `Closed`.
-    fn commit(&self, ops: &mut Vec<Op>) -> Option<oneshot::Sender<Result<(), String>>> {
+    /// The settings a replacement committer needs after a reopen.
+    pub(super) fn settings(&self) -> (bool, usize, HistoryRules) {
+        (self.write_options_sync, self.max_batch, self.history)
+    }
+
+    /// Applies and answers one batch. Operations after a `Close` in the
+    /// batch fail with `Closed`.
+    fn commit(&self, ops: &mut Vec<Op>) -> Outcome {
         let Some(families) = Families::of(&self.db) else {
             // Unreachable after a successful open; fail the batch rather
             // than panic in the daemon.
             ops.clear();
-            return None;
+            return Outcome::Committed;
         };
         let mut batch = Batch {
             families,
@@ -220,6 +254,11 @@ impl Committer {
         if let Some(err) = &failure {
             tracing::error!(error = %err, "a batch of writes failed; none was acknowledged");
         }
+        let outcome = match (&failure, close) {
+            (_, Some(reply)) => Outcome::Close(reply),
+            (Some(err), None) => Outcome::WriteFailed(err.to_string()),
+            (None, None) => Outcome::Committed,
+        };
         for answer in answers {
             match answer {
                 Answer::Granted(reply, outcome) => {
@@ -236,7 +275,7 @@ impl Committer {
                 }
             }
         }
-        close
+        outcome
     }
 
     fn grant(
@@ -674,6 +713,27 @@ fn keep(
     );
     meta.kept_version = meta.version;
     meta.kept_at_ms = now_ms;
+}
+
+/// Fails an operation without applying it, while the database is being
+/// reopened. A `Close` is answered and returned, so the caller can stop.
+pub(super) fn refuse(op: Op, err: &WriteError) -> Option<oneshot::Sender<Result<(), String>>> {
+    match op {
+        Op::Grant { reply, .. } => {
+            let _ = reply.send(Err(err.clone()));
+        }
+        Op::Write { reply, .. } => {
+            let _ = reply.send(Err(err.clone()));
+        }
+        Op::Send { reply, .. } => {
+            let _ = reply.send(Err(err.clone()));
+        }
+        Op::Admin { reply, .. } => {
+            let _ = reply.send(Err(err.clone()));
+        }
+        Op::Close { reply } => return Some(reply),
+    }
+    None
 }
 
 /// The outcome to report once the batch's fate is known: a failed batch

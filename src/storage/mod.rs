@@ -30,6 +30,7 @@ mod commit;
 mod maintenance;
 mod read;
 mod records;
+mod recovery;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -162,8 +163,10 @@ pub enum StorageError {
 /// State shared by every handle.
 #[derive(Debug)]
 struct Shared {
-    /// For reads and maintenance, which bypass the committer.
-    db: Arc<DB>,
+    /// The open database, for reads and maintenance, which bypass the
+    /// committer. The committer thread empties and refills it when it
+    /// reopens the database after a failed write.
+    db: Arc<recovery::DbSlot>,
     /// The database directory, for messages and size reports.
     path: std::path::PathBuf,
     /// How long kept versions are shown before the sweep prunes them.
@@ -208,12 +211,17 @@ impl Storage {
         };
         let committer =
             commit::Committer::new(Arc::clone(&db), config.sync, config.max_batch, rules);
+        let slot = Arc::new(recovery::DbSlot::new(db));
+        let thread_slot = Arc::clone(&slot);
+        let thread_path = path.clone();
         let handle = std::thread::Builder::new()
             .name("profiled-commit".to_owned())
-            .spawn(move || committer.run(receiver))
+            .spawn(move || {
+                recovery::run_committer(committer, &receiver, &thread_slot, &thread_path)
+            })
             .map_err(|err| StorageError::Committer(err.to_string()))?;
         let shared = Arc::new(Shared {
-            db,
+            db: slot,
             path: path.clone(),
             retention_ms: duration_ms(history.retention),
             ops,
@@ -303,6 +311,12 @@ impl Storage {
         let (reply, done) = oneshot::channel();
         self.submit(commit::Op::Admin { key, action, reply });
         async move { done.await.unwrap_or(Err(WriteError::Closed)) }
+    }
+
+    /// Whether the last write failed and the database has not yet been
+    /// reopened: every write fails meanwhile. Reported in stats.
+    pub fn is_degraded(&self) -> bool {
+        self.shared.db.is_degraded()
     }
 
     /// Applies every write submitted before this call, flushes the WAL and

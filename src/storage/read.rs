@@ -4,8 +4,6 @@
 //! returns is one consistent state of the profile even while the committer
 //! writes.
 
-use std::sync::Arc;
-
 use profiled_protocol::{Message, VersionInfo};
 use rocksdb::{DB, Direction, IteratorMode, ReadOptions};
 
@@ -95,7 +93,7 @@ impl Storage {
         &self,
         read: impl FnOnce(&DB) -> Result<T, WriteError> + Send + 'static,
     ) -> Result<T, WriteError> {
-        let db = Arc::clone(&self.shared.db);
+        let db = self.shared.db.get()?;
         tokio::task::spawn_blocking(move || read(&db))
             .await
             .map_err(|err| WriteError::Storage(format!("a read task failed: {err}")))?

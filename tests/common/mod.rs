@@ -45,6 +45,21 @@ impl Daemon {
         daemon
     }
 
+    /// Starts a daemon with `extra` TOML, after `prepare` has been given the
+    /// data directory's path (for example, to mount a small filesystem
+    /// there).
+    pub fn start_prepared(extra: &str, prepare: impl FnOnce(&Path)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut daemon = Self {
+            child: None,
+            dir,
+            extra_config: extra.to_owned(),
+        };
+        prepare(&daemon.data_dir());
+        daemon.spawn();
+        daemon
+    }
+
     /// Starts a daemon on a copy of `data`, a database directory such as a
     /// backup, with the test defaults.
     pub fn start_on_copy_of(data: &Path) -> Self {

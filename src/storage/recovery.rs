@@ -1,0 +1,139 @@
+//! Recovering from a failed write, such as a full disk, without a restart.
+//!
+//! Once a write fails, RocksDB refuses every later write (it records a
+//! background error) until the database is reopened. So when a batch's
+//! write fails, the committer thread closes the database and reopens it,
+//! retrying about once a second. Meanwhile every write fails at once with a
+//! `Storage` error, reads fail too, and nothing acknowledged is lost: a
+//! write is acknowledged only after RocksDB accepted it, and the reopen
+//! replays the synced WAL. When space returns, the next reopen succeeds and
+//! writes carry on.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use rocksdb::DB;
+
+use super::commit::{self, Committer, Ended, Op};
+use super::{WriteError, open_db};
+
+/// The open database, shared by the committer thread and the readers.
+#[derive(Debug)]
+pub struct DbSlot {
+    /// `None` while the database is being reopened.
+    db: RwLock<Option<Arc<DB>>>,
+    /// Set from a failed write until the reopen succeeds.
+    degraded: AtomicBool,
+}
+
+/// How long the committer waits between reopen attempts.
+const RETRY: Duration = Duration::from_secs(1);
+
+impl DbSlot {
+    pub(super) fn new(db: Arc<DB>) -> Self {
+        Self {
+            db: RwLock::new(Some(db)),
+            degraded: AtomicBool::new(false),
+        }
+    }
+
+    /// The database, unless it is being reopened.
+    pub(super) fn get(&self) -> Result<Arc<DB>, WriteError> {
+        self.db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| {
+                WriteError::Storage("storage is recovering from a failed write".to_owned())
+            })
+    }
+
+    /// Whether a write failed and the database is not yet reopened.
+    pub(super) fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    fn take(&self) -> Option<Arc<DB>> {
+        self.db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn put(&self, db: Arc<DB>) {
+        *self.db.write().unwrap_or_else(PoisonError::into_inner) = Some(db);
+    }
+}
+
+/// The committer thread: commits until closed, reopening the database
+/// whenever a write fails.
+pub(super) fn run_committer(
+    mut committer: Committer,
+    ops: &Receiver<Op>,
+    slot: &DbSlot,
+    path: &Path,
+) {
+    loop {
+        let failure = match committer.run(ops) {
+            Ended::Closed => return,
+            Ended::Failed(message) => message,
+        };
+        slot.degraded.store(true, Ordering::Relaxed);
+        tracing::error!(error = %failure, "storage write failed; reopening the database");
+        let settings = committer.settings();
+        drop(committer);
+        let Some(db) = reopen(slot, ops, path, &failure) else {
+            return;
+        };
+        let (sync, max_batch, history) = settings;
+        committer = Committer::new(Arc::clone(&db), sync, max_batch, history);
+        slot.put(db);
+        slot.degraded.store(false, Ordering::Relaxed);
+        tracing::info!("storage reopened; writes carry on");
+    }
+}
+
+/// Closes the database once no reader holds it, and opens it again,
+/// failing every operation that arrives meanwhile. Returns `None` if a
+/// `Close` arrived or every sender is gone.
+fn reopen(slot: &DbSlot, ops: &Receiver<Op>, path: &Path, failure: &str) -> Option<Arc<DB>> {
+    let refusal = WriteError::Storage(format!(
+        "storage is unavailable after a failed write: {failure}"
+    ));
+    let mut held = slot.take();
+    let mut next_attempt = Instant::now();
+    loop {
+        // Readers hold the database only for one read; wait them out.
+        if let Some(db) = held.take() {
+            match Arc::try_unwrap(db) {
+                Ok(db) => drop(db),
+                Err(shared) => held = Some(shared),
+            }
+        }
+        if held.is_none() && Instant::now() >= next_attempt {
+            match open_db(path) {
+                Ok(db) => return Some(Arc::new(db)),
+                Err(err) => tracing::warn!(error = %err, "reopening storage failed; retrying"),
+            }
+            next_attempt = Instant::now() + RETRY;
+        }
+        let wait = if held.is_some() {
+            Duration::from_millis(10)
+        } else {
+            next_attempt.saturating_duration_since(Instant::now())
+        };
+        match ops.recv_timeout(wait) {
+            Ok(op) => {
+                if let Some(reply) = commit::refuse(op, &refusal) {
+                    let _ = reply.send(Err(refusal.to_string()));
+                    return None;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}
