@@ -40,22 +40,9 @@ struct PlayerData {
     last_server: String,
 }
 
-/// The built example: `target/<profile>/examples/game_server`, beside the
-/// `deps/` directory holding this test.
+/// The built example: `target/<profile>/examples/game_server`.
 fn game_server() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test executable is in target/<profile>/deps");
-    let path = dir.join("examples").join("game_server");
-    assert!(
-        path.is_file(),
-        "{} does not exist: build the workspace's examples with `cargo test --workspace` \
-         (or `cargo build --workspace --examples`) before running this test",
-        path.display()
-    );
-    path
+    common::built_binary("examples/game_server")
 }
 
 /// A running `game_server`, its stdout read line by line on a thread.

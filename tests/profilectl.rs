@@ -30,22 +30,9 @@ const PACKED: &[u8] = &[
 /// Meta tags as [`seed`] takes them: names and values.
 type Tags<'a> = &'a [(&'a str, &'a [u8])];
 
-/// The built `profilectl`: `target/<profile>/profilectl`, beside the
-/// `deps/` directory holding this test.
+/// The built `profilectl`: `target/<profile>/profilectl`.
 fn profilectl() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test executable is in target/<profile>/deps");
-    let path = dir.join("profilectl");
-    assert!(
-        path.is_file(),
-        "{} does not exist: build the workspace's binaries with `cargo test --workspace` \
-         (or `cargo build --workspace`) before running these tests",
-        path.display()
-    );
-    path
+    common::built_binary("profilectl")
 }
 
 /// What one run of the CLI did.
