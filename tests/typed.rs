@@ -520,3 +520,39 @@ async fn shutdown_makes_every_profile_save_and_release_within_the_grace() {
         assert_eq!(profile.data().coins, 9, "{key} made its last save");
     }
 }
+
+#[tokio::test]
+async fn a_lease_left_without_a_profile_by_a_lost_answer_is_adopted_by_the_next_load() {
+    let mut daemon = Daemon::start();
+    let client = daemon.client("a").await;
+    // Stand-in for a load whose answer was lost: the session holds the
+    // lease, but no profile does.
+    let raw = client
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    raw.save(b"\x81\xa5coins\x07".to_vec())
+        .await
+        .expect("save coins = 7");
+    drop(raw);
+    // The daemon restarts and the client reconnects: the lease is resumed
+    // and listed, with nobody holding it in this process.
+    daemon.kill();
+    daemon.restart();
+    // A request caught by the crash fails with `Disconnected`; wait for the
+    // reconnect, as a game retries.
+    let until = std::time::Instant::now() + PROMPTLY;
+    while client.ping().await.is_err() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the client never reconnected"
+        );
+    }
+    let store = client.store::<V1>(STORE).with_autosave(None);
+    let profile = tokio::time::timeout(PROMPTLY, store.load("p", LoadPolicy::ForceLoad))
+        .await
+        .expect("in time")
+        .expect("the orphaned lease is given back and the profile loaded");
+    assert_eq!(profile.data().coins, 7);
+    assert!(profile.is_active());
+}

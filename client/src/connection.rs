@@ -258,6 +258,26 @@ impl Shared {
 
     /// Removes the route of a lease whose [`Profile`](crate::Profile) is
     /// gone, unless a newer lease on the key has replaced it.
+    /// The epoch of a lease the daemon listed for this session at the last
+    /// handshake that no live profile holds: one whose load answer was
+    /// lost when a connection dropped.
+    pub(crate) fn orphaned_lease(&self, store: &str, key: &str) -> Option<u64> {
+        let state = self.lock();
+        let live = state
+            .subscriptions
+            .get(&(store.to_owned(), key.to_owned()))
+            .is_some_and(|sub| !sub.events.is_closed());
+        if live {
+            return None;
+        }
+        state
+            .welcome
+            .leases
+            .iter()
+            .find(|lease| lease.store == store && lease.key == key)
+            .map(|lease| lease.epoch)
+    }
+
     pub(crate) fn unsubscribe(&self, store: &str, key: &str, epoch: u64) {
         let mut state = self.lock();
         let slot = (store.to_owned(), key.to_owned());

@@ -481,7 +481,30 @@ impl<T: ProfileData> ProfileStore<T> {
         key: &str,
         options: LoadOptions,
     ) -> Result<Profile<T>, ClientError> {
-        let raw = self.client.load_with(&self.name, key, options).await?;
+        let raw = match self
+            .client
+            .load_with(&self.name, key, options.clone())
+            .await
+        {
+            Err(err) if err.code() == Some(&crate::ErrorCode::AlreadyLoaded) => {
+                // A load whose answer was lost to a dropped connection left
+                // this session holding the lease with no profile for it.
+                // Give it back and load again, rather than leave the game
+                // stuck on `AlreadyLoaded`.
+                let Some(epoch) = self.client.shared().orphaned_lease(&self.name, key) else {
+                    return Err(err);
+                };
+                tracing::info!(
+                    store = self.name,
+                    key,
+                    epoch,
+                    "releasing a lease whose load answer was lost, then loading again"
+                );
+                let _ = self.client.release(&self.name, key, epoch, None).await;
+                self.client.load_with(&self.name, key, options).await?
+            }
+            other => other?,
+        };
         keeper::start(raw, Arc::clone(&self.rules)).await
     }
 
