@@ -123,7 +123,7 @@ pub fn daemonize(pid_file: Option<&Path>, config: &Config) -> Result<(), Daemoni
 /// Removes the pid file if it still names this process, once the daemon
 /// has fully stopped, so a supervisor polling it never starts a second
 /// daemon over a live one. A failure is only logged: the daemon has already
-/// stopped, and a stale pid file is harmless because [`daemonize`] checks
+/// stopped, and a stale pid file is harmless because [`daemonize()`] checks
 /// whether the process it names is alive.
 pub fn remove_pid_file(path: &Path) {
     let ours = std::fs::read_to_string(path)
