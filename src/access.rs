@@ -36,6 +36,9 @@ pub struct Peer {
     pub gid: u32,
     /// Its process id, for logs; `None` if the kernel did not say.
     pub pid: Option<i32>,
+    /// Its groups: the primary one, and the supplementary ones read when it
+    /// connected (see [`Peer::new`]).
+    pub groups: Vec<u32>,
 }
 
 /// A set of users and groups, by id.
@@ -105,18 +108,39 @@ impl AccessPolicy {
 
     /// Whether `peer` may connect with `role`; the error says why not.
     pub fn check(&self, peer: &Peer, role: Role) -> Result<(), String> {
-        let groups = peer_groups(peer);
+        let groups = &peer.groups;
         let admin =
-            peer.uid == 0 || peer.uid == self.own_uid || self.admin.contains(peer.uid, &groups);
+            peer.uid == 0 || peer.uid == self.own_uid || self.admin.contains(peer.uid, groups);
         match role {
             Role::Admin if admin => Ok(()),
             Role::Admin => Err(format!("uid {} may not connect as an admin", peer.uid)),
             Role::Game => match &self.game {
                 None => Ok(()),
                 Some(_) if admin => Ok(()),
-                Some(game) if game.contains(peer.uid, &groups) => Ok(()),
+                Some(game) if game.contains(peer.uid, groups) => Ok(()),
                 Some(_) => Err(format!("uid {} may not connect", peer.uid)),
             },
+        }
+    }
+}
+
+impl Peer {
+    /// The peer the kernel reported for a connection. Its supplementary
+    /// groups are read from `/proc/<pid>/status` at once, at accept, and
+    /// trusted only if that file's real uid and gid are the kernel's: a pid
+    /// recycled by another process since the connect does not lend it that
+    /// process's groups.
+    pub fn new(uid: u32, gid: u32, pid: Option<i32>) -> Self {
+        let mut groups = vec![gid];
+        if let Some(pid) = pid {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            groups.extend(supplementary_groups(&status, uid, gid));
+        }
+        Self {
+            uid,
+            gid,
+            pid,
+            groups,
         }
     }
 }
@@ -162,21 +186,29 @@ fn lookup(database: &str, name: &str) -> Option<u32> {
     })
 }
 
-/// The peer's groups: its primary group, and its supplementary groups as
-/// `/proc/<pid>/status` lists them (unreadable, they are left out).
-fn peer_groups(peer: &Peer) -> Vec<u32> {
-    let mut groups = vec![peer.gid];
-    if let Some(pid) = peer.pid {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
-            groups.extend(
-                line.trim_start_matches("Groups:")
-                    .split_whitespace()
-                    .filter_map(|g| g.parse::<u32>().ok()),
-            );
-        }
+/// The `Groups:` of a `/proc/<pid>/status` text, if its real uid and gid
+/// (the first value of `Uid:` and `Gid:`) are `uid` and `gid`.
+fn supplementary_groups(status: &str, uid: u32, gid: u32) -> Vec<u32> {
+    let first = |field: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+    if first("Uid:") != Some(uid) || first("Gid:") != Some(gid) {
+        return Vec::new();
     }
-    groups
+    status
+        .lines()
+        .find(|l| l.starts_with("Groups:"))
+        .map(|line| {
+            line.trim_start_matches("Groups:")
+                .split_whitespace()
+                .filter_map(|g| g.parse::<u32>().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The daemon's own uid, from `/proc/self/status` (no unsafe `getuid`).
@@ -219,11 +251,17 @@ mod tests {
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\ngame:x:1001:1001::/home/game:/bin/sh\n";
 
     fn peer(uid: u32, gid: u32) -> Peer {
-        Peer {
-            uid,
-            gid,
-            pid: None,
-        }
+        Peer::new(uid, gid, None)
+    }
+
+    #[test]
+    fn supplementary_groups_count_only_for_the_process_that_connected() {
+        let status = "Name:\tgame\nUid:\t1001\t1001\t1001\t1001\nGid:\t1001\t1001\t1001\t1001\nGroups:\t27 2000 \n";
+        assert_eq!(supplementary_groups(status, 1001, 1001), [27, 2000]);
+        // A recycled pid now belongs to someone else: its groups are not
+        // the connecting peer's.
+        assert!(supplementary_groups(status, 1002, 1002).is_empty());
+        assert!(supplementary_groups("", 1001, 1001).is_empty());
     }
 
     #[test]

@@ -61,18 +61,10 @@ pub async fn serve(
     // The kernel's word on who is connecting; without it, the peer is
     // treated as nobody in particular, which only an open policy admits.
     let peer = match stream.peer_cred() {
-        Ok(cred) => Peer {
-            uid: cred.uid(),
-            gid: cred.gid(),
-            pid: cred.pid(),
-        },
+        Ok(cred) => Peer::new(cred.uid(), cred.gid(), cred.pid()),
         Err(err) => {
             tracing::warn!(conn, error = %err, "could not read the peer's credentials");
-            Peer {
-                uid: u32::MAX,
-                gid: u32::MAX,
-                pid: None,
-            }
+            Peer::new(u32::MAX, u32::MAX, None)
         }
     };
     let mut transport = Framed::new(stream, FrameCodec::new(context.limits.max_frame));

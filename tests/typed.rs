@@ -284,8 +284,7 @@ async fn hooks_and_events_report_every_save_and_the_end() {
     };
     assert_eq!(message.id, id);
     assert_eq!(profile.pending_messages().len(), 1);
-    profile.update(|d| d.coins += 1);
-    profile.ack(id);
+    profile.apply(id, |d| d.coins += 1);
     profile.save().await.expect("save with the ack");
     assert!(profile.pending_messages().is_empty());
     let view = sender.view(STORE, "p", None).await.expect("view");

@@ -333,16 +333,17 @@ impl Committer {
             user_ids,
             consumed_messages,
         } = write.changes;
-        self.consume(batch, &write.key, &db_key, &consumed_messages)?;
         let now_ms = batch.now_ms;
         let interval_ms = self.history.interval_ms;
         // A bare release keeps the stored data, which history needs if this
-        // release is the one that keeps it.
+        // release is the one that keeps it. It is read before anything is
+        // added to the batch, so a failed read leaves no half-done write.
         let data = match write.data {
             Some(data) => Some(data),
             None if write.release => self.current_data(batch, &db_key)?,
             None => None,
         };
+        self.consume(batch, &write.key, &db_key, &consumed_messages)?;
         let slot = slot_of(&self.db, &mut batch.slots, &batch.families, &db_key)?;
         let Some(meta) = slot.meta.as_mut() else {
             return Err(WriteError::LeaseLost);

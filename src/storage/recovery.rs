@@ -76,6 +76,10 @@ pub(super) fn run_committer(
     slot: &DbSlot,
     path: &Path,
 ) {
+    // Reopens are at least `RETRY` apart, also across failures: on a disk
+    // with room to open but not to write, each reopen would otherwise
+    // follow the next failed batch at once and use up what space is left.
+    let mut last_reopen: Option<Instant> = None;
     loop {
         let failure = match committer.run(ops) {
             Ended::Closed => return,
@@ -85,9 +89,11 @@ pub(super) fn run_committer(
         tracing::error!(error = %failure, "storage write failed; reopening the database");
         let settings = committer.settings();
         drop(committer);
-        let Some(db) = reopen(slot, ops, path, &failure) else {
+        let not_before = last_reopen.map_or_else(Instant::now, |at| at + RETRY);
+        let Some(db) = reopen(slot, ops, path, &failure, not_before) else {
             return;
         };
+        last_reopen = Some(Instant::now());
         let (sync, max_batch, history) = settings;
         committer = Committer::new(Arc::clone(&db), sync, max_batch, history);
         slot.put(db);
@@ -99,12 +105,18 @@ pub(super) fn run_committer(
 /// Closes the database once no reader holds it, and opens it again,
 /// failing every operation that arrives meanwhile. Returns `None` if a
 /// `Close` arrived or every sender is gone.
-fn reopen(slot: &DbSlot, ops: &Receiver<Op>, path: &Path, failure: &str) -> Option<Arc<DB>> {
+fn reopen(
+    slot: &DbSlot,
+    ops: &Receiver<Op>,
+    path: &Path,
+    failure: &str,
+    not_before: Instant,
+) -> Option<Arc<DB>> {
     let refusal = WriteError::Storage(format!(
         "storage is unavailable after a failed write: {failure}"
     ));
     let mut held = slot.take();
-    let mut next_attempt = Instant::now();
+    let mut next_attempt = not_before;
     loop {
         // Readers hold the database only for one read; wait them out.
         if let Some(db) = held.take() {

@@ -412,6 +412,30 @@ impl<T: ProfileData> Profile<T> {
         }
     }
 
+    /// Applies a message to the data and acknowledges it in one step. Prefer
+    /// it to [`update`](Profile::update) then [`ack`](Profile::ack): between
+    /// those two calls an auto-save could store the change without the ack,
+    /// and the message would then be applied again by the next loader.
+    ///
+    /// ```no_run
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct PlayerData { coins: u64 }
+    /// # use profiled_client::typed::LifecycleEvent;
+    /// # async fn run(mut profile: profiled_client::typed::Profile<PlayerData>) {
+    /// if let Some(LifecycleEvent::Message(message)) = profile.next_event().await {
+    ///     profile.apply(message.id, |data| data.coins += 100);
+    /// }
+    /// # }
+    /// ```
+    pub fn apply<R>(&self, message_id: u64, change: impl FnOnce(&mut T) -> R) -> R {
+        let mut state = self.shared.lock();
+        state.changes += 1;
+        let result = change(&mut state.data);
+        if state.pending.iter().any(|m| m.id == message_id) {
+            state.acked.insert(message_id);
+        }
+        result
+    }
+
     /// Saves now, whether or not the data changed, and returns the version
     /// once durable, for changes that must not wait for the auto-save, such
     /// as a purchase. Fails with [`ClientError::Invalid`] if the validator
@@ -658,9 +682,27 @@ impl<T: ProfileData> Keeper<T> {
                 merged,
             }) => {
                 let acked = changes.consumed_messages.clone();
-                let result = client
-                    .release_with(&store, &key, epoch, Some(bytes), changes)
-                    .await;
+                // A brief failure (storage recovering from a full disk, a
+                // reply lost to a reconnect) must not lose the last changes:
+                // retry with backoff for a while. A retry after a release
+                // that did land fails with `LeaseLost`, which ends it.
+                let give_up = Instant::now() + LAST_SAVE_PATIENCE;
+                let mut attempt = 0u32;
+                let result = loop {
+                    let result = client
+                        .release_with(&store, &key, epoch, Some(bytes.clone()), changes.clone())
+                        .await;
+                    match &result {
+                        Err(err) if transient(err) && Instant::now() < give_up => {
+                            self.failed(reason, err);
+                            attempt = attempt.saturating_add(1);
+                            let backoff =
+                                Duration::from_millis(250).saturating_mul(1 << attempt.min(4));
+                            tokio::time::sleep(backoff).await;
+                        }
+                        _ => break result,
+                    }
+                };
                 match &result {
                     Ok(version) => {
                         self.saved(reason, *version, covered, merged, &acked);
@@ -755,6 +797,15 @@ impl<T: ProfileData> Keeper<T> {
             attempt: self.failures,
         });
     }
+}
+
+/// How long a last save keeps retrying a transient failure.
+const LAST_SAVE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Whether a failed save may succeed if tried again: the daemon's storage
+/// failed (it recovers by itself), or the reply was lost to a reconnect.
+fn transient(err: &ClientError) -> bool {
+    matches!(err, ClientError::Disconnected) || err.code() == Some(&crate::ErrorCode::Storage)
 }
 
 /// How a failed last save ended the session.
