@@ -80,14 +80,26 @@ pub async fn serve(
         outbound: outbound.clone(),
         kill: kill.clone(),
     };
-    let Ok(connected) = context.leases.connect(conn, session.clone(), link).await else {
-        refuse(
-            &mut transport,
-            ErrorCode::ShuttingDown,
-            "the daemon is shutting down",
-        )
-        .await;
-        return;
+    let connected = match context
+        .leases
+        .connect(conn, session.clone(), peer.uid, link)
+        .await
+    {
+        Ok(Ok(connected)) => connected,
+        Ok(Err(taken)) => {
+            tracing::warn!(uid = peer.uid, pid = ?peer.pid, %session, owner = taken.owner, "refused a session owned by another user");
+            refuse(&mut transport, ErrorCode::Forbidden, taken.to_string()).await;
+            return;
+        }
+        Err(_) => {
+            refuse(
+                &mut transport,
+                ErrorCode::ShuttingDown,
+                "the daemon is shutting down",
+            )
+            .await;
+            return;
+        }
     };
     let leases = connected
         .leases

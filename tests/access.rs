@@ -160,6 +160,33 @@ async fn peers_are_admitted_by_their_credentials() {
         "{log}"
     );
 
+    // A session live under one user cannot be taken over by another.
+    let root_session = daemon.client("shared-name").await;
+    let _held = root_session
+        .load("PlayerData", "held", LoadPolicy::ForceLoad)
+        .await
+        .expect("root holds a lease in its session");
+    let hijack = run_as(
+        GAME_USER,
+        "examples/game_server",
+        &[
+            "--socket",
+            socket,
+            "--server",
+            "shared-name",
+            "--players",
+            "p9",
+            "--ticks",
+            "1",
+        ],
+    );
+    assert!(!hijack.status.success(), "{}", text(&hijack));
+    assert!(
+        text(&hijack).contains("in use by uid 0"),
+        "{}",
+        text(&hijack)
+    );
+
     // Root is an admin; the game user's profile was saved.
     let admin = daemon.admin("ops").await;
     let view = admin.view("PlayerData", "p1", None).await.expect("view");

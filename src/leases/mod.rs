@@ -63,6 +63,14 @@ pub struct ConnLink {
     pub kill: CancellationToken,
 }
 
+/// A session is live under another user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the session is in use by uid {owner}")]
+pub struct SessionTaken {
+    /// The uid that holds it.
+    pub owner: u32,
+}
+
 /// The lease driver has stopped; the daemon is going away.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the daemon is shutting down")]
@@ -73,8 +81,9 @@ enum Command {
     Connect {
         conn: ConnId,
         session: SessionId,
+        uid: u32,
         link: ConnLink,
-        reply: oneshot::Sender<Connected>,
+        reply: oneshot::Sender<Result<Connected, SessionTaken>>,
     },
     Disconnect {
         conn: ConnId,
@@ -165,6 +174,8 @@ struct Driver {
     loads: HashMap<(ConnId, u64), (Instant, LoadPolicy, bool)>,
     /// The daemon's counters.
     stats: Arc<Stats>,
+    /// The uid each live session was connected by.
+    session_uids: HashMap<SessionId, u32>,
     /// Callers of `release_all` waiting for the table to become idle.
     idle_waiters: Vec<(oneshot::Sender<usize>, usize)>,
 }
@@ -191,6 +202,7 @@ impl Leases {
             writes: FuturesOrdered::new(),
             loads: HashMap::new(),
             stats,
+            session_uids: HashMap::new(),
             idle_waiters: Vec::new(),
         };
         tokio::spawn(driver.run());
@@ -199,16 +211,21 @@ impl Leases {
 
     /// Registers a connection's session and returns the leases it resumes.
     /// A connection already serving the session is closed.
+    /// Refused with [`SessionTaken`] when the session is live (connected,
+    /// or holding leases) under another user: only that user, or root, may
+    /// resume or take it over.
     pub async fn connect(
         &self,
         conn: ConnId,
         session: SessionId,
+        uid: u32,
         link: ConnLink,
-    ) -> Result<Connected, DriverGone> {
+    ) -> Result<Result<Connected, SessionTaken>, DriverGone> {
         let (reply, answer) = oneshot::channel();
         let command = Command::Connect {
             conn,
             session,
+            uid,
             link,
             reply,
         };
@@ -375,12 +392,29 @@ impl Driver {
             Command::Connect {
                 conn,
                 session,
+                uid,
                 link,
                 reply,
             } => {
+                // A session belongs to the user that connected it while it
+                // lives; once the table forgets it, anyone may start it anew.
+                if !self.table.knows(&session) {
+                    self.session_uids.remove(&session);
+                }
+                // Forget the owners of sessions that are gone, now and then,
+                // so the map stays the size of the table's.
+                if self.session_uids.len() > 2 * self.table.session_count() + 64 {
+                    let table = &self.table;
+                    self.session_uids.retain(|s, _| table.knows(s));
+                }
+                let owner = *self.session_uids.entry(session.clone()).or_insert(uid);
+                if owner != uid && uid != 0 {
+                    let _ = reply.send(Err(SessionTaken { owner }));
+                    return;
+                }
                 self.links.insert(conn, link);
                 let connected = self.table.connect(conn, session, now);
-                let _ = reply.send(connected);
+                let _ = reply.send(Ok(connected));
             }
             Command::Disconnect { conn } => {
                 self.links.remove(&conn);

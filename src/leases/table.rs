@@ -712,6 +712,11 @@ impl LeaseTable {
         out
     }
 
+    /// Whether `session` is connected or holds leases.
+    pub fn knows(&self, session: &SessionId) -> bool {
+        self.sessions.contains_key(session)
+    }
+
     /// How many sessions are connected or hold leases.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
