@@ -29,6 +29,9 @@
 //! PROFILED_BENCH_SECS=3 PROFILED_BENCH_SESSIONS=64 cargo bench --bench compare
 //! ```
 
+mod common;
+
+use common::env_or;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -819,11 +822,4 @@ async fn redis_saves(socket: &Path, shas: &Shas, params: Params, sessions: usize
         rows: vec![("save", Stat::new(samples, end - start))],
         taken: 0,
     }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
 }

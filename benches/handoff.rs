@@ -17,6 +17,9 @@
 //! PROFILED_BENCH_HANDOFFS=10000 cargo bench --bench handoff
 //! ```
 
+mod common;
+
+use common::env_or;
 use std::time::{Duration, Instant};
 
 use profiled::Config;
@@ -160,11 +163,4 @@ async fn release_when_asked(mut profile: Profile, data: Vec<u8>) {
 
 fn micros(duration: &Duration) -> f64 {
     duration.as_secs_f64() * 1e6
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
 }

@@ -16,11 +16,11 @@
 //! PROFILED_BENCH_SYNC=false cargo bench --bench memory       # faster setup, same bookkeeping
 //! ```
 
-use std::process::{Command, Stdio};
+mod common;
+
+use common::{ChildDaemon, env_or, rss_kib};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use profiled_client::{Client, LoadPolicy, SessionId};
 
 const SESSIONS: usize = 100;
@@ -32,25 +32,9 @@ fn main() {
     let leases: usize = env_or("PROFILED_BENCH_LEASES", 100_000);
     let sync: bool = env_or("PROFILED_BENCH_SYNC", true);
     let per_session = leases.div_ceil(SESSIONS);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("bench.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listen]\nsocket = {:?}\n[storage]\npath = {:?}\nsync = {sync}\n[shutdown]\ngrace = \"0s\"\n[log]\nlevel = \"warn\"\n",
-            socket,
-            dir.path().join("data")
-        ),
-    )
-    .expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_profiled"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn profiled");
-    let pid = child.id();
+    let mut daemon = ChildDaemon::spawn(&format!("sync = {sync}\n"), "");
+    let socket = daemon.socket.clone();
+    let pid = daemon.pid();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -104,12 +88,7 @@ fn main() {
     let count = held.len();
     let per_lease = (held_kib as f64 - idle_kib as f64) * 1024.0 / count.max(1) as f64;
 
-    kill(
-        Pid::from_raw(i32::try_from(pid).expect("pid")),
-        Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let status = child.wait().expect("wait");
+    let (status, _) = daemon.terminate();
     drop(held);
     drop(clients);
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -139,24 +118,4 @@ async fn settled_rss_kib(pid: u32) -> u64 {
         tokio::time::sleep(SAMPLE_EVERY).await;
     }
     if least == u64::MAX { 0 } else { least }
-}
-
-/// The process's resident set, from `/proc/<pid>/status`; 0 if unreadable.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status.lines().find_map(|line| {
-                line.strip_prefix("VmRSS:")
-                    .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            })
-        })
-        .unwrap_or(0)
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
 }

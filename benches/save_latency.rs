@@ -10,6 +10,9 @@
 //! PROFILED_BENCH_SECS=10 cargo bench --bench save_latency
 //! ```
 
+mod common;
+
+use common::env_or;
 use std::time::{Duration, Instant};
 
 use profiled::Config;
@@ -109,11 +112,4 @@ async fn measure(sessions: usize, run_for: Duration, sync: bool) -> Row {
         p99: at(0.99),
         p999: at(0.999),
     }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
 }

@@ -10,38 +10,19 @@
 //! PROFILED_BENCH_LEASES=100000 cargo bench --bench shutdown_time
 //! ```
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use common::{ChildDaemon, env_or};
+use std::time::Duration;
+
 use profiled_client::{Client, LoadPolicy, SessionId};
 
 const SESSIONS: usize = 10;
 
 fn main() {
-    let leases: usize = std::env::var("PROFILED_BENCH_LEASES")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(10_000);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("bench.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listen]\nsocket = {:?}\n[storage]\npath = {:?}\n[shutdown]\ngrace = \"0s\"\n[log]\nlevel = \"warn\"\n",
-            socket,
-            dir.path().join("data")
-        ),
-    )
-    .expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_profiled"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn profiled");
+    let leases: usize = env_or("PROFILED_BENCH_LEASES", 10_000);
+    let mut daemon = ChildDaemon::spawn("", "");
+    let socket = daemon.socket.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,11 +65,7 @@ fn main() {
         (clients, held)
     });
     let held = clients.1.len();
-    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-    let sent = Instant::now();
-    kill(pid, Signal::SIGTERM).expect("SIGTERM");
-    let status = child.wait().expect("wait");
-    let elapsed = sent.elapsed();
+    let (status, elapsed) = daemon.terminate();
     assert!(status.success(), "profiled exited with {status}");
     println!("SIGTERM to exit, {held} held leases, no cooperating clients, grace 0 s");
     println!("{:>10} {:>12}", "leases", "exit ms");

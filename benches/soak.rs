@@ -27,15 +27,16 @@
 //! `PROFILED_SOAK_HANDOFFS` (handoffs asked for per second across all
 //! sessions, 100) change the shape.
 
+mod common;
+
+use common::{ChildDaemon, env_or, rss_kib};
 use std::collections::VecDeque;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use profiled_client::{
     Client, ClientError, ErrorCode, LoadPolicy, Profile, ProfileEvent, SessionId,
 };
@@ -60,26 +61,11 @@ fn main() {
     let handoffs_per_sec: f64 = env_or("PROFILED_SOAK_HANDOFFS", 100.0);
     let leases = sessions * per_session;
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("soak.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listen]\nsocket = {:?}\n[storage]\npath = {:?}\nsync = {sync}\n[limits]\nmax_connections = {}\n[shutdown]\ngrace = \"0s\"\n[log]\nlevel = \"warn\"\n",
-            socket,
-            dir.path().join("data"),
-            (sessions + 64).max(2048),
-        ),
-    )
-    .expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_profiled"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn profiled");
-    let pid = child.id();
+    let limits = format!(
+        "[limits]\nmax_connections = {}\n",
+        (sessions + 64).max(2048)
+    );
+    let mut daemon = ChildDaemon::spawn(&format!("sync = {sync}\n"), &limits);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -90,27 +76,22 @@ fn main() {
          {handoffs_per_sec} handoffs/s asked, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let socket = daemon.socket.clone();
     let report = runtime.block_on(soak(
         &socket,
-        &mut child,
+        &mut daemon.child,
         sessions,
         per_session,
         Duration::from_secs(secs),
         handoffs_per_sec,
     ));
 
-    let sent = Instant::now();
-    kill(
-        Pid::from_raw(i32::try_from(pid).expect("pid")),
-        Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let status = child.wait().expect("wait");
-    let exit_ms = sent.elapsed().as_secs_f64() * 1e3;
+    let (status, exit) = daemon.terminate();
+    let exit_ms = exit.as_secs_f64() * 1e3;
     runtime.shutdown_timeout(Duration::from_secs(1));
     report.print(sessions, leases, secs, sync, exit_ms, status.success());
     let failed = report.errors > 0 || !status.success();
-    drop(dir);
+    drop(daemon);
     if failed {
         std::process::exit(1);
     }
@@ -755,24 +736,4 @@ fn total_held(shared: &Shared) -> u64 {
 fn percentile(sorted: &[u32], q: f64) -> f64 {
     let index = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
     sorted.get(index).map_or(0.0, |&us| f64::from(us))
-}
-
-/// The process's resident set, from `/proc/<pid>/status`; 0 if unreadable.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status.lines().find_map(|line| {
-                line.strip_prefix("VmRSS:")
-                    .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            })
-        })
-        .unwrap_or(0)
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
 }
