@@ -5,7 +5,6 @@
 //! and listings; the sweep only reclaims their space.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
@@ -29,9 +28,7 @@ pub async fn run(
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let retention_ms = u64::try_from(history.retention.as_millis()).unwrap_or(u64::MAX);
-        let cutoff_ms = unix_ms().saturating_sub(retention_ms);
-        match storage.prune_history(cutoff_ms).await {
+        match storage.prune_expired().await {
             Ok(0) => {}
             Ok(pruned) => {
                 stats.pruned(pruned);
@@ -43,12 +40,4 @@ pub async fn run(
             }
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
 }

@@ -37,6 +37,13 @@ impl Storage {
         self.blocking(move |db| prune(db, cutoff_ms)).await
     }
 
+    /// Deletes the kept versions older than `history.retention`, and
+    /// returns how many.
+    pub async fn prune_expired(&self) -> Result<u64, WriteError> {
+        let cutoff_ms = super::unix_ms().saturating_sub(self.shared.retention_ms);
+        self.prune_history(cutoff_ms).await
+    }
+
     /// The database's size on disk, in bytes.
     pub async fn size_on_disk(&self) -> u64 {
         let path = self.shared.path.clone();
