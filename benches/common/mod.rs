@@ -84,3 +84,21 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .and_then(|value| value.parse().ok())
         .unwrap_or(default)
 }
+
+/// This machine's memory in GiB, from `/proc/meminfo`; 0 if unreadable.
+pub fn memory_gib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|line| {
+                line.strip_prefix("MemTotal:").and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+            })
+        })
+        .map_or(0, |kib| kib / (1024 * 1024))
+}

@@ -1,0 +1,107 @@
+//! The profiled benchmark: every workload of issue 7 in one run, with
+//! Redis and PostgreSQL as peers on the same machine, at the same
+//! durability, and the floors that a Unix socket and the disk allow.
+//!
+//! ```sh
+//! cargo bench --bench profiled                                   # everything, about N minutes
+//! PROFILED_BENCH_ONLY=compare,handoff cargo bench --bench profiled
+//! PROFILED_BENCH_SECS=3 PROFILED_BENCH_SESSIONS=64 cargo bench --bench profiled
+//! ```
+//!
+//! Sections (`PROFILED_BENCH_ONLY`, comma-separated; all by default):
+//!
+//! - **compare**: the sessions and saves workloads on profiled and on each
+//!   peer, at fsync and at buffered durability. Each workload runs for
+//!   `PROFILED_BENCH_SECS` (default 10 s).
+//!   - *sessions*: `PROFILED_BENCH_SESSIONS` (W, default 32) concurrent
+//!     sessions over `PROFILED_BENCH_PROFILES` (P, default 10,000)
+//!     profiles of 2 KiB (half random bytes, half zeros). Each session
+//!     loops: load a random free profile, save it 5 times, release it.
+//!     profiled loads with `LoadPolicy::Cancel` and picks another key on
+//!     `Taken`; the peers' acquire fails if the profile is owned.
+//!   - *saves*: each session holds `PROFILED_BENCH_LEASES` (L, default
+//!     100) leases and saves them round-robin, at W = 1 and at W = 32.
+//!
+//! Every system is a child process on its own temporary directory and
+//! Unix socket; the bench's clients share one tokio runtime. A peer that is
+//! not installed is skipped with a note. The last lines are JSON, one
+//! object per figure, for scripts.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod daemon;
+mod redis;
+mod report;
+mod workload;
+
+use std::time::Duration;
+
+use common::env_or;
+use report::Report;
+use workload::{Durability, Outcome, Params};
+
+fn main() {
+    let only: Option<Vec<String>> = std::env::var("PROFILED_BENCH_ONLY")
+        .ok()
+        .map(|list| list.split(',').map(|s| s.trim().to_owned()).collect());
+    let wants = |section: &str| {
+        only.as_ref()
+            .is_none_or(|list| list.iter().any(|s| s == section))
+    };
+    let params = Params {
+        run_for: Duration::from_secs(env_or("PROFILED_BENCH_SECS", 10)),
+        sessions: env_or("PROFILED_BENCH_SESSIONS", 32usize).max(1),
+        profiles: env_or("PROFILED_BENCH_PROFILES", 10_000u64).max(1),
+        leases: env_or("PROFILED_BENCH_LEASES", 100usize).max(1),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut report = Report::new();
+    println!(
+        "profiled bench: {} cores, {} GiB memory, TMPDIR on {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        common::memory_gib(),
+        std::env::temp_dir().display(),
+    );
+    if wants("compare") {
+        runtime.block_on(compare(params, &mut report));
+    }
+    report.print();
+}
+
+/// The sessions and saves workloads on profiled and each peer.
+async fn compare(params: Params, report: &mut Report) {
+    println!(
+        "compare: {} B profiles (half random), {} s per workload, W={} sessions, P={} profiles, \
+         L={} leases per session in saves",
+        workload::DATA_SIZE,
+        params.run_for.as_secs(),
+        params.sessions,
+        params.profiles,
+        params.leases,
+    );
+    let redis = redis::available();
+    if !redis {
+        println!("note: redis-server not found on PATH; Redis is skipped");
+    }
+    let saves = [1, params.sessions];
+    let mut names = vec![format!("sessions W={}", params.sessions)];
+    names.extend(saves.iter().map(|w| format!("saves W={w}")));
+    for durability in [Durability::Fsync, Durability::Buffered] {
+        // (system, one outcome per workload)
+        let mut systems: Vec<(&'static str, Vec<Outcome>)> = Vec::new();
+        systems.push(("profiled", daemon::run(durability, params, &saves).await));
+        if redis {
+            systems.push(("redis", redis::run(durability, params, &saves).await));
+        }
+        for (index, name) in names.iter().enumerate() {
+            let outcomes: Vec<(&'static str, &Outcome)> = systems
+                .iter()
+                .filter_map(|(system, outcomes)| outcomes.get(index).map(|o| (*system, o)))
+                .collect();
+            report.comparison(name, durability, &outcomes);
+        }
+    }
+}
