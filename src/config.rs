@@ -57,6 +57,11 @@ pub struct StorageConfig {
     pub sync: bool,
     /// The most writes gathered into one commit and one sync.
     pub max_batch: usize,
+    /// The most held leases whose lease and meta records the committer
+    /// keeps in memory, so a save need not read them from RocksDB first.
+    /// Leases beyond it still work; their writes read the records. 0 turns
+    /// the cache off.
+    pub lease_cache: usize,
 }
 
 /// Lease rules.
@@ -406,6 +411,7 @@ impl Default for StorageConfig {
             path: PathBuf::from("data"),
             sync: true,
             max_batch: 1024,
+            lease_cache: 16_384,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! operation answered. If the write fails, every operation in the batch
 //! fails and none is acknowledged.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
@@ -96,14 +97,50 @@ enum Outcome {
     WriteFailed(String),
 }
 
+/// How a committer works; a replacement committer after a reopen gets the
+/// same.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Settings {
+    /// Whether each batch's write syncs the WAL.
+    pub(super) sync: bool,
+    /// The most operations in one batch.
+    pub(super) max_batch: usize,
+    /// The most held leases kept in the [`RecordCache`].
+    pub(super) lease_cache: usize,
+    /// How history is kept.
+    pub(super) history: HistoryRules,
+}
+
+impl Settings {
+    pub(super) fn of(config: &crate::config::StorageConfig, history: HistoryRules) -> Self {
+        Self {
+            sync: config.sync,
+            max_batch: config.max_batch,
+            lease_cache: config.lease_cache,
+            history,
+        }
+    }
+}
+
 /// The committer's state; it lives on its own thread.
 pub(super) struct Committer {
     db: Arc<DB>,
     write_options: WriteOptions,
-    /// Whether the write options sync, for a replacement committer.
-    write_options_sync: bool,
-    max_batch: usize,
-    history: HistoryRules,
+    settings: Settings,
+    /// The records of held leases as the last committed batch left them.
+    /// Only the committer writes meta and lease records, so this copy is
+    /// exact; it spares a save the two point reads it would otherwise make.
+    /// A batch moves its profiles' entries out and puts them back only once
+    /// its write succeeded; a replacement committer starts empty.
+    cache: RefCell<RecordCache>,
+}
+
+/// Meta and lease records of held leases, by database key, up to a
+/// capacity.
+#[derive(Debug, Default)]
+struct RecordCache {
+    entries: HashMap<Vec<u8>, (MetaRecord, LeaseRecord)>,
+    capacity: usize,
 }
 
 /// A profile as seen part-way through a batch: what was read from the
@@ -154,25 +191,28 @@ struct Batch<'a> {
 }
 
 impl Committer {
-    pub(super) fn new(db: Arc<DB>, sync: bool, max_batch: usize, history: HistoryRules) -> Self {
+    pub(super) fn new(db: Arc<DB>, settings: Settings) -> Self {
         let mut write_options = WriteOptions::default();
-        write_options.set_sync(sync);
+        write_options.set_sync(settings.sync);
         Self {
             db,
             write_options,
-            write_options_sync: sync,
-            max_batch,
-            history,
+            settings,
+            cache: RefCell::new(RecordCache {
+                entries: HashMap::new(),
+                capacity: settings.lease_cache,
+            }),
         }
     }
 
     /// Runs until a `Close` op, until every sender is gone, or until a
     /// batch's write fails; says which.
     pub(super) fn run(&self, ops: &Receiver<Op>) -> Ended {
-        let mut batch = Vec::with_capacity(self.max_batch);
+        let max_batch = self.settings.max_batch;
+        let mut batch = Vec::with_capacity(max_batch);
         while let Ok(first) = ops.recv() {
             batch.push(first);
-            while batch.len() < self.max_batch {
+            while batch.len() < max_batch {
                 match ops.try_recv() {
                     Ok(op) => batch.push(op),
                     Err(_) => break,
@@ -192,8 +232,8 @@ impl Committer {
     }
 
     /// The settings a replacement committer needs after a reopen.
-    pub(super) fn settings(&self) -> (bool, usize, HistoryRules) {
-        (self.write_options_sync, self.max_batch, self.history)
+    pub(super) fn settings(&self) -> Settings {
+        self.settings
     }
 
     /// Applies and answers one batch. Operations after a `Close` in the
@@ -205,9 +245,10 @@ impl Committer {
             ops.clear();
             return Outcome::Committed;
         };
+        let mut cache = self.cache.borrow_mut();
         let mut batch = Batch {
             families,
-            slots: HashMap::new(),
+            slots: cache.take_for(ops),
             batch: WriteBatch::default(),
             now_ms: unix_ms(),
         };
@@ -251,6 +292,9 @@ impl Committer {
                 .err()
                 .map(|err| WriteError::Storage(err.into_string()))
         };
+        if failure.is_none() {
+            cache.put_back(batch.slots);
+        }
         if let Some(err) = &failure {
             tracing::error!(error = %err, "a batch of writes failed; none was acknowledged");
         }
@@ -334,7 +378,7 @@ impl Committer {
             consumed_messages,
         } = write.changes;
         let now_ms = batch.now_ms;
-        let interval_ms = self.history.interval_ms;
+        let interval_ms = self.settings.history.interval_ms;
         // A bare release keeps the stored data, which history needs if this
         // release is the one that keeps it. It is read before anything is
         // added to the batch, so a failed read leaves no half-done write.
@@ -654,6 +698,62 @@ impl Committer {
 }
 
 /// The profile's slot in this batch, read from the database on first use.
+impl Op {
+    /// The profile the operation writes, if any.
+    fn key(&self) -> Option<&ProfileKey> {
+        match self {
+            Self::Grant { key, .. } | Self::Send { key, .. } | Self::Admin { key, .. } => Some(key),
+            Self::Write { write, .. } => Some(&write.key),
+            Self::Close { .. } => None,
+        }
+    }
+}
+
+impl RecordCache {
+    /// Moves the cached records of the profiles `ops` touch out of the
+    /// cache, as the batch's starting slots.
+    fn take_for(&mut self, ops: &[Op]) -> HashMap<Vec<u8>, Slot> {
+        let mut slots = HashMap::new();
+        if self.entries.is_empty() {
+            return slots;
+        }
+        for key in ops.iter().filter_map(Op::key) {
+            let db_key = records::encode_key(key);
+            if let Some((meta, lease)) = self.entries.remove(&db_key) {
+                slots.insert(db_key, Slot::read(Some(meta), Some(lease)));
+            }
+        }
+        slots
+    }
+
+    /// Keeps the records of every profile a committed batch left held, as
+    /// room allows; profiles it left unheld are not cached.
+    fn put_back(&mut self, slots: HashMap<Vec<u8>, Slot>) {
+        for (db_key, slot) in slots {
+            if let (Some(meta), Some(lease)) = (slot.meta, slot.lease)
+                && self.entries.len() < self.capacity
+            {
+                self.entries.insert(db_key, (meta, lease));
+            }
+        }
+    }
+}
+
+impl Slot {
+    /// A slot holding records as read, before the batch changed anything.
+    fn read(meta: Option<MetaRecord>, lease: Option<LeaseRecord>) -> Self {
+        Self {
+            meta,
+            lease,
+            written: None,
+            sent: Vec::new(),
+            consumed: HashSet::new(),
+            kept: Vec::new(),
+            wiped: false,
+        }
+    }
+}
+
 fn slot_of<'s>(
     db: &DB,
     slots: &'s mut HashMap<Vec<u8>, Slot>,
@@ -670,18 +770,7 @@ fn slot_of<'s>(
             .map(|bytes| records::decode::<LeaseRecord>(&bytes))
             .transpose()
             .map_err(WriteError::Storage)?;
-        slots.insert(
-            db_key.to_vec(),
-            Slot {
-                meta,
-                lease,
-                written: None,
-                sent: Vec::new(),
-                consumed: HashSet::new(),
-                kept: Vec::new(),
-                wiped: false,
-            },
-        );
+        slots.insert(db_key.to_vec(), Slot::read(meta, lease));
     }
     slots
         .get_mut(db_key)
@@ -756,7 +845,7 @@ fn storage_error(err: rocksdb::Error) -> WriteError {
 impl std::fmt::Debug for Committer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Committer")
-            .field("max_batch", &self.max_batch)
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }

@@ -94,8 +94,7 @@ pub(super) fn run_committer(
             return;
         };
         last_reopen = Some(Instant::now());
-        let (sync, max_batch, history) = settings;
-        committer = Committer::new(Arc::clone(&db), sync, max_batch, history);
+        committer = Committer::new(Arc::clone(&db), settings);
         slot.put(db);
         slot.degraded.store(false, Ordering::Relaxed);
         tracing::info!("storage reopened; writes carry on");
