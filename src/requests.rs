@@ -535,5 +535,6 @@ pub(crate) async fn gauges(context: &crate::connection::Context) -> Gauges {
         sessions: as_u64(counts.sessions),
         storage_bytes: context.storage.size_on_disk().await,
         storage_degraded: context.storage.is_degraded(),
+        wal_syncs: context.storage.wal_syncs(),
     }
 }

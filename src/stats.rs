@@ -84,6 +84,9 @@ pub struct Gauges {
     /// Whether storage is recovering from a failed write (a full disk,
     /// say) and refusing writes meanwhile.
     pub storage_degraded: bool,
+    /// WAL syncs since the start. Against the count of writes it shows how
+    /// many writes each sync carries.
+    pub wal_syncs: u64,
 }
 
 /// A latency histogram with fixed buckets, in the Prometheus shape.
@@ -335,6 +338,7 @@ impl Stats {
             &[],
             if gauges.storage_degraded { 1.0 } else { 0.0 },
         );
+        add("profiled_wal_syncs_total", &[], gauges.wal_syncs as f64);
         out
     }
 }

@@ -10,12 +10,14 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 
 use profiled_protocol::{Changes, Message, SessionId};
 use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::oneshot;
 
+use super::durable::{self, Answer, Syncer};
 use super::records::{self, LeaseRecord, MetaRecord};
 use super::{AdminAction, AdminDone, Families, Granted, Sent, WriteError, unix_ms};
 use crate::ProfileKey;
@@ -133,6 +135,12 @@ pub(super) struct Committer {
     /// A batch moves its profiles' entries out and puts them back only once
     /// its write succeeded; a replacement committer starts empty.
     cache: RefCell<RecordCache>,
+    /// Syncs the WAL and answers, when writes must be durable before they
+    /// are acknowledged; `None` when they need not be, or when its thread
+    /// could not start (each write then syncs itself).
+    syncer: Option<Syncer>,
+    /// Counts WAL syncs; shared with [`super::Storage`] for stats.
+    syncs: Arc<AtomicU64>,
 }
 
 /// Meta and lease records of held leases, by database key, up to a
@@ -162,26 +170,6 @@ struct Slot {
     wiped: bool,
 }
 
-/// An answer held back until the batch is durable.
-enum Answer {
-    Granted(
-        oneshot::Sender<Result<Granted, WriteError>>,
-        Result<Granted, WriteError>,
-    ),
-    Version(
-        oneshot::Sender<Result<u64, WriteError>>,
-        Result<u64, WriteError>,
-    ),
-    Sent(
-        oneshot::Sender<Result<Sent, WriteError>>,
-        Result<Sent, WriteError>,
-    ),
-    Admin(
-        oneshot::Sender<Result<AdminDone, WriteError>>,
-        Result<AdminDone, WriteError>,
-    ),
-}
-
 /// One batch in the making.
 struct Batch<'a> {
     families: Families<'a>,
@@ -191,13 +179,24 @@ struct Batch<'a> {
 }
 
 impl Committer {
-    pub(super) fn new(db: Arc<DB>, settings: Settings) -> Self {
+    pub(super) fn new(db: Arc<DB>, settings: Settings, syncs: Arc<AtomicU64>) -> Self {
+        let syncer = if settings.sync {
+            Syncer::start(Arc::clone(&db), Arc::clone(&syncs))
+                .inspect_err(|err| {
+                    tracing::warn!(error = %err, "no WAL syncer thread; each write will sync itself");
+                })
+                .ok()
+        } else {
+            None
+        };
         let mut write_options = WriteOptions::default();
-        write_options.set_sync(settings.sync);
+        write_options.set_sync(settings.sync && syncer.is_none());
         Self {
             db,
             write_options,
             settings,
+            syncer,
+            syncs,
             cache: RefCell::new(RecordCache {
                 entries: HashMap::new(),
                 capacity: settings.lease_cache,
@@ -210,7 +209,15 @@ impl Committer {
     pub(super) fn run(&self, ops: &Receiver<Op>) -> Ended {
         let max_batch = self.settings.max_batch;
         let mut batch = Vec::with_capacity(max_batch);
-        while let Ok(first) = ops.recv() {
+        loop {
+            // A failed sync fails every answer after it; the database must
+            // be reopened before anything more can be acknowledged.
+            if let Some(failure) = self.syncer.as_ref().and_then(Syncer::failure) {
+                return Ended::Failed(failure);
+            }
+            let Ok(first) = ops.recv() else {
+                break;
+            };
             batch.push(first);
             while batch.len() < max_batch {
                 match ops.try_recv() {
@@ -221,6 +228,9 @@ impl Committer {
             match self.commit(&mut batch) {
                 Outcome::Committed => {}
                 Outcome::Close(reply) => {
+                    if let Some(syncer) = &self.syncer {
+                        syncer.wait_for_answers();
+                    }
                     let flushed = self.flush();
                     let _ = reply.send(flushed);
                     return Ended::Closed;
@@ -234,6 +244,11 @@ impl Committer {
     /// The settings a replacement committer needs after a reopen.
     pub(super) fn settings(&self) -> Settings {
         self.settings
+    }
+
+    /// The sync counter a replacement committer carries on.
+    pub(super) fn sync_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.syncs)
     }
 
     /// Applies and answers one batch. Operations after a `Close` in the
@@ -287,8 +302,11 @@ impl Committer {
         let failure = if batch.batch.is_empty() {
             None
         } else {
-            self.db
-                .write_opt(batch.batch, &self.write_options)
+            let written = self.db.write_opt(batch.batch, &self.write_options);
+            if written.is_ok() && self.settings.sync && self.syncer.is_none() {
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            written
                 .err()
                 .map(|err| WriteError::Storage(err.into_string()))
         };
@@ -303,21 +321,9 @@ impl Committer {
             (Some(err), None) => Outcome::WriteFailed(err.to_string()),
             (None, None) => Outcome::Committed,
         };
-        for answer in answers {
-            match answer {
-                Answer::Granted(reply, outcome) => {
-                    let _ = reply.send(fail_if(outcome, &failure));
-                }
-                Answer::Version(reply, outcome) => {
-                    let _ = reply.send(fail_if(outcome, &failure));
-                }
-                Answer::Sent(reply, outcome) => {
-                    let _ = reply.send(fail_if(outcome, &failure));
-                }
-                Answer::Admin(reply, outcome) => {
-                    let _ = reply.send(fail_if(outcome, &failure));
-                }
-            }
+        match (&failure, &self.syncer) {
+            (None, Some(syncer)) => syncer.answer_when_synced(answers),
+            (failure, _) => durable::deliver(answers, failure.as_ref()),
         }
         outcome
     }
@@ -697,7 +703,6 @@ impl Committer {
     }
 }
 
-/// The profile's slot in this batch, read from the database on first use.
 impl Op {
     /// The profile the operation writes, if any.
     fn key(&self) -> Option<&ProfileKey> {
@@ -754,6 +759,7 @@ impl Slot {
     }
 }
 
+/// The profile's slot in this batch, read from the database on first use.
 fn slot_of<'s>(
     db: &DB,
     slots: &'s mut HashMap<Vec<u8>, Slot>,
@@ -824,18 +830,6 @@ pub(super) fn refuse(op: Op, err: &WriteError) -> Option<oneshot::Sender<Result<
         Op::Close { reply } => return Some(reply),
     }
     None
-}
-
-/// The outcome to report once the batch's fate is known: a failed batch
-/// turns every success into that failure.
-fn fail_if<T>(
-    outcome: Result<T, WriteError>,
-    failure: &Option<WriteError>,
-) -> Result<T, WriteError> {
-    match failure {
-        Some(err) if outcome.is_ok() => Err(err.clone()),
-        _ => outcome,
-    }
 }
 
 fn storage_error(err: rocksdb::Error) -> WriteError {

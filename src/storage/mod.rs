@@ -27,6 +27,7 @@
 //! thread against the database directly; they never wait for the committer.
 
 mod commit;
+mod durable;
 mod maintenance;
 mod read;
 mod records;
@@ -34,6 +35,7 @@ mod recovery;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -173,6 +175,9 @@ struct Shared {
     retention_ms: u64,
     /// Feeds the committer thread, which holds the receiving end.
     ops: std::sync::mpsc::Sender<commit::Op>,
+    /// WAL syncs made for acknowledgements, counted by the committer's
+    /// syncer (or the committer, when each write syncs itself).
+    wal_syncs: Arc<AtomicU64>,
     /// The committer, joined by [`Storage::close`].
     committer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -209,8 +214,12 @@ impl Storage {
         let rules = commit::HistoryRules {
             interval_ms: duration_ms(history.interval),
         };
-        let committer =
-            commit::Committer::new(Arc::clone(&db), commit::Settings::of(config, rules));
+        let wal_syncs = Arc::new(AtomicU64::new(0));
+        let committer = commit::Committer::new(
+            Arc::clone(&db),
+            commit::Settings::of(config, rules),
+            Arc::clone(&wal_syncs),
+        );
         let slot = Arc::new(recovery::DbSlot::new(db));
         let thread_slot = Arc::clone(&slot);
         let thread_path = path.clone();
@@ -225,6 +234,7 @@ impl Storage {
             path: path.clone(),
             retention_ms: duration_ms(history.retention),
             ops,
+            wal_syncs,
             committer: Mutex::new(Some(handle)),
         });
         Ok((Self { shared }, recovery))
@@ -317,6 +327,11 @@ impl Storage {
     /// reopened: every write fails meanwhile. Reported in stats.
     pub fn is_degraded(&self) -> bool {
         self.shared.db.is_degraded()
+    }
+
+    /// How many WAL syncs acknowledgements have waited for since the open.
+    pub fn wal_syncs(&self) -> u64 {
+        self.shared.wal_syncs.load(Ordering::Relaxed)
     }
 
     /// Applies every write submitted before this call, flushes the WAL and
@@ -716,6 +731,107 @@ mod tests {
         assert_eq!(fresh.lease.epoch, 3, "the epoch counter survives the wipe");
         assert_eq!(fresh.meta.load_count, 1);
         storage.close().await.expect("close");
+    }
+
+    /// With `sync` on, no write is answered before a WAL sync that began
+    /// after it was written; with it off, nothing is synced. Concurrent
+    /// writes share syncs.
+    #[tokio::test]
+    async fn an_acknowledged_write_waits_for_a_sync_of_its_own_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (storage, _) = open(dir.path());
+        let key = ProfileKey::new("s", "k");
+        let granted = storage.grant(key.clone(), session("a"));
+        let before = storage.wal_syncs();
+        let epoch = granted.await.expect("grant").lease.epoch;
+        assert!(
+            storage.wal_syncs() > before,
+            "the grant was answered unsynced"
+        );
+        for round in 0..20u8 {
+            let saved = storage.save(
+                key.clone(),
+                session("a"),
+                epoch,
+                vec![round],
+                Changes::default(),
+            );
+            let before = storage.wal_syncs();
+            saved.await.expect("save");
+            assert!(
+                storage.wal_syncs() > before,
+                "save {round} was answered unsynced"
+            );
+        }
+        // A refusal rests on what earlier, maybe unsynced batches wrote, so
+        // it waits for a sync too.
+        let refused = storage.save(
+            key.clone(),
+            session("b"),
+            epoch,
+            vec![0],
+            Changes::default(),
+        );
+        let before = storage.wal_syncs();
+        assert_eq!(refused.await, Err(WriteError::LeaseLost));
+        assert!(
+            storage.wal_syncs() > before,
+            "the refusal was answered unsynced"
+        );
+
+        let mut keys = Vec::new();
+        for n in 0..64 {
+            let key = ProfileKey::new("s", format!("many{n}"));
+            let epoch = storage
+                .grant(key.clone(), session("a"))
+                .await
+                .expect("grant")
+                .lease
+                .epoch;
+            keys.push((key, epoch));
+        }
+        let before = storage.wal_syncs();
+        let saves = keys.iter().map(|(key, epoch)| {
+            storage.save(
+                key.clone(),
+                session("a"),
+                *epoch,
+                vec![1],
+                Changes::default(),
+            )
+        });
+        for saved in futures::future::join_all(saves).await {
+            saved.expect("concurrent save");
+        }
+        let syncs = storage.wal_syncs() - before;
+        assert!(
+            (1..64).contains(&syncs),
+            "64 concurrent saves took {syncs} syncs"
+        );
+        storage.close().await.expect("close");
+
+        let config = StorageConfig {
+            path: dir.path().join("buffered"),
+            sync: false,
+            ..StorageConfig::default()
+        };
+        let (buffered, _) = Storage::open(&config, &HistoryConfig::default()).expect("open");
+        let granted = buffered
+            .grant(key.clone(), session("a"))
+            .await
+            .expect("grant");
+        buffered
+            .save(
+                key,
+                session("a"),
+                granted.lease.epoch,
+                vec![1],
+                Changes::default(),
+            )
+            .await
+            .expect("save");
+        assert_eq!(buffered.wal_syncs(), 0);
+        buffered.close().await.expect("close");
     }
 
     /// The lease cache changes how records are read, never what a write

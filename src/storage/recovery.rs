@@ -88,13 +88,14 @@ pub(super) fn run_committer(
         slot.degraded.store(true, Ordering::Relaxed);
         tracing::error!(error = %failure, "storage write failed; reopening the database");
         let settings = committer.settings();
+        let committer_syncs = committer.sync_counter();
         drop(committer);
         let not_before = last_reopen.map_or_else(Instant::now, |at| at + RETRY);
         let Some(db) = reopen(slot, ops, path, &failure, not_before) else {
             return;
         };
         last_reopen = Some(Instant::now());
-        committer = Committer::new(Arc::clone(&db), settings);
+        committer = Committer::new(Arc::clone(&db), settings, committer_syncs);
         slot.put(db);
         slot.degraded.store(false, Ordering::Relaxed);
         tracing::info!("storage reopened; writes carry on");
