@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -39,13 +39,26 @@ impl ChildDaemon {
             ),
         )
         .expect("write config");
-        let child = Command::new(env!("CARGO_BIN_EXE_profiled"))
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn profiled");
+        let child = start(&config);
         Self { dir, socket, child }
+    }
+
+    /// Starts the daemon again on the same directory and config, after the
+    /// previous process exited (by [`Self::terminate`] or [`Self::kill`]),
+    /// so a restart finds the previous run's data.
+    pub fn respawn(&mut self) {
+        assert!(
+            self.child.try_wait().expect("try_wait").is_some(),
+            "respawn while the daemon still runs"
+        );
+        self.child = start(&self.dir.path().join("config.toml"));
+    }
+
+    /// Sends SIGKILL and waits for the exit, as a crash would end the
+    /// daemon: nothing is flushed and no lease is released.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait");
     }
 
     /// The daemon's process id.
@@ -62,6 +75,28 @@ impl ChildDaemon {
         let status = self.child.wait().expect("wait");
         (status, sent.elapsed())
     }
+}
+
+/// A bench that panics must not leave a daemon running on a directory that
+/// is about to be removed.
+impl Drop for ChildDaemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs the built daemon binary on `config`, its stdout discarded so logs
+/// do not mix with the figures.
+fn start(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_profiled"))
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn profiled")
 }
 
 /// A process's resident set, from `/proc/<pid>/status`; 0 if unreadable.

@@ -10,6 +10,10 @@
 //!
 //! Sections (`PROFILED_BENCH_ONLY`, comma-separated; all by default):
 //!
+//! - **floor**: what the machine allows at best, run first: a Unix-socket
+//!   echo of save-sized requests at W = 1 and W = N (the server on its own
+//!   runtime and threads), and 2 KiB appends each followed by fdatasync on
+//!   a file under `TMPDIR`.
 //! - **compare**: the sessions and saves workloads on profiled and on each
 //!   peer, at fsync and at buffered durability. Each workload runs for
 //!   `PROFILED_BENCH_SECS` (default 10 s).
@@ -22,6 +26,30 @@
 //!   - *saves*: each session holds `PROFILED_BENCH_LEASES` (L, default
 //!     100) leases and saves them round-robin, at W = 1 and at W = 32.
 //!
+//!   The peers are Redis (a hash per profile, a Lua script per operation,
+//!   AOF with `appendfsync always` or `everysec`) and PostgreSQL (a row
+//!   per profile, a prepared statement per operation over a hand-written
+//!   wire-protocol client, `synchronous_commit` on or off).
+//! - **handoff**: sessions A and B ping-pong one profile; the loader
+//!   force-loads, the holder releases with 2 KiB on `ReleaseRequested`.
+//!   p50/p99/p999 from request to grant over `PROFILED_BENCH_HANDOFFS`
+//!   (default 2,000) handoffs, at fsync and at buffered durability.
+//! - **shutdown**: SIGTERM to exit with held leases whose 10 sessions never
+//!   release, at each size in `PROFILED_BENCH_SHUTDOWN_LEASES` (a comma
+//!   list, default `10000,100000`), on a fresh daemon each.
+//! - **memory**: daemon RSS with 100 sessions holding 0 and then
+//!   `PROFILED_BENCH_MEMORY_LEASES` (default 100,000) leases without data,
+//!   and the difference per lease.
+//! - **restart**: spawn to ready (a handshake and a granted load of a stored
+//!   profile) with `PROFILED_BENCH_RESTART_PROFILES` (default 1,000,000)
+//!   profiles of 2 KiB, imported first, after a clean stop and after a
+//!   SIGKILL with `PROFILED_BENCH_RESTART_LEASES` (default 10,000) leases
+//!   held. Populating takes most of this section's time.
+//!
+//! A CI smoke run: `PROFILED_BENCH_SECS=1 PROFILED_BENCH_HANDOFFS=100
+//! PROFILED_BENCH_SHUTDOWN_LEASES=1000 PROFILED_BENCH_MEMORY_LEASES=1000
+//! PROFILED_BENCH_RESTART_PROFILES=10000 PROFILED_BENCH_RESTART_LEASES=100`.
+//!
 //! Every system is a child process on its own temporary directory and
 //! Unix socket; the bench's clients share one tokio runtime. A peer that is
 //! not installed is skipped with a note. The last lines are JSON, one
@@ -30,8 +58,14 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod daemon;
+mod floor;
+mod handoff;
+mod memory;
+mod postgres;
 mod redis;
 mod report;
+mod restart;
+mod shutdown;
 mod workload;
 
 use std::time::Duration;
@@ -49,7 +83,9 @@ fn main() {
             .is_none_or(|list| list.iter().any(|s| s == section))
     };
     let params = Params {
-        run_for: Duration::from_secs(env_or("PROFILED_BENCH_SECS", 10)),
+        run_for: Duration::from_secs_f64(
+            env_or("PROFILED_BENCH_SECS", 10.0f64).clamp(0.01, 86_400.0),
+        ),
         sessions: env_or("PROFILED_BENCH_SESSIONS", 32usize).max(1),
         profiles: env_or("PROFILED_BENCH_PROFILES", 10_000u64).max(1),
         leases: env_or("PROFILED_BENCH_LEASES", 100usize).max(1),
@@ -65,8 +101,35 @@ fn main() {
         common::memory_gib(),
         std::env::temp_dir().display(),
     );
+    if wants("floor") {
+        runtime.block_on(floor::run(params, &mut report));
+    }
     if wants("compare") {
         runtime.block_on(compare(params, &mut report));
+    }
+    if wants("handoff") {
+        let handoffs = env_or("PROFILED_BENCH_HANDOFFS", 2000usize).max(1);
+        runtime.block_on(handoff::run(handoffs, &mut report));
+    }
+    if wants("shutdown") {
+        let sizes: Vec<usize> = std::env::var("PROFILED_BENCH_SHUTDOWN_LEASES")
+            .ok()
+            .map(|list| {
+                list.split(',')
+                    .filter_map(|s| s.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_else(|| vec![10_000, 100_000]);
+        runtime.block_on(shutdown::run(&sizes, &mut report));
+    }
+    if wants("memory") {
+        let leases = env_or("PROFILED_BENCH_MEMORY_LEASES", 100_000usize).max(1);
+        runtime.block_on(memory::run(leases, &mut report));
+    }
+    if wants("restart") {
+        let profiles = env_or("PROFILED_BENCH_RESTART_PROFILES", 1_000_000usize);
+        let leases = env_or("PROFILED_BENCH_RESTART_LEASES", 10_000usize);
+        runtime.block_on(restart::run(profiles, leases, &mut report));
     }
     report.print();
 }
@@ -74,10 +137,10 @@ fn main() {
 /// The sessions and saves workloads on profiled and each peer.
 async fn compare(params: Params, report: &mut Report) {
     println!(
-        "compare: {} B profiles (half random), {} s per workload, W={} sessions, P={} profiles, \
+        "compare: {} B profiles (half random), {:.1} s per workload, W={} sessions, P={} profiles, \
          L={} leases per session in saves",
         workload::DATA_SIZE,
-        params.run_for.as_secs(),
+        params.run_for.as_secs_f64(),
         params.sessions,
         params.profiles,
         params.leases,
@@ -85,6 +148,10 @@ async fn compare(params: Params, report: &mut Report) {
     let redis = redis::available();
     if !redis {
         println!("note: redis-server not found on PATH; Redis is skipped");
+    }
+    let postgres = postgres::available();
+    if !postgres {
+        println!("note: initdb or postgres not found on PATH; PostgreSQL is skipped");
     }
     let saves = [1, params.sessions];
     let mut names = vec![format!("sessions W={}", params.sessions)];
@@ -95,6 +162,9 @@ async fn compare(params: Params, report: &mut Report) {
         systems.push(("profiled", daemon::run(durability, params, &saves).await));
         if redis {
             systems.push(("redis", redis::run(durability, params, &saves).await));
+        }
+        if postgres {
+            systems.push(("postgres", postgres::run(durability, params, &saves).await));
         }
         for (index, name) in names.iter().enumerate() {
             let outcomes: Vec<(&'static str, &Outcome)> = systems

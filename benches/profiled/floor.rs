@@ -1,0 +1,184 @@
+//! The floors: what a Unix socket and the disk allow at best, so the
+//! daemon's figures can be read against them.
+//!
+//! - *echo*: a server that answers every frame the size of a profiled save
+//!   request with a reply the size of a save reply, at W = 1 and W = N
+//!   connections. The server runs on its own multi-thread tokio runtime
+//!   (default workers, as the daemon's) on its own threads, not on the
+//!   bench clients' runtime, so it has its own scheduler as a daemon in its
+//!   own process would; it does no work but the socket's.
+//! - *fdatasync*: append 2 KiB to a file under `TMPDIR` (the disk the
+//!   daemons write to) and `fdatasync` it, one after another, as a write-ahead
+//!   log with one writer would.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::oneshot;
+
+use crate::report::Report;
+use crate::workload::{DATA_SIZE, Params, Stat};
+
+/// A save request's size on the wire: a 4-byte length, 2 KiB of data and
+/// about 64 bytes of header (key, store, lease).
+const REQUEST_SIZE: usize = 4 + 2048 + 68;
+/// A save reply's size on the wire.
+const REPLY_SIZE: usize = 32;
+/// How long the fdatasync loop runs at most.
+const FSYNC_FOR: Duration = Duration::from_secs(2);
+/// How many fdatasyncs the loop stops after, if it gets there first.
+const FSYNC_MAX: usize = 10_000;
+
+/// Measures both floors and records `floor.echo.*` and `floor.fdatasync.*`.
+pub async fn run(params: Params, report: &mut Report) {
+    let run_for = params.run_for.min(Duration::from_secs(5));
+    println!(
+        "floor: Unix-socket echo of {REQUEST_SIZE} B requests with {REPLY_SIZE} B replies for \
+         {} s per W; {} B appends with fdatasync for up to {} s",
+        run_for.as_secs_f64(),
+        DATA_SIZE,
+        FSYNC_FOR.as_secs(),
+    );
+    println!();
+    println!(
+        "{:<16} {:>12} | {:>22}",
+        "floor", "ops/s", "p50/p99/p999 us"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("echo.sock");
+    let (stop, server) = echo_server(&socket);
+    for (slug, w) in [("w1", 1), ("wN", params.sessions)] {
+        eprintln!("floor echo W={w} ...");
+        let stat = echo(&socket, w, run_for).await;
+        print_row(&format!("echo W={w}"), &stat);
+        record(report, &format!("floor.echo.{slug}"), &stat);
+    }
+    let _ = stop.send(());
+    server.join().expect("echo server thread");
+    eprintln!("floor fdatasync ...");
+    let stat = tokio::task::spawn_blocking(fdatasync)
+        .await
+        .expect("fdatasync task");
+    print_row("fdatasync", &stat);
+    record(report, "floor.fdatasync", &stat);
+}
+
+fn print_row(name: &str, stat: &Stat) {
+    println!(
+        "{name:<16} {:>12.0} | {:>22}",
+        stat.per_sec,
+        stat.percentiles()
+    );
+}
+
+fn record(report: &mut Report, base: &str, stat: &Stat) {
+    report.figure(&format!("{base}.per_sec"), stat.per_sec, "1/s");
+    report.figure(&format!("{base}.p50_us"), stat.p50, "us");
+    report.figure(&format!("{base}.p99_us"), stat.p99, "us");
+    report.figure(&format!("{base}.p999_us"), stat.p999, "us");
+    report.figure(&format!("{base}.count"), stat.count as f64, "ops");
+}
+
+/// Starts the echo server on its own thread and runtime, bound before this
+/// returns; sending on the channel stops it.
+fn echo_server(socket: &Path) -> (oneshot::Sender<()>, std::thread::JoinHandle<()>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("echo-server")
+        .enable_all()
+        .build()
+        .expect("echo runtime");
+    let listener = {
+        let _entered = runtime.enter();
+        UnixListener::bind(socket).expect("bind echo socket")
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let accept = async {
+                loop {
+                    let (stream, _) = listener.accept().await.expect("accept echo");
+                    tokio::spawn(serve(stream));
+                }
+            };
+            tokio::select! {
+                () = accept => {}
+                _ = stopped => {}
+            }
+        });
+        // Dropping the runtime here, off the clients' runtime, ends the
+        // connections' tasks.
+        drop(runtime);
+    });
+    (stop, thread)
+}
+
+/// Answers each length-prefixed frame with a reply of `REPLY_SIZE` bytes.
+async fn serve(mut stream: UnixStream) {
+    let mut frame = vec![0u8; REQUEST_SIZE];
+    let mut reply = [0u8; REPLY_SIZE];
+    let body = u32::try_from(REPLY_SIZE - 4).expect("reply size");
+    reply[..4].copy_from_slice(&body.to_be_bytes());
+    loop {
+        let mut header = [0u8; 4];
+        if stream.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let len = usize::try_from(u32::from_be_bytes(header)).expect("frame length");
+        frame.resize(len, 0);
+        if stream.read_exact(&mut frame).await.is_err() || stream.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `connections` clients, each sending one request and awaiting its reply
+/// in a loop for `run_for`.
+async fn echo(socket: &Path, connections: usize, run_for: Duration) -> Stat {
+    let start = Instant::now() + Duration::from_millis(200);
+    let end = start + run_for;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let mut stream = UnixStream::connect(socket).await.expect("connect echo");
+        tasks.push(tokio::spawn(async move {
+            let mut request = vec![0x5au8; REQUEST_SIZE];
+            let body = u32::try_from(REQUEST_SIZE - 4).expect("request size");
+            request[..4].copy_from_slice(&body.to_be_bytes());
+            let mut reply = [0u8; REPLY_SIZE];
+            let mut samples = Vec::new();
+            tokio::time::sleep_until(start.into()).await;
+            while Instant::now() < end {
+                let sent = Instant::now();
+                stream.write_all(&request).await.expect("echo write");
+                stream.read_exact(&mut reply).await.expect("echo read");
+                samples.push(sent.elapsed());
+            }
+            samples
+        }));
+    }
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.extend(task.await.expect("echo task"));
+    }
+    Stat::new(samples, end - start)
+}
+
+/// Appends `DATA_SIZE` bytes and fdatasyncs, one after another, on a new
+/// file under `TMPDIR`, so each sync also carries the file's growth as a
+/// log's would.
+fn fdatasync() -> Stat {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut file = std::fs::File::create(dir.path().join("wal")).expect("create file");
+    let block = vec![0x5au8; DATA_SIZE];
+    let mut samples = Vec::with_capacity(FSYNC_MAX);
+    let start = Instant::now();
+    while start.elapsed() < FSYNC_FOR && samples.len() < FSYNC_MAX {
+        let sent = Instant::now();
+        file.write_all(&block).expect("append");
+        file.sync_data().expect("fdatasync");
+        samples.push(sent.elapsed());
+    }
+    Stat::new(samples, start.elapsed())
+}
