@@ -153,7 +153,7 @@ async fn populate(importers: &[Client], profiles: usize) {
         .buffer_unordered(IN_FLIGHT);
     while imports.next().await.is_some() {
         done += 1;
-        if done % step == 0 {
+        if done.is_multiple_of(step) {
             eprintln!(
                 "  {done} imported, {:.1} s",
                 started.elapsed().as_secs_f64()
