@@ -11,7 +11,8 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
 
 use profiled_protocol::{Changes, Message, SessionId};
 use rocksdb::{DB, WriteBatch, WriteOptions};
@@ -77,6 +78,51 @@ pub(super) struct Write {
 pub(super) struct HistoryRules {
     /// The least time between two versions kept by saves.
     pub(super) interval_ms: u64,
+}
+
+/// The committer's end of the operation channel, able to look one
+/// operation ahead: the committer asks whether anything waits behind a
+/// batch before deciding who syncs it. The operation looked at stays here
+/// for the next batch, or for the reopen after a failure.
+#[derive(Debug)]
+pub(super) struct Queue {
+    ops: Receiver<Op>,
+    /// An operation taken off the channel by [`Queue::is_empty`] and not
+    /// yet handed out.
+    ahead: Option<Op>,
+}
+
+impl Queue {
+    pub(super) fn new(ops: Receiver<Op>) -> Self {
+        Self { ops, ahead: None }
+    }
+
+    /// The next operation, waiting for one; `None` once every sender is
+    /// gone.
+    pub(super) fn recv(&mut self) -> Option<Op> {
+        self.ahead.take().or_else(|| self.ops.recv().ok())
+    }
+
+    /// The next operation if one is waiting.
+    pub(super) fn try_recv(&mut self) -> Option<Op> {
+        self.ahead.take().or_else(|| self.ops.try_recv().ok())
+    }
+
+    /// The next operation, waiting at most `wait` for one.
+    pub(super) fn recv_timeout(&mut self, wait: Duration) -> Result<Op, RecvTimeoutError> {
+        match self.ahead.take() {
+            Some(op) => Ok(op),
+            None => self.ops.recv_timeout(wait),
+        }
+    }
+
+    /// Whether no operation is waiting.
+    pub(super) fn is_empty(&mut self) -> bool {
+        if self.ahead.is_none() {
+            self.ahead = self.ops.try_recv().ok();
+        }
+        self.ahead.is_none()
+    }
 }
 
 /// Why a committer stopped.
@@ -206,7 +252,7 @@ impl Committer {
 
     /// Runs until a `Close` op, until every sender is gone, or until a
     /// batch's write fails; says which.
-    pub(super) fn run(&self, ops: &Receiver<Op>) -> Ended {
+    pub(super) fn run(&self, ops: &mut Queue) -> Ended {
         let max_batch = self.settings.max_batch;
         let mut batch = Vec::with_capacity(max_batch);
         loop {
@@ -215,17 +261,18 @@ impl Committer {
             if let Some(failure) = self.syncer.as_ref().and_then(Syncer::failure) {
                 return Ended::Failed(failure);
             }
-            let Ok(first) = ops.recv() else {
+            let Some(first) = ops.recv() else {
                 break;
             };
             batch.push(first);
             while batch.len() < max_batch {
                 match ops.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
+                    Some(op) => batch.push(op),
+                    None => break,
                 }
             }
-            match self.commit(&mut batch) {
+            let more_waiting = || !ops.is_empty();
+            match self.commit(&mut batch, more_waiting) {
                 Outcome::Committed => {}
                 Outcome::Close(reply) => {
                     if let Some(syncer) = &self.syncer {
@@ -252,8 +299,10 @@ impl Committer {
     }
 
     /// Applies and answers one batch. Operations after a `Close` in the
-    /// batch fail with `Closed`.
-    fn commit(&self, ops: &mut Vec<Op>) -> Outcome {
+    /// batch fail with `Closed`. `more_waiting` says whether another
+    /// operation is already waiting; it is asked only when the syncer is
+    /// idle, to decide who syncs.
+    fn commit(&self, ops: &mut Vec<Op>, more_waiting: impl FnOnce() -> bool) -> Outcome {
         let Some(families) = Families::of(&self.db) else {
             // Unreachable after a successful open; fail the batch rather
             // than panic in the daemon.
@@ -322,6 +371,12 @@ impl Committer {
             (None, None) => Outcome::Committed,
         };
         match (&failure, &self.syncer) {
+            // Alone, the batch is answered soonest by syncing right here;
+            // with more waiting, the syncer overlaps its sync with the next
+            // batch's work.
+            (None, Some(syncer)) if syncer.is_idle() && !more_waiting() => {
+                syncer.sync_and_answer(answers);
+            }
             (None, Some(syncer)) => syncer.answer_when_synced(answers),
             (failure, _) => durable::deliver(answers, failure.as_ref()),
         }

@@ -9,13 +9,18 @@
 //! time, and a busy daemon makes one sync per disk round trip however many
 //! batches arrive meanwhile.
 //!
+//! When the syncer is idle and no other write is waiting, the committer
+//! syncs the batch itself instead ([`Syncer::sync_and_answer`]): there is
+//! nothing to overlap with, and handing over would only add a thread hop to
+//! a lone write's round trip.
+//!
 //! Refusals wait too: a later batch reads what earlier, not yet durable
 //! batches wrote, so even a `LeaseLost` may rest on a grant that a crash
 //! could still undo. Once a sync fails, every answer the syncer holds or
 //! receives afterwards fails with it, and the committer stops at its next
 //! batch so the database is reopened.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -52,10 +57,24 @@ pub(super) enum Answer {
 pub(super) struct Syncer {
     /// Feeds the syncer thread, which holds the receiving end.
     queue: Option<Sender<Work>>,
-    /// The first failed sync's error, set by the syncer thread and read by
-    /// the committer before each batch.
-    failed: Arc<Mutex<Option<String>>>,
+    /// What the committer and the syncer thread both use.
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The state the committer and the syncer thread share.
+#[derive(Debug)]
+struct Shared {
+    db: Arc<DB>,
+    /// The first failed sync's error, set by whichever thread synced and
+    /// read by the committer before each batch.
+    failed: Mutex<Option<String>>,
+    /// Counts WAL syncs; shared with [`super::Storage`] for stats.
+    syncs: Arc<AtomicU64>,
+    /// Batches handed to the syncer thread and not yet answered. The
+    /// committer syncs by itself only when this is zero, so it never
+    /// answers a batch before an earlier one is durable.
+    queued: AtomicUsize,
 }
 
 /// What the syncer is given.
@@ -71,14 +90,19 @@ impl Syncer {
     /// Starts the syncer thread for `db`.
     pub(super) fn start(db: Arc<DB>, syncs: Arc<AtomicU64>) -> std::io::Result<Self> {
         let (queue, work) = std::sync::mpsc::channel();
-        let failed = Arc::new(Mutex::new(None));
-        let thread_failed = Arc::clone(&failed);
+        let shared = Arc::new(Shared {
+            db,
+            failed: Mutex::new(None),
+            syncs,
+            queued: AtomicUsize::new(0),
+        });
+        let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("profiled-sync".to_owned())
-            .spawn(move || run(&db, &work, &thread_failed, &syncs))?;
+            .spawn(move || run(&thread_shared, &work))?;
         Ok(Self {
             queue: Some(queue),
-            failed,
+            shared,
             thread: Some(thread),
         })
     }
@@ -86,6 +110,7 @@ impl Syncer {
     /// Hands a written batch's answers over, to be sent once the WAL holding
     /// the batch is synced.
     pub(super) fn answer_when_synced(&self, answers: Vec<Answer>) {
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
         let unsent = match &self.queue {
             Some(queue) => queue.send(Work::Answers(answers)).err(),
             None => None,
@@ -100,6 +125,21 @@ impl Syncer {
         }
     }
 
+    /// Whether every batch handed over so far is answered, so that a sync
+    /// made now on the caller's thread cannot answer a batch ahead of an
+    /// earlier one.
+    pub(super) fn is_idle(&self) -> bool {
+        self.shared.queued.load(Ordering::Acquire) == 0
+    }
+
+    /// Syncs the WAL on the caller's thread, then answers: for a batch
+    /// written while the syncer [`is_idle`](Self::is_idle), with no other
+    /// write waiting to overlap the sync with.
+    pub(super) fn sync_and_answer(&self, answers: Vec<Answer>) {
+        let failure = self.shared.sync();
+        deliver(answers, failure.as_ref());
+    }
+
     /// Waits until everything handed over so far is answered.
     pub(super) fn wait_for_answers(&self) {
         let (done, wait) = std::sync::mpsc::channel();
@@ -112,10 +152,36 @@ impl Syncer {
 
     /// The error of the first sync that failed, if one did.
     pub(super) fn failure(&self) -> Option<String> {
+        self.shared.failure()
+    }
+}
+
+impl Shared {
+    fn failure(&self) -> Option<String> {
         self.failed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Syncs the WAL unless a sync already failed; the error every answer
+    /// waiting on this sync must carry, if any.
+    fn sync(&self) -> Option<WriteError> {
+        if let Some(failure) = self.failure() {
+            return Some(WriteError::Storage(failure));
+        }
+        match self.db.flush_wal(true) {
+            Ok(()) => {
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(err) => {
+                let message = format!("syncing the WAL failed: {}", err.into_string());
+                tracing::error!(error = %message, "no write since the last sync was acknowledged");
+                *self.failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(message.clone());
+                Some(WriteError::Storage(message))
+            }
+        }
     }
 }
 
@@ -151,32 +217,18 @@ pub(super) fn deliver(answers: Vec<Answer>, failure: Option<&WriteError>) {
 }
 
 /// The syncer thread: takes everything queued, syncs once, answers it all.
-fn run(db: &DB, work: &Receiver<Work>, failed: &Mutex<Option<String>>, syncs: &AtomicU64) {
+fn run(shared: &Shared, work: &Receiver<Work>) {
     let mut taken = Vec::new();
     while let Ok(first) = work.recv() {
         taken.push(first);
         taken.extend(work.try_iter());
-        let mut failure = failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if failure.is_none() {
-            match db.flush_wal(true) {
-                Ok(()) => {
-                    syncs.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(err) => {
-                    let message = format!("syncing the WAL failed: {}", err.into_string());
-                    tracing::error!(error = %message, "no write since the last sync was acknowledged");
-                    *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(message.clone());
-                    failure = Some(message);
-                }
-            }
-        }
-        let failure = failure.map(WriteError::Storage);
+        let failure = shared.sync();
         for item in taken.drain(..) {
             match item {
-                Work::Answers(answers) => deliver(answers, failure.as_ref()),
+                Work::Answers(answers) => {
+                    deliver(answers, failure.as_ref());
+                    shared.queued.fetch_sub(1, Ordering::AcqRel);
+                }
                 Work::Barrier(done) => {
                     let _ = done.send(());
                 }

@@ -230,7 +230,8 @@ impl Storage {
         let handle = std::thread::Builder::new()
             .name("profiled-commit".to_owned())
             .spawn(move || {
-                recovery::run_committer(committer, &receiver, &thread_slot, &thread_path)
+                let mut queue = commit::Queue::new(receiver);
+                recovery::run_committer(committer, &mut queue, &thread_slot, &thread_path);
             })
             .map_err(|err| StorageError::Committer(err.to_string()))?;
         let shared = Arc::new(Shared {

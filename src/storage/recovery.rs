@@ -11,13 +11,13 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use rocksdb::DB;
 
-use super::commit::{self, Committer, Ended, Op};
+use super::commit::{self, Committer, Ended, Queue};
 use super::{WriteError, open_db};
 
 /// The open database, shared by the committer thread and the readers.
@@ -70,12 +70,7 @@ impl DbSlot {
 
 /// The committer thread: commits until closed, reopening the database
 /// whenever a write fails.
-pub(super) fn run_committer(
-    mut committer: Committer,
-    ops: &Receiver<Op>,
-    slot: &DbSlot,
-    path: &Path,
-) {
+pub(super) fn run_committer(mut committer: Committer, ops: &mut Queue, slot: &DbSlot, path: &Path) {
     // Reopens are at least `RETRY` apart, also across failures: on a disk
     // with room to open but not to write, each reopen would otherwise
     // follow the next failed batch at once and use up what space is left.
@@ -107,7 +102,7 @@ pub(super) fn run_committer(
 /// `Close` arrived or every sender is gone.
 fn reopen(
     slot: &DbSlot,
-    ops: &Receiver<Op>,
+    ops: &mut Queue,
     path: &Path,
     failure: &str,
     not_before: Instant,
