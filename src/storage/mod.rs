@@ -798,14 +798,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (storage, _) = open(dir.path());
         let key = ProfileKey::new("s", "k");
-        let granted = storage.grant(key.clone(), session("a"));
+        // Each count is taken before the write is submitted: the committer
+        // may sync and answer before the test looks again.
         let before = storage.wal_syncs();
+        let granted = storage.grant(key.clone(), session("a"));
         let epoch = granted.await.expect("grant").lease.epoch;
         assert!(
             storage.wal_syncs() > before,
             "the grant was answered unsynced"
         );
         for round in 0..20u8 {
+            let before = storage.wal_syncs();
             let saved = storage.save(
                 key.clone(),
                 session("a"),
@@ -813,7 +816,6 @@ mod tests {
                 vec![round],
                 Changes::default(),
             );
-            let before = storage.wal_syncs();
             saved.await.expect("save");
             assert!(
                 storage.wal_syncs() > before,
@@ -822,6 +824,7 @@ mod tests {
         }
         // A refusal rests on what earlier, maybe unsynced batches wrote, so
         // it waits for a sync too.
+        let before = storage.wal_syncs();
         let refused = storage.save(
             key.clone(),
             session("b"),
@@ -829,7 +832,6 @@ mod tests {
             vec![0],
             Changes::default(),
         );
-        let before = storage.wal_syncs();
         assert_eq!(refused.await, Err(WriteError::LeaseLost));
         assert!(
             storage.wal_syncs() > before,
