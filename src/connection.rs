@@ -1,18 +1,22 @@
 //! One client connection: handshake, then requests until either side
 //! closes.
 //!
-//! The reader decodes frames and starts each request; requests run
-//! concurrently and answer in whatever order they finish, so a load waiting
-//! in a queue never holds up a save behind it. A separate writer task drains
-//! the connection's outbound queue, which the lease driver also feeds with
-//! load answers and events. At most `limits.max_in_flight` saves and
-//! releases are in flight; beyond that the reader stops reading, and the
-//! kernel's socket buffer pushes back on the client.
+//! One task serves the connection, both ways. It decodes frames and starts
+//! each request; requests run concurrently and answer in whatever order
+//! they finish, so a load waiting in a queue never holds up a save behind
+//! it. The same task writes the answers, and the frames the lease driver
+//! queues for the connection (load answers and events), gathering whatever
+//! is ready into one flush. Writing from the task that read the request
+//! spares a save's round trip a wake of a separate writer task. At most
+//! `limits.max_in_flight` saves and releases are in flight; beyond that the
+//! task stops reading, and the kernel's socket buffer pushes back on the
+//! client. A client that stops reading stalls its own connection and no
+//! other: its writes wait, and the driver closes it once its queue is full.
 
 use std::sync::Arc;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use futures::{SinkExt, future::BoxFuture};
+use futures::{FutureExt, SinkExt, future::BoxFuture};
 use profiled_protocol::{
     ClientFrame, Error, ErrorCode, FrameCodec, FrameError, Hello, PROTOCOL_VERSION, Response, Role,
     ServerFrame, SessionId, Welcome,
@@ -49,6 +53,10 @@ type Transport = Framed<UnixStream, FrameCodec<ClientFrame, ServerFrame>>;
 /// Outbound frames queued beyond the in-flight requests, for events.
 const EVENT_SLACK: usize = 1024;
 
+/// How long a closing connection may take to write what the driver queued
+/// for it before it went away.
+const CLOSING_WRITES: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves one connection until it closes or `stop` is cancelled.
 pub async fn serve(
     stream: UnixStream,
@@ -77,7 +85,7 @@ pub async fn serve(
     // `stop` lets it finish the requests in flight first.
     let kill = CancellationToken::new();
     let link = ConnLink {
-        outbound: outbound.clone(),
+        outbound,
         kill: kill.clone(),
     };
     let connected = match context
@@ -118,20 +126,26 @@ pub async fn serve(
         return;
     }
     tracing::debug!(conn, %session, "session connected");
-    let (sink, frames) = transport.split();
-    let writer = tokio::spawn(write_frames(sink, queue, kill.clone()));
     let session = Session {
         conn,
         session,
         role,
         context: Arc::clone(&context),
-        outbound,
     };
-    session.read_requests(frames, &kill, &stop).await;
+    let mut link = Link {
+        transport,
+        queue,
+        kill,
+    };
+    let open = session.serve_requests(&mut link, &stop).await;
     context.leases.disconnect(conn);
-    // The writer ends once every sender is gone (ours just dropped with the
-    // session; the driver drops its copy on disconnect) or on kill.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;
+    // What the driver queued before it learned of the disconnect (a load's
+    // answer, `ShuttingDown`) is still written; the queue ends once the
+    // driver drops its sender.
+    if open {
+        let _ = tokio::time::timeout(CLOSING_WRITES, link.write_the_rest()).await;
+    }
+    let _ = tokio::time::timeout(CLOSING_WRITES, link.transport.close()).await;
     tracing::debug!(conn, "session disconnected");
 }
 
@@ -154,113 +168,219 @@ pub(crate) struct Session {
     pub(crate) role: Role,
     /// What every connection shares.
     pub(crate) context: Arc<Context>,
-    /// Feeds the writer task, which holds the receiver.
-    outbound: mpsc::Sender<ServerFrame>,
+}
+
+/// The socket after the handshake, and what else may end or feed it.
+struct Link {
+    transport: Transport,
+    /// Frames from the lease driver, which holds the sender in the
+    /// connection's `ConnLink`.
+    queue: mpsc::Receiver<ServerFrame>,
+    /// Cancelled by the driver to drop the connection at once.
+    kill: CancellationToken,
+}
+
+/// What writing a frame left the connection as.
+enum Written {
+    /// Open for more.
+    Open,
+    /// Closed: the frame was a refusal, which ends the connection, or the
+    /// write failed, or the connection was killed.
+    Closed,
 }
 
 impl Session {
-    async fn read_requests(
-        self,
-        mut frames: futures::stream::SplitStream<Transport>,
-        kill: &CancellationToken,
-        stop: &CancellationToken,
-    ) {
+    /// Reads requests and writes answers until the connection closes or
+    /// `stop` is cancelled and everything in flight is answered. Returns
+    /// whether the connection is still open for writing.
+    async fn serve_requests(&self, link: &mut Link, stop: &CancellationToken) -> bool {
         let max_in_flight = self.context.limits.max_in_flight;
         let idle_timeout = self.context.limits.idle_timeout;
         let mut in_flight: FuturesUnordered<BoxFuture<'static, ServerFrame>> =
             FuturesUnordered::new();
+        // The driver drops its sender when it lets go of the connection.
+        let mut driver_open = true;
         // The cancellation and idle futures are made once, not once per
         // request: each new one registers a waiter, which costs more than
         // the select itself on the save path.
+        let kill = link.kill.clone();
         let killed = kill.cancelled();
         let stopping = stop.cancelled();
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(killed, stopping, idle);
         loop {
-            tokio::select! {
-                () = &mut killed => break,
+            let answer = tokio::select! {
+                () = &mut killed => return false,
                 () = &mut idle, if !idle_timeout.is_zero() && in_flight.is_empty() => {
                     tracing::info!(conn = self.conn, ?idle_timeout, "closing an idle connection");
-                    self.close_with(
-                        ErrorCode::Timeout,
-                        format!("no request for {}s", idle_timeout.as_secs_f64()),
-                    )
-                    .await;
-                    break;
+                    let message = format!("no request for {}s", idle_timeout.as_secs_f64());
+                    link.close_with(ErrorCode::Timeout, message).await;
+                    return false;
                 }
                 () = &mut stopping => {
                     // The daemon is stopping: read nothing more, but answer
                     // what is in flight, so a write that committed is
                     // acknowledged rather than left in doubt.
                     while let Some(frame) = in_flight.next().await {
-                        if self.outbound.send(frame).await.is_err() {
-                            break;
+                        if let Written::Closed = link.write(frame).await {
+                            return false;
                         }
                     }
-                    break;
+                    return link.flush().await;
                 }
-                Some(frame) = in_flight.next(), if !in_flight.is_empty() => {
-                    if self.outbound.send(frame).await.is_err() {
-                        break;
+                Some(frame) = in_flight.next(), if !in_flight.is_empty() => frame,
+                frame = link.queue.recv(), if driver_open => match frame {
+                    Some(frame) => frame,
+                    None => {
+                        driver_open = false;
+                        continue;
                     }
-                }
-                next = frames.next(), if in_flight.len() < max_in_flight => {
+                },
+                next = link.transport.next(), if in_flight.len() < max_in_flight => {
                     if !idle_timeout.is_zero()
                         && let Some(deadline) = tokio::time::Instant::now().checked_add(idle_timeout)
                     {
                         idle.as_mut().reset(deadline);
                     }
                     let request = match next {
-                        None => break,
+                        None => return true,
                         Some(Ok(ClientFrame::Request(request))) => request,
                         Some(Ok(ClientFrame::Hello(_))) => {
-                            self.close_with(ErrorCode::InvalidRequest, "hello after the handshake").await;
-                            break;
+                            link.close_with(ErrorCode::InvalidRequest, "hello after the handshake").await;
+                            return false;
                         }
                         Some(Err(err)) => {
-                            self.frame_error(err).await;
-                            break;
+                            self.frame_error(link, err).await;
+                            return false;
                         }
                     };
                     let id = request.id;
                     match self.start(request) {
-                        Started::Done(result) => {
-                            let frame = ServerFrame::Response(Response { id, result });
-                            if self.outbound.send(frame).await.is_err() {
-                                break;
-                            }
+                        Started::Done(result) => ServerFrame::Response(Response { id, result }),
+                        Started::Pending(future) => {
+                            in_flight.push(future);
+                            continue;
                         }
-                        Started::Pending(future) => in_flight.push(future),
-                        Started::Queued => {}
+                        Started::Queued => continue,
                     }
                 }
+            };
+            if !link.write_burst(answer, &mut in_flight).await {
+                return false;
             }
         }
     }
 
-    async fn frame_error(&self, err: FrameError) {
+    async fn frame_error(&self, link: &mut Link, err: FrameError) {
         match err {
             FrameError::Io(err) => {
                 tracing::debug!(conn = self.conn, error = %err, "connection failed");
             }
             FrameError::TooLarge { .. } => {
                 tracing::warn!(conn = self.conn, error = %err, "closing a connection that sent an oversized frame");
-                self.close_with(ErrorCode::TooLarge, err.to_string()).await;
+                link.close_with(ErrorCode::TooLarge, err.to_string()).await;
             }
             FrameError::Malformed(_) => {
                 tracing::warn!(conn = self.conn, error = %err, "closing a connection that sent a malformed frame");
-                self.close_with(ErrorCode::InvalidRequest, err.to_string())
+                link.close_with(ErrorCode::InvalidRequest, err.to_string())
                     .await;
             }
         }
     }
+}
+
+impl Link {
+    /// Writes `first` and every other answer already to hand (finished
+    /// requests, frames from the driver), then flushes once. Returns
+    /// whether the connection is still open.
+    async fn write_burst(
+        &mut self,
+        first: ServerFrame,
+        in_flight: &mut FuturesUnordered<BoxFuture<'static, ServerFrame>>,
+    ) -> bool {
+        let mut next = Some(first);
+        while let Some(frame) = next {
+            if let Written::Closed = self.write(frame).await {
+                return false;
+            }
+            // Polled without a waker of this task's; the select that follows
+            // polls both again with one, so nothing that becomes ready
+            // meanwhile is missed.
+            next = in_flight
+                .next()
+                .now_or_never()
+                .flatten()
+                .or_else(|| self.queue.try_recv().ok());
+        }
+        self.flush().await
+    }
+
+    /// Queues one frame for the socket. A frame too large to send (a
+    /// profile that grew past `max_frame` under an older limit) is logged
+    /// and skipped, not treated as a broken connection. A `Refused` frame
+    /// is the last: it is flushed and the connection is closed.
+    async fn write(&mut self, frame: ServerFrame) -> Written {
+        let last = matches!(frame, ServerFrame::Refused(_));
+        match unless_killed(&self.kill, self.transport.feed(frame)).await {
+            Some(Ok(())) => {}
+            Some(Err(err @ FrameError::TooLarge { .. })) => {
+                tracing::error!(error = %err, "dropped an outbound frame over the frame limit");
+            }
+            Some(Err(_)) | None => return Written::Closed,
+        }
+        if last {
+            self.flush().await;
+            return Written::Closed;
+        }
+        Written::Open
+    }
+
+    /// Sends what is queued; whether the connection is still open.
+    async fn flush(&mut self) -> bool {
+        matches!(
+            unless_killed(&self.kill, self.transport.flush()).await,
+            Some(Ok(()))
+        )
+    }
+
+    /// Writes what the driver queued until it drops its sender.
+    async fn write_the_rest(&mut self) {
+        loop {
+            let frame = tokio::select! {
+                () = self.kill.cancelled() => return,
+                frame = self.queue.recv() => frame,
+            };
+            let Some(frame) = frame else {
+                break;
+            };
+            if let Written::Closed = self.write(frame).await {
+                return;
+            }
+        }
+        self.flush().await;
+    }
 
     /// Tells the client why the daemon is closing its connection.
-    async fn close_with(&self, code: ErrorCode, message: impl Into<String>) {
-        let _ = self
-            .outbound
-            .send(ServerFrame::Refused(Error::new(code, message)))
+    async fn close_with(&mut self, code: ErrorCode, message: impl Into<String>) {
+        self.write(ServerFrame::Refused(Error::new(code, message)))
             .await;
+    }
+}
+
+/// Runs a write on the socket, unless the connection is killed while the
+/// write waits for a client that does not read. The write is tried once
+/// before a kill waiter is registered, since it rarely has to wait.
+async fn unless_killed<F: std::future::Future>(
+    kill: &CancellationToken,
+    write: F,
+) -> Option<F::Output> {
+    let mut write = std::pin::pin!(write);
+    if let Some(done) = write.as_mut().now_or_never() {
+        return Some(done);
+    }
+    tokio::select! {
+        () = kill.cancelled() => None,
+        done = write => Some(done),
     }
 }
 
@@ -346,58 +466,4 @@ async fn refuse(transport: &mut Transport, code: ErrorCode, message: impl Into<S
     let _ = transport
         .send(ServerFrame::Refused(Error::new(code, message)))
         .await;
-}
-
-/// Writes queued frames, flushing once per burst rather than per frame.
-/// A `Refused` frame is the last: once it is flushed the connection is
-/// closed, through `kill`, so the reader stops too.
-async fn write_frames(
-    mut sink: futures::stream::SplitSink<Transport, ServerFrame>,
-    mut queue: mpsc::Receiver<ServerFrame>,
-    kill: CancellationToken,
-) {
-    let killed = kill.cancelled();
-    tokio::pin!(killed);
-    'bursts: loop {
-        let frame = tokio::select! {
-            () = &mut killed => break,
-            frame = queue.recv() => frame,
-        };
-        let mut next = frame;
-        while let Some(frame) = next.take() {
-            let last = matches!(frame, ServerFrame::Refused(_));
-            if feed(&mut sink, frame).await.is_err() {
-                break 'bursts;
-            }
-            if last {
-                let _ = sink.flush().await;
-                kill.cancel();
-                break 'bursts;
-            }
-            next = queue.try_recv().ok();
-        }
-        if sink.flush().await.is_err() {
-            break;
-        }
-        if queue.is_closed() && queue.is_empty() {
-            break;
-        }
-    }
-    let _ = sink.close().await;
-}
-
-/// Queues one frame on the sink. A frame too large to send (a profile that
-/// grew past `max_frame` under an older limit) is logged and skipped, not
-/// treated as a broken connection.
-async fn feed(
-    sink: &mut futures::stream::SplitSink<Transport, ServerFrame>,
-    frame: ServerFrame,
-) -> Result<(), FrameError> {
-    match sink.feed(frame).await {
-        Err(err @ FrameError::TooLarge { .. }) => {
-            tracing::error!(error = %err, "dropped an outbound frame over the frame limit");
-            Ok(())
-        }
-        other => other,
-    }
 }
