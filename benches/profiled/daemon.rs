@@ -3,16 +3,14 @@
 //! share), driven through the client library over its Unix socket, one
 //! connection per session.
 
+use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use profiled_client::{Client, ErrorCode, LoadPolicy, Profile, SessionId};
 
 use crate::common::ChildDaemon;
-use crate::workload::{
-    Durability, Outcome, Params, Rng, SAVE_STORE, SAVES_PER_SESSION, SESSION_STORE, SessionSamples,
-    profile_data,
-};
+use crate::workload::{self, Durability, Leases, Outcome, Params};
 
 /// Starts the daemon at `durability` and waits until it answers.
 pub async fn start(durability: Durability) -> ChildDaemon {
@@ -33,115 +31,55 @@ pub async fn start(durability: Durability) -> ChildDaemon {
 /// of `saves`, the number of sessions) on a fresh daemon.
 pub async fn run(durability: Durability, params: Params, saves: &[usize]) -> Vec<Outcome> {
     let mut daemon = start(durability).await;
-    eprintln!("profiled {} sessions ...", durability.name());
-    let mut outcomes = vec![sessions(&daemon.socket, params).await];
-    for &w in saves {
-        eprintln!("profiled {} saves W={w} ...", durability.name());
-        outcomes.push(saves_workload(&daemon.socket, params, w).await);
-    }
+    let outcomes = workload::run("profiled", durability, params, saves, async |name| {
+        connect(&daemon.socket, name).await.expect("connect")
+    })
+    .await;
     let (status, _) = daemon.terminate();
     assert!(status.success(), "profiled exited with {status}");
     outcomes
 }
 
+/// A session of profiled is one client connection, named for the session;
+/// each lease is the client library's [`Profile`], which saves and releases
+/// under the epoch it was granted.
+impl Leases for Client {
+    type Lease = Profile;
+
+    /// The key is the name alone: profiled keeps its stores apart, and the
+    /// store goes to the load on its own.
+    fn key(_store: &'static str, name: fmt::Arguments<'_>) -> String {
+        fmt::format(name)
+    }
+
+    /// Loads with [`LoadPolicy::Cancel`], so a held profile is refused at
+    /// once with `Taken` instead of queueing the session behind the holder.
+    async fn acquire(&mut self, store: &'static str, key: String) -> Option<Profile> {
+        match self.load(store, &key, LoadPolicy::Cancel).await {
+            Ok(profile) => Some(profile),
+            Err(err) if matches!(err.code(), Some(ErrorCode::Taken { .. })) => None,
+            Err(err) => panic!("load: {err}"),
+        }
+    }
+
+    async fn save(&mut self, profile: &Profile, data: &[u8]) {
+        profile.save(data.to_vec()).await.expect("save");
+    }
+
+    async fn release(&mut self, profile: Profile) {
+        profile.release(None).await.expect("release");
+    }
+
+    async fn close(self) {
+        Client::close(self).await;
+    }
+}
+
+/// Connects as session `name`, the job of place 1.
 async fn connect(socket: &Path, name: String) -> Result<Client, profiled_client::ClientError> {
     let session = SessionId {
         place_id: 1,
         job_id: name,
     };
     Client::connect(socket, session).await
-}
-
-async fn sessions(socket: &Path, params: Params) -> Outcome {
-    let start = Instant::now() + Duration::from_millis(200);
-    let end = start + params.run_for;
-    let mut tasks = Vec::new();
-    for id in 0..params.sessions {
-        let client = connect(socket, format!("sessions-{id}"))
-            .await
-            .expect("connect");
-        tasks.push(tokio::spawn(async move {
-            let mut rng = Rng::new(id as u64 + 1);
-            let data = profile_data(&mut rng);
-            let mut samples = SessionSamples::default();
-            tokio::time::sleep_until(start.into()).await;
-            while Instant::now() < end {
-                let began = Instant::now();
-                let profile = loop {
-                    let key = format!("p{}", rng.below(params.profiles));
-                    let sent = Instant::now();
-                    match client.load(SESSION_STORE, &key, LoadPolicy::Cancel).await {
-                        Ok(profile) => {
-                            samples.load.push(sent.elapsed());
-                            break profile;
-                        }
-                        Err(err) if matches!(err.code(), Some(ErrorCode::Taken { .. })) => {
-                            samples.taken += 1;
-                        }
-                        Err(err) => panic!("load: {err}"),
-                    }
-                };
-                for _ in 0..SAVES_PER_SESSION {
-                    let sent = Instant::now();
-                    profile.save(data.clone()).await.expect("save");
-                    samples.save.push(sent.elapsed());
-                }
-                let sent = Instant::now();
-                profile.release(None).await.expect("release");
-                samples.release.push(sent.elapsed());
-                samples.session.push(began.elapsed());
-            }
-            client.close().await;
-            samples
-        }));
-    }
-    let mut all = SessionSamples::default();
-    for task in tasks {
-        all.merge(task.await.expect("session task"));
-    }
-    all.outcome(start.elapsed())
-}
-
-async fn saves_workload(socket: &Path, params: Params, sessions: usize) -> Outcome {
-    let start = Instant::now() + Duration::from_millis(500);
-    let end = start + params.run_for;
-    let mut tasks = Vec::new();
-    for id in 0..sessions {
-        let client = connect(socket, format!("saves{sessions}-{id}"))
-            .await
-            .expect("connect");
-        let mut profiles: Vec<Profile> = Vec::with_capacity(params.leases);
-        for lease in 0..params.leases {
-            let key = format!("w{sessions}-s{id}-l{lease}");
-            profiles.push(
-                client
-                    .load(SAVE_STORE, &key, LoadPolicy::Cancel)
-                    .await
-                    .expect("load"),
-            );
-        }
-        tasks.push(tokio::spawn(async move {
-            let mut rng = Rng::new(1000 + id as u64);
-            let data = profile_data(&mut rng);
-            let mut samples = Vec::new();
-            tokio::time::sleep_until(start.into()).await;
-            let mut next = 0;
-            while Instant::now() < end {
-                let sent = Instant::now();
-                profiles[next].save(data.clone()).await.expect("save");
-                samples.push(sent.elapsed());
-                next = (next + 1) % profiles.len();
-            }
-            for profile in profiles {
-                profile.release(None).await.expect("release");
-            }
-            client.close().await;
-            samples
-        }));
-    }
-    let mut samples = Vec::new();
-    for task in tasks {
-        samples.extend(task.await.expect("save task"));
-    }
-    Outcome::saves(samples, end - start)
 }

@@ -24,10 +24,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::workload::{
-    Durability, Outcome, Params, Rng, SAVE_STORE, SAVES_PER_SESSION, SESSION_STORE, SessionSamples,
-    profile_data,
-};
+use crate::workload::{self, Durability, Leases, Outcome, Params};
 
 /// Whether `initdb` and `postgres` can be run.
 pub fn available() -> bool {
@@ -46,13 +43,10 @@ pub fn available() -> bool {
 pub async fn run(durability: Durability, params: Params, saves: &[usize]) -> Vec<Outcome> {
     let server = PgServer::start(durability).await;
     server.create_schema().await;
-    eprintln!("postgres {} sessions ...", durability.name());
-    let mut outcomes = vec![sessions(&server.socket, params).await];
-    for &w in saves {
-        eprintln!("postgres {} saves W={w} ...", durability.name());
-        outcomes.push(saves_workload(&server.socket, params, w).await);
-    }
-    outcomes
+    workload::run("postgres", durability, params, saves, async |name| {
+        Session::connect(&server.socket, name).await
+    })
+    .await
 }
 
 const SCHEMA: &str = "CREATE TABLE profiles (key text PRIMARY KEY, owner text, \
@@ -429,25 +423,43 @@ impl Pg {
         }
         parts.join(": ")
     }
+}
 
-    /// Prepares the three lease statements on this connection.
-    async fn prepare_leases(&mut self) {
+/// One session's connection with the owner name it acquires as.
+struct Session {
+    pg: Pg,
+    me: String,
+}
+
+impl Session {
+    /// Connects and prepares the three lease statements, which every
+    /// operation then runs by name.
+    async fn connect(socket: &Path, me: String) -> Self {
+        let mut pg = Pg::connect(socket).await.expect("connect postgres");
         for (name, query, types) in [
             ("acquire", ACQUIRE, &[TEXT, TEXT][..]),
             ("save", SAVE, &[TEXT, TEXT, BYTEA, INT8][..]),
             ("release", RELEASE, &[TEXT, TEXT, INT8][..]),
         ] {
-            self.prepare(name, query, types)
+            pg.prepare(name, query, types)
                 .await
                 .expect("postgres prepare")
                 .unwrap_or_else(|err| panic!("prepare {name}: {err}"));
         }
+        Self { pg, me }
     }
+}
 
-    /// Acquires `key` for `me`; `None` if another owner holds it.
-    async fn acquire(&mut self, key: &[u8], me: &[u8]) -> Option<u64> {
+/// A lease is the row's key with the epoch the acquire statement granted,
+/// which the save and release statements check along with the owner.
+impl Leases for Session {
+    type Lease = (String, u64);
+
+    /// The key already holds the store, as its `store:` prefix.
+    async fn acquire(&mut self, _store: &'static str, key: String) -> Option<(String, u64)> {
         let reply = self
-            .execute("acquire", &[Some(key), Some(me)])
+            .pg
+            .execute("acquire", &[Some(key.as_bytes()), Some(self.me.as_bytes())])
             .await
             .expect("postgres acquire")
             .unwrap_or_else(|err| panic!("acquire: {err}"));
@@ -455,26 +467,40 @@ impl Pg {
         match row.first() {
             Some(Some(epoch)) => {
                 let epoch: [u8; 8] = epoch.as_slice().try_into().expect("int8 epoch");
-                Some(u64::try_from(i64::from_be_bytes(epoch)).expect("epoch"))
+                let epoch = u64::try_from(i64::from_be_bytes(epoch)).expect("epoch");
+                Some((key, epoch))
             }
             other => panic!("acquire row: {other:?}"),
         }
     }
 
-    async fn save(&mut self, key: &[u8], me: &[u8], epoch: u64, data: &[u8]) {
-        let epoch = i64::try_from(epoch).expect("epoch").to_be_bytes();
+    async fn save(&mut self, (key, epoch): &(String, u64), data: &[u8]) {
+        let epoch = i64::try_from(*epoch).expect("epoch").to_be_bytes();
+        let params = [
+            Some(key.as_bytes()),
+            Some(self.me.as_bytes()),
+            Some(data),
+            Some(&epoch[..]),
+        ];
         let reply = self
-            .execute("save", &[Some(key), Some(me), Some(data), Some(&epoch)])
+            .pg
+            .execute("save", &params)
             .await
             .expect("postgres save")
             .unwrap_or_else(|err| panic!("save: {err}"));
         assert_eq!(reply.tag, "UPDATE 1", "save lost its lease");
     }
 
-    async fn release(&mut self, key: &[u8], me: &[u8], epoch: u64) {
+    async fn release(&mut self, (key, epoch): (String, u64)) {
         let epoch = i64::try_from(epoch).expect("epoch").to_be_bytes();
+        let params = [
+            Some(key.as_bytes()),
+            Some(self.me.as_bytes()),
+            Some(&epoch[..]),
+        ];
         let reply = self
-            .execute("release", &[Some(key), Some(me), Some(&epoch)])
+            .pg
+            .execute("release", &params)
             .await
             .expect("postgres release")
             .unwrap_or_else(|err| panic!("release: {err}"));
@@ -494,98 +520,4 @@ fn count(n: usize) -> [u8; 2] {
 
 fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
-}
-
-async fn connect_leases(socket: &Path) -> Pg {
-    let mut conn = Pg::connect(socket).await.expect("connect postgres");
-    conn.prepare_leases().await;
-    conn
-}
-
-async fn sessions(socket: &Path, params: Params) -> Outcome {
-    let start = Instant::now() + Duration::from_millis(200);
-    let end = start + params.run_for;
-    let mut tasks = Vec::new();
-    for id in 0..params.sessions {
-        let mut conn = connect_leases(socket).await;
-        tasks.push(tokio::spawn(async move {
-            let me = format!("sessions-{id}");
-            let mut rng = Rng::new(id as u64 + 1);
-            let data = profile_data(&mut rng);
-            let mut samples = SessionSamples::default();
-            tokio::time::sleep_until(start.into()).await;
-            while Instant::now() < end {
-                let began = Instant::now();
-                let (key, epoch) = loop {
-                    let key = format!("{SESSION_STORE}:p{}", rng.below(params.profiles));
-                    let sent = Instant::now();
-                    match conn.acquire(key.as_bytes(), me.as_bytes()).await {
-                        Some(epoch) => {
-                            samples.load.push(sent.elapsed());
-                            break (key, epoch);
-                        }
-                        None => samples.taken += 1,
-                    }
-                };
-                for _ in 0..SAVES_PER_SESSION {
-                    let sent = Instant::now();
-                    conn.save(key.as_bytes(), me.as_bytes(), epoch, &data).await;
-                    samples.save.push(sent.elapsed());
-                }
-                let sent = Instant::now();
-                conn.release(key.as_bytes(), me.as_bytes(), epoch).await;
-                samples.release.push(sent.elapsed());
-                samples.session.push(began.elapsed());
-            }
-            samples
-        }));
-    }
-    let mut all = SessionSamples::default();
-    for task in tasks {
-        all.merge(task.await.expect("session task"));
-    }
-    all.outcome(start.elapsed())
-}
-
-async fn saves_workload(socket: &Path, params: Params, sessions: usize) -> Outcome {
-    let start = Instant::now() + Duration::from_millis(500);
-    let end = start + params.run_for;
-    let mut tasks = Vec::new();
-    for id in 0..sessions {
-        let mut conn = connect_leases(socket).await;
-        let me = format!("saves{sessions}-{id}");
-        let mut leases = Vec::with_capacity(params.leases);
-        for lease in 0..params.leases {
-            let key = format!("{SAVE_STORE}:w{sessions}-s{id}-l{lease}");
-            let epoch = conn
-                .acquire(key.as_bytes(), me.as_bytes())
-                .await
-                .expect("fresh key is free");
-            leases.push((key, epoch));
-        }
-        tasks.push(tokio::spawn(async move {
-            let mut rng = Rng::new(1000 + id as u64);
-            let data = profile_data(&mut rng);
-            let mut samples = Vec::new();
-            tokio::time::sleep_until(start.into()).await;
-            let mut next = 0;
-            while Instant::now() < end {
-                let (key, epoch) = &leases[next];
-                let sent = Instant::now();
-                conn.save(key.as_bytes(), me.as_bytes(), *epoch, &data)
-                    .await;
-                samples.push(sent.elapsed());
-                next = (next + 1) % leases.len();
-            }
-            for (key, epoch) in &leases {
-                conn.release(key.as_bytes(), me.as_bytes(), *epoch).await;
-            }
-            samples
-        }));
-    }
-    let mut samples = Vec::new();
-    for task in tasks {
-        samples.extend(task.await.expect("save task"));
-    }
-    Outcome::saves(samples, end - start)
 }

@@ -14,10 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::workload::{
-    Durability, Outcome, Params, Rng, SAVE_STORE, SAVES_PER_SESSION, SESSION_STORE, SessionSamples,
-    profile_data,
-};
+use crate::workload::{self, Durability, Leases, Outcome, Params};
 
 /// Whether `redis-server` can be run.
 pub fn available() -> bool {
@@ -34,13 +31,10 @@ pub fn available() -> bool {
 pub async fn run(durability: Durability, params: Params, saves: &[usize]) -> Vec<Outcome> {
     let server = RedisServer::start(durability).await;
     let shas = server.load_scripts().await;
-    eprintln!("redis {} sessions ...", durability.name());
-    let mut outcomes = vec![sessions(&server.socket, &shas, params).await];
-    for &w in saves {
-        eprintln!("redis {} saves W={w} ...", durability.name());
-        outcomes.push(saves_workload(&server.socket, &shas, params, w).await);
-    }
-    outcomes
+    workload::run("redis", durability, params, saves, async |name| {
+        Session::connect(&server.socket, &shas, name).await
+    })
+    .await
 }
 
 const ACQUIRE: &str = r"
@@ -208,16 +202,42 @@ impl Resp {
             reply => Ok(reply),
         })
     }
+}
 
-    /// Acquires `key` for `me`; `None` if another owner holds it.
-    async fn acquire(&mut self, shas: &Shas, key: &[u8], me: &[u8]) -> Option<u64> {
+/// One session's connection with what its scripts need besides the key:
+/// the scripts' SHAs and the owner name it acquires as.
+struct Session {
+    resp: Resp,
+    shas: Shas,
+    me: String,
+}
+
+impl Session {
+    /// Connects a session that acquires as `me`.
+    async fn connect(socket: &Path, shas: &Shas, me: String) -> Self {
+        Self {
+            resp: Resp::connect(socket).await.expect("connect redis"),
+            shas: shas.clone(),
+            me,
+        }
+    }
+}
+
+/// A lease is the profile's key with the epoch the acquire script granted,
+/// which the save and release scripts check along with the owner.
+impl Leases for Session {
+    type Lease = (String, u64);
+
+    /// The key already holds the store, as its `store:` prefix.
+    async fn acquire(&mut self, _store: &'static str, key: String) -> Option<(String, u64)> {
         match self
-            .evalsha(&shas.acquire, key, &[me])
+            .resp
+            .evalsha(&self.shas.acquire, key.as_bytes(), &[self.me.as_bytes()])
             .await
             .expect("redis acquire")
         {
             Ok(Reply::Array(Some(items))) => match items.first() {
-                Some(Reply::Int(epoch)) => Some(u64::try_from(*epoch).expect("epoch")),
+                Some(Reply::Int(epoch)) => Some((key, u64::try_from(*epoch).expect("epoch"))),
                 other => panic!("acquire reply: {other:?}"),
             },
             Err(err) if err.contains("TAKEN") => None,
@@ -225,10 +245,12 @@ impl Resp {
         }
     }
 
-    async fn save(&mut self, shas: &Shas, key: &[u8], me: &[u8], epoch: u64, data: &[u8]) {
+    async fn save(&mut self, (key, epoch): &(String, u64), data: &[u8]) {
         let epoch = epoch.to_string();
+        let args = [self.me.as_bytes(), epoch.as_bytes(), data];
         match self
-            .evalsha(&shas.save, key, &[me, epoch.as_bytes(), data])
+            .resp
+            .evalsha(&self.shas.save, key.as_bytes(), &args)
             .await
             .expect("redis save")
         {
@@ -237,10 +259,12 @@ impl Resp {
         }
     }
 
-    async fn release(&mut self, shas: &Shas, key: &[u8], me: &[u8], epoch: u64) {
+    async fn release(&mut self, (key, epoch): (String, u64)) {
         let epoch = epoch.to_string();
+        let args = [self.me.as_bytes(), epoch.as_bytes()];
         match self
-            .evalsha(&shas.release, key, &[me, epoch.as_bytes()])
+            .resp
+            .evalsha(&self.shas.release, key.as_bytes(), &args)
             .await
             .expect("redis release")
         {
@@ -303,97 +327,4 @@ fn read_reply<'a>(
             }
         })
     })
-}
-
-async fn sessions(socket: &Path, shas: &Shas, params: Params) -> Outcome {
-    let start = Instant::now() + Duration::from_millis(200);
-    let end = start + params.run_for;
-    let mut tasks = Vec::new();
-    for id in 0..params.sessions {
-        let mut conn = Resp::connect(socket).await.expect("connect redis");
-        let shas = shas.clone();
-        tasks.push(tokio::spawn(async move {
-            let me = format!("sessions-{id}");
-            let mut rng = Rng::new(id as u64 + 1);
-            let data = profile_data(&mut rng);
-            let mut samples = SessionSamples::default();
-            tokio::time::sleep_until(start.into()).await;
-            while Instant::now() < end {
-                let began = Instant::now();
-                let (key, epoch) = loop {
-                    let key = format!("{SESSION_STORE}:p{}", rng.below(params.profiles));
-                    let sent = Instant::now();
-                    match conn.acquire(&shas, key.as_bytes(), me.as_bytes()).await {
-                        Some(epoch) => {
-                            samples.load.push(sent.elapsed());
-                            break (key, epoch);
-                        }
-                        None => samples.taken += 1,
-                    }
-                };
-                for _ in 0..SAVES_PER_SESSION {
-                    let sent = Instant::now();
-                    conn.save(&shas, key.as_bytes(), me.as_bytes(), epoch, &data)
-                        .await;
-                    samples.save.push(sent.elapsed());
-                }
-                let sent = Instant::now();
-                conn.release(&shas, key.as_bytes(), me.as_bytes(), epoch)
-                    .await;
-                samples.release.push(sent.elapsed());
-                samples.session.push(began.elapsed());
-            }
-            samples
-        }));
-    }
-    let mut all = SessionSamples::default();
-    for task in tasks {
-        all.merge(task.await.expect("session task"));
-    }
-    all.outcome(start.elapsed())
-}
-
-async fn saves_workload(socket: &Path, shas: &Shas, params: Params, sessions: usize) -> Outcome {
-    let start = Instant::now() + Duration::from_millis(500);
-    let end = start + params.run_for;
-    let mut tasks = Vec::new();
-    for id in 0..sessions {
-        let mut conn = Resp::connect(socket).await.expect("connect redis");
-        let me = format!("saves{sessions}-{id}");
-        let mut leases = Vec::with_capacity(params.leases);
-        for lease in 0..params.leases {
-            let key = format!("{SAVE_STORE}:w{sessions}-s{id}-l{lease}");
-            let epoch = conn
-                .acquire(shas, key.as_bytes(), me.as_bytes())
-                .await
-                .expect("fresh key is free");
-            leases.push((key, epoch));
-        }
-        let shas = shas.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut rng = Rng::new(1000 + id as u64);
-            let data = profile_data(&mut rng);
-            let mut samples = Vec::new();
-            tokio::time::sleep_until(start.into()).await;
-            let mut next = 0;
-            while Instant::now() < end {
-                let (key, epoch) = &leases[next];
-                let sent = Instant::now();
-                conn.save(&shas, key.as_bytes(), me.as_bytes(), *epoch, &data)
-                    .await;
-                samples.push(sent.elapsed());
-                next = (next + 1) % leases.len();
-            }
-            for (key, epoch) in &leases {
-                conn.release(&shas, key.as_bytes(), me.as_bytes(), *epoch)
-                    .await;
-            }
-            samples
-        }));
-    }
-    let mut samples = Vec::new();
-    for task in tasks {
-        samples.extend(task.await.expect("save task"));
-    }
-    Outcome::saves(samples, end - start)
 }

@@ -1,7 +1,11 @@
 //! What every system's workloads share: parameters, the data, the random
-//! keys, and the figures they report.
+//! keys, the figures they report, and the sessions and saves loops
+//! themselves, written once over [`Leases`] so that every system runs the
+//! very same sequence of operations and is timed at the very same points.
 
-use std::time::Duration;
+use std::fmt;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 /// The size of each profile's data.
 pub const DATA_SIZE: usize = 2048;
@@ -40,6 +44,51 @@ impl Durability {
             Self::Fsync => "fsync",
             Self::Buffered => "buffered",
         }
+    }
+}
+
+/// One session's connection to a system, as the workloads drive it: the
+/// loops own the order of operations and the clocks, and a system says only
+/// how its connection takes, writes and frees a lease.
+///
+/// The methods return `Send` futures so that the generic loops can run each
+/// session on its own task. Any answer other than a grant, or a refusal
+/// because another owner holds the profile, panics inside the
+/// implementation: it means the bench itself is broken, and a figure
+/// measured past it would hide that.
+pub trait Leases: Sized + Send + 'static {
+    /// What a granted lease leaves the session holding: enough to save to
+    /// the profile and release it under the granted epoch.
+    type Lease: Send + Sync;
+
+    /// The key of the profile named `name` in `store`, as this system
+    /// addresses it. The loops build it before the clock starts, so that
+    /// naming a profile is not measured as part of a load, and the name
+    /// comes as format arguments so that building it allocates once. The
+    /// default, `store:name`, suits a system with a single key space.
+    fn key(store: &'static str, name: fmt::Arguments<'_>) -> String {
+        format!("{store}:{name}")
+    }
+
+    /// Takes the lease on `key` (made by [`Self::key`]) in `store` if the
+    /// profile is free, or returns `None` if another owner holds it.
+    fn acquire(
+        &mut self,
+        store: &'static str,
+        key: String,
+    ) -> impl Future<Output = Option<Self::Lease>> + Send;
+
+    /// Writes `data` to the leased profile under the lease's epoch.
+    fn save(&mut self, lease: &Self::Lease, data: &[u8]) -> impl Future<Output = ()> + Send;
+
+    /// Frees the leased profile without writing data.
+    fn release(&mut self, lease: Self::Lease) -> impl Future<Output = ()> + Send;
+
+    /// Ends the connection once the session is done. The default does
+    /// nothing, for a system whose connection needs no goodbye beyond
+    /// being dropped.
+    fn close(self) -> impl Future<Output = ()> + Send {
+        async {}
     }
 }
 
@@ -133,6 +182,26 @@ impl SessionSamples {
     }
 }
 
+/// Runs the sessions workload and then the saves workloads (one per entry
+/// of `saves`, the number of sessions) on `system`, which is already
+/// running. `connect` opens one session's connection under the given
+/// session name, which the system may use as the lease owner.
+pub async fn run<C: Leases>(
+    system: &str,
+    durability: Durability,
+    params: Params,
+    saves: &[usize],
+    connect: impl AsyncFn(String) -> C,
+) -> Vec<Outcome> {
+    eprintln!("{system} {} sessions ...", durability.name());
+    let mut outcomes = vec![sessions(params, &connect).await];
+    for &w in saves {
+        eprintln!("{system} {} saves W={w} ...", durability.name());
+        outcomes.push(saves_workload(params, w, &connect).await);
+    }
+    outcomes
+}
+
 /// 2 KiB, the first half random bytes, the second zeros: about half
 /// compressible.
 pub fn profile_data(rng: &mut Rng) -> Vec<u8> {
@@ -163,4 +232,102 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
+}
+
+/// W sessions each loop until the end: load a random free profile (picking
+/// another on a refusal, which is counted), save it [`SAVES_PER_SESSION`]
+/// times, release it. Every session connects before the common start, so
+/// connecting is not measured.
+async fn sessions<C: Leases>(params: Params, connect: &impl AsyncFn(String) -> C) -> Outcome {
+    let start = Instant::now() + Duration::from_millis(200);
+    let end = start + params.run_for;
+    let mut tasks = Vec::new();
+    for id in 0..params.sessions {
+        let mut conn = connect(format!("sessions-{id}")).await;
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(id as u64 + 1);
+            let data = profile_data(&mut rng);
+            let mut samples = SessionSamples::default();
+            tokio::time::sleep_until(start.into()).await;
+            while Instant::now() < end {
+                let began = Instant::now();
+                let lease = loop {
+                    let key = C::key(
+                        SESSION_STORE,
+                        format_args!("p{}", rng.below(params.profiles)),
+                    );
+                    let sent = Instant::now();
+                    match conn.acquire(SESSION_STORE, key).await {
+                        Some(lease) => {
+                            samples.load.push(sent.elapsed());
+                            break lease;
+                        }
+                        None => samples.taken += 1,
+                    }
+                };
+                for _ in 0..SAVES_PER_SESSION {
+                    let sent = Instant::now();
+                    conn.save(&lease, &data).await;
+                    samples.save.push(sent.elapsed());
+                }
+                let sent = Instant::now();
+                conn.release(lease).await;
+                samples.release.push(sent.elapsed());
+                samples.session.push(began.elapsed());
+            }
+            conn.close().await;
+            samples
+        }));
+    }
+    let mut all = SessionSamples::default();
+    for task in tasks {
+        all.merge(task.await.expect("session task"));
+    }
+    all.outcome(start.elapsed())
+}
+
+/// `sessions` sessions each take L fresh profiles before the common start
+/// and then save them round-robin until the end, so only saves are
+/// measured; they release them afterwards.
+async fn saves_workload<C: Leases>(
+    params: Params,
+    sessions: usize,
+    connect: &impl AsyncFn(String) -> C,
+) -> Outcome {
+    let start = Instant::now() + Duration::from_millis(500);
+    let end = start + params.run_for;
+    let mut tasks = Vec::new();
+    for id in 0..sessions {
+        let mut conn = connect(format!("saves{sessions}-{id}")).await;
+        let mut leases = Vec::with_capacity(params.leases);
+        for index in 0..params.leases {
+            let key = C::key(SAVE_STORE, format_args!("w{sessions}-s{id}-l{index}"));
+            let granted = conn.acquire(SAVE_STORE, key).await;
+            leases.push(granted.expect("fresh key is free"));
+        }
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(1000 + id as u64);
+            let data = profile_data(&mut rng);
+            let mut samples = Vec::new();
+            tokio::time::sleep_until(start.into()).await;
+            let mut next = 0;
+            while Instant::now() < end {
+                let lease = &leases[next];
+                let sent = Instant::now();
+                conn.save(lease, &data).await;
+                samples.push(sent.elapsed());
+                next = (next + 1) % leases.len();
+            }
+            for lease in leases {
+                conn.release(lease).await;
+            }
+            conn.close().await;
+            samples
+        }));
+    }
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.extend(task.await.expect("save task"));
+    }
+    Outcome::saves(samples, end - start)
 }
