@@ -26,6 +26,10 @@
 //!   - *saves*: each session holds `PROFILED_BENCH_LEASES` (L, default
 //!     100) leases and saves them round-robin, at W = 1 and at W = 32.
 //!
+//!   `PROFILED_BENCH_PEERS` (comma-separated, default `redis,postgres`;
+//!   empty for none) picks the peers, for comparing two builds of profiled
+//!   alone.
+//!
 //!   The peers are Redis (a hash per profile, a Lua script per operation,
 //!   AOF with `appendfsync always` or `everysec`) and PostgreSQL (a row
 //!   per profile, a prepared statement per operation over a hand-written
@@ -145,12 +149,14 @@ async fn compare(params: Params, report: &mut Report) {
         params.profiles,
         params.leases,
     );
-    let redis = redis::available();
-    if !redis {
+    let peers = std::env::var("PROFILED_BENCH_PEERS").unwrap_or_else(|_| "redis,postgres".into());
+    let wanted = |peer: &str| peers.split(',').any(|p| p.trim() == peer);
+    let redis = wanted("redis") && redis::available();
+    if wanted("redis") && !redis {
         println!("note: redis-server not found on PATH; Redis is skipped");
     }
-    let postgres = postgres::available();
-    if !postgres {
+    let postgres = wanted("postgres") && postgres::available();
+    if wanted("postgres") && !postgres {
         println!("note: initdb or postgres not found on PATH; PostgreSQL is skipped");
     }
     let saves = [1, params.sessions];
