@@ -599,7 +599,7 @@ impl Client {
                 shared: &inner.shared,
                 id,
             };
-            let sent = conn.frames.send(bytes).await;
+            let sent = conn.outbox.send(&bytes).await;
             unsent.queued();
             if sent.is_err() {
                 // The writer stopped, so the frame was never sent and may go

@@ -1,8 +1,9 @@
 //! The background tasks that own one socket, and the routing tables they
 //! share with the callers across reconnects.
 //!
-//! One writer task drains a queue of encoded frames into the socket's write
-//! half. One reader task decodes frames from the read half and routes each
+//! Callers write encoded frames through the connection's
+//! [`Outbox`], whose writer task drains what the socket does not take at
+//! once. One reader task decodes frames from the read half and routes each
 //! [`Response`] to the call waiting for its id and each [`Event`] to the
 //! [`Profile`](crate::Profile) holding that lease. Both tasks stop when the
 //! connection's [`CancellationToken`] is cancelled, and each cancels it when
@@ -17,8 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use profiled_protocol::{
     ClientFrame, Error, ErrorCode, Event, FrameCodec, HeldLease, Reply, Request, RequestBody,
     Response, ServerFrame, Welcome,
@@ -28,13 +28,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{BytesCodec, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::outbox::Outbox;
 use crate::{ClientError, ProfileEvent};
 
 /// The read half of a connection, decoding what the daemon sends.
 pub(crate) type FrameReader = FramedRead<OwnedReadHalf, FrameCodec<ServerFrame, ClientFrame>>;
 
-/// The write half of a connection. Frames are encoded by the callers, so the
-/// writer only copies bytes.
+/// The write half of a connection during the handshake; afterwards it goes
+/// to the connection's [`Outbox`].
 pub(crate) type FrameWriter = FramedWrite<OwnedWriteHalf, BytesCodec>;
 
 /// What the reader tasks, the reconnect supervisor and the callers share:
@@ -73,9 +74,9 @@ pub(crate) struct Conn {
     /// Which connection this is, counted from 1. A request registers under
     /// it, so one registered as a connection ends cannot be left waiting.
     pub(crate) generation: u64,
-    /// Encoded frames for this connection's writer task, which holds the
-    /// receiver.
-    pub(crate) frames: mpsc::Sender<Bytes>,
+    /// Where encoded frames for this connection go; its writer task drains
+    /// what the socket does not take at once.
+    pub(crate) outbox: Arc<Outbox>,
     /// The largest payload a request may encode to: the smaller of the
     /// client's and this daemon's limit.
     pub(crate) max_frame: u32,
@@ -407,7 +408,7 @@ impl Shared {
                 effect: Effect::None,
             },
         );
-        if conn.frames.try_send(Bytes::from(bytes)).is_err() {
+        if !matches!(conn.outbox.try_send(&bytes), Ok(true)) {
             state.pending.remove(&id);
             tracing::warn!(
                 store,
@@ -569,50 +570,6 @@ pub(crate) async fn read_frames(
     refusal
 }
 
-/// Writes queued frames until the queue's senders are gone, the socket
-/// fails, or the connection is cancelled. Dropping the write half on return
-/// shuts the socket down for writing, which the daemon reads as EOF.
-pub(crate) async fn write_frames(
-    mut writer: FrameWriter,
-    mut frames: mpsc::Receiver<Bytes>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let written = tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            written = write_batch(&mut writer, &mut frames) => written,
-        };
-        match written {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(err) => {
-                tracing::warn!(%err, "closing the connection after a write failure");
-                break;
-            }
-        }
-    }
-    cancel.cancel();
-}
-
-/// Waits for a frame, then writes it and every other frame already queued
-/// with one flush, so concurrent callers share system calls. Returns
-/// `false` when the queue is closed.
-async fn write_batch(
-    writer: &mut FrameWriter,
-    frames: &mut mpsc::Receiver<Bytes>,
-) -> std::io::Result<bool> {
-    let Some(first) = frames.recv().await else {
-        return Ok(false);
-    };
-    writer.feed(first).await?;
-    while let Ok(frame) = frames.try_recv() {
-        writer.feed(frame).await?;
-    }
-    SinkExt::<Bytes>::flush(writer).await?;
-    Ok(true)
-}
-
 #[cfg(test)]
 mod tests {
     use profiled_protocol::{Loaded, LossReason, ProfileMeta, SessionId};
@@ -643,10 +600,9 @@ mod tests {
 
     /// A connection of `generation` whose writer is not running.
     fn conn(generation: u64) -> Conn {
-        let (frames, _) = mpsc::channel(1);
         Conn {
             generation,
-            frames,
+            outbox: Arc::new(Outbox::closed()),
             max_frame: profiled_protocol::DEFAULT_MAX_FRAME,
         }
     }

@@ -58,6 +58,7 @@ mod client;
 mod connection;
 mod error;
 mod operations;
+mod outbox;
 mod profile;
 mod reconnect;
 pub mod typed;

@@ -24,18 +24,19 @@ use profiled_protocol::{
     encode_frame_into,
 };
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::codec::{BytesCodec, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{self, Conn, Ended, FrameReader, FrameWriter, Shared};
+use crate::outbox::Outbox;
 use crate::{ClientError, ConnectOptions};
 
-/// How many encoded frames may wait for the writer task. Callers wait for
-/// room beyond this, which bounds the memory queued behind a slow socket.
-const WRITE_QUEUE: usize = 256;
+/// How many bytes of encoded frames may wait for the socket. Callers wait
+/// for room beyond this, which bounds the memory queued behind a slow
+/// socket.
+const WRITE_BUFFER: usize = 1 << 20;
 
 /// The pause before the second reconnect attempt; the first is immediate.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
@@ -71,7 +72,7 @@ pub(crate) struct Running {
     /// Runs [`connection::read_frames`], which returns the refusal that
     /// ended the connection, if any.
     reader: JoinHandle<Option<profiled_protocol::Error>>,
-    /// Runs [`connection::write_frames`].
+    /// Runs [`Outbox::write_until_closed`].
     writer: JoinHandle<()>,
 }
 
@@ -191,10 +192,10 @@ impl Running {
         // A child token: closing the client stops this connection, but this
         // connection failing leaves the client to reconnect.
         let cancel = closing.child_token();
-        let (frames, queue) = mpsc::channel(WRITE_QUEUE);
+        let outbox = Arc::new(Outbox::new(writer.into_inner(), WRITE_BUFFER));
         let conn = Conn {
             generation,
-            frames,
+            outbox: Arc::clone(&outbox),
             max_frame: max_frame.min(welcome.max_frame),
         };
         // The routes are settled before the reader can deliver events from
@@ -207,7 +208,7 @@ impl Running {
                 generation,
                 cancel.clone(),
             )),
-            writer: tokio::spawn(connection::write_frames(writer, queue, cancel)),
+            writer: tokio::spawn(async move { outbox.write_until_closed(cancel).await }),
         }
     }
 
