@@ -787,11 +787,22 @@ impl LeaseTable {
     /// Releases every held lease, keeping the last saved data. Returns how
     /// many releases were started.
     pub fn release_all(&mut self) -> usize {
+        let first = self.effects.len();
         let sessions: Vec<SessionId> = self.sessions.keys().cloned().collect();
-        sessions
+        let started = sessions
             .iter()
             .map(|session| self.release_session(session))
-            .sum()
+            .sum();
+        // In key order, storage finds each next record near the last one,
+        // which makes a shutdown with many leases markedly faster than the
+        // hash order the sessions hold them in.
+        if let Some(releases) = self.effects.get_mut(first..) {
+            releases.sort_by(|a, b| match (a, b) {
+                (Effect::Release { key: a, .. }, Effect::Release { key: b, .. }) => a.cmp(b),
+                _ => std::cmp::Ordering::Equal,
+            });
+        }
+        started
     }
 
     /// Whether no lease is held, granted or being released.
@@ -1556,6 +1567,33 @@ mod tests {
         assert!(!table.is_idle());
         table.release_done(&key(), now);
         assert!(table.is_idle());
+    }
+
+    #[test]
+    fn release_all_releases_every_lease_once_in_key_order() {
+        let now = Instant::now();
+        let mut table = table(3);
+        let leases: Vec<(ProfileKey, SessionId, u64)> = (0..200u64)
+            .map(|n| {
+                let key =
+                    ProfileKey::new(format!("store{}", n % 3), format!("k{}", n * 7919 % 200));
+                (key, session(&format!("s{}", n % 4 + 1)), n + 1)
+            })
+            .collect();
+        table.recover(leases.clone(), now);
+        table.take_effects();
+        assert_eq!(table.release_all(), leases.len());
+        let released: Vec<ProfileKey> = table
+            .take_effects()
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::Release { key, .. } => Some(key),
+                _ => None,
+            })
+            .collect();
+        let mut expected: Vec<ProfileKey> = leases.into_iter().map(|(key, _, _)| key).collect();
+        expected.sort();
+        assert_eq!(released, expected);
     }
 
     /// Random walks over loads, releases, disconnects, reconnects, storage
