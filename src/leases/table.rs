@@ -235,8 +235,9 @@ struct KeyState {
 enum Holder {
     #[default]
     Free,
-    /// A grant is being written.
-    Granting(Granting),
+    /// A grant is being written. Boxed because it is the largest state and
+    /// the briefest: unboxed, every held profile's entry would be its size.
+    Granting(Box<Granting>),
     Held(Held),
     /// The daemon is writing the release of a lease whose holder left.
     Releasing {
@@ -520,7 +521,7 @@ impl LeaseTable {
         };
         let Granting {
             waiter, previous, ..
-        } = granting;
+        } = *granting;
         match result {
             Ok(granted) => {
                 let epoch = granted.lease.epoch;
@@ -908,11 +909,11 @@ impl LeaseTable {
             owner: waiter.session.clone(),
         });
         state.force_deadline = None;
-        state.holder = Holder::Granting(Granting {
+        state.holder = Holder::Granting(Box::new(Granting {
             ticket,
             waiter,
             previous,
-        });
+        }));
     }
 
     fn expire_waiter(&mut self, key: &ProfileKey, waiter_id: u64, now: Instant) {
