@@ -484,6 +484,16 @@ mod tests {
         }
     }
 
+    /// Grants `key` to session `job` and returns the lease's epoch.
+    async fn grant_epoch(storage: &Storage, key: &ProfileKey, job: &str) -> u64 {
+        storage
+            .grant(key.clone(), session(job))
+            .await
+            .expect("grant")
+            .lease
+            .epoch
+    }
+
     #[tokio::test]
     async fn a_save_needs_the_current_session_and_epoch() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -756,12 +766,7 @@ mod tests {
             .send_message(key.clone(), b"m".to_vec(), 10)
             .await
             .expect("send");
-        let epoch = storage
-            .grant(key.clone(), session("a"))
-            .await
-            .expect("grant")
-            .lease
-            .epoch;
+        let epoch = grant_epoch(&storage, &key, "a").await;
         storage
             .release(
                 key,
@@ -841,12 +846,7 @@ mod tests {
         let mut keys = Vec::new();
         for n in 0..64 {
             let key = ProfileKey::new("s", format!("many{n}"));
-            let epoch = storage
-                .grant(key.clone(), session("a"))
-                .await
-                .expect("grant")
-                .lease
-                .epoch;
+            let epoch = grant_epoch(&storage, &key, "a").await;
             keys.push((key, epoch));
         }
         let before = storage.wal_syncs();
