@@ -1,5 +1,6 @@
 //! What the benchmarks share: the daemon binary as a child process, its
-//! resident memory, and settings from the environment.
+//! resident memory and a process tree's CPU time, and settings from the
+//! environment.
 
 #![allow(dead_code)]
 
@@ -110,6 +111,99 @@ pub fn rss_kib(pid: u32) -> u64 {
             })
         })
         .unwrap_or(0)
+}
+
+/// A server's process tree, whose CPU time can be read from procfs: the
+/// main process (all its threads) with the children it has reaped, plus its
+/// live children. PostgreSQL's backends and helpers are children of the
+/// postmaster, and once one exits and is reaped its time moves into the
+/// postmaster's `cutime` and `cstime`, so the sum is continuous.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessTree {
+    pid: u32,
+    /// Clock ticks per second, the unit of procfs CPU times.
+    ticks: u32,
+}
+
+impl ProcessTree {
+    /// The tree under `pid`. Asks `getconf CLK_TCK` for the tick rate now
+    /// (falling back to 100), so that reading the time later spawns nothing.
+    pub fn new(pid: u32) -> Self {
+        let ticks = Command::new("getconf")
+            .arg("CLK_TCK")
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok()?.trim().parse().ok())
+            .filter(|&ticks| ticks > 0)
+            .unwrap_or(100);
+        Self { pid, ticks }
+    }
+
+    /// The tree's CPU time so far: `utime + stime + cutime + cstime` of the
+    /// main process and `utime + stime` of every live process whose parent
+    /// it is. `None` if the main process's stat or `/proc` itself is
+    /// unreadable; a child that exits while `/proc` is scanned is skipped.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let own = proc_stat(self.pid)?;
+        let mut ticks = own.utime + own.stime + own.cutime + own.cstime;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            if pid == self.pid {
+                continue;
+            }
+            if let Some(child) = proc_stat(pid).filter(|stat| stat.ppid == self.pid) {
+                ticks += child.utime + child.stime;
+            }
+        }
+        Some(self.duration(ticks))
+    }
+
+    /// The CPU time of the main process alone (all its threads), without
+    /// its children: for the bench process itself, whose children are the
+    /// servers it measures.
+    pub fn main_cpu_time(&self) -> Option<Duration> {
+        let own = proc_stat(self.pid)?;
+        Some(self.duration(own.utime + own.stime))
+    }
+
+    fn duration(&self, ticks: u64) -> Duration {
+        let ticks_per_sec = u64::from(self.ticks);
+        Duration::from_secs(ticks / ticks_per_sec)
+            + Duration::from_secs(ticks % ticks_per_sec) / self.ticks
+    }
+}
+
+/// The fields of `/proc/<pid>/stat` that [`ProcessTree`] reads, CPU times
+/// in clock ticks.
+struct ProcStat {
+    ppid: u32,
+    utime: u64,
+    stime: u64,
+    cutime: u64,
+    cstime: u64,
+}
+
+/// Reads `/proc/<pid>/stat`; `None` if it is unreadable or malformed. The
+/// fields are taken after the last `)`, since the command name before it
+/// may hold spaces and parentheses.
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 3 (the state) is the first after the name, so field n is at n - 3.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some(ProcStat {
+        ppid: u32::try_from(field(4)?).ok()?,
+        utime: field(14)?,
+        stime: field(15)?,
+        cutime: field(16)?,
+        cstime: field(17)?,
+    })
 }
 
 /// A setting from the environment, or `default` if unset or unparsable.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use profiled_client::{Client, ErrorCode, LoadPolicy, Profile, SessionId};
 
-use crate::common::ChildDaemon;
+use crate::common::{ChildDaemon, ProcessTree};
 use crate::workload::{self, Durability, Leases, Outcome, Params};
 
 /// Starts the daemon at `durability` and waits until it answers.
@@ -31,9 +31,15 @@ pub async fn start(durability: Durability) -> ChildDaemon {
 /// of `saves`, the number of sessions) on a fresh daemon.
 pub async fn run(durability: Durability, params: Params, saves: &[usize]) -> Vec<Outcome> {
     let mut daemon = start(durability).await;
-    let outcomes = workload::run("profiled", durability, params, saves, async |name| {
-        connect(&daemon.socket, name).await.expect("connect")
-    })
+    let tree = ProcessTree::new(daemon.pid());
+    let outcomes = workload::run(
+        "profiled",
+        durability,
+        params,
+        saves,
+        || tree.cpu_time(),
+        async |name| connect(&daemon.socket, name).await.expect("connect"),
+    )
     .await;
     let (status, _) = daemon.terminate();
     assert!(status.success(), "profiled exited with {status}");

@@ -26,6 +26,26 @@
 //!   - *saves*: each session holds `PROFILED_BENCH_LEASES` (L, default
 //!     100) leases and saves them round-robin, at W = 1 and at W = 32.
 //!
+//!   After each workload's table, `server CPU per op` gives each system's
+//!   server CPU time (user and system, from `/proc/<pid>/stat`) over the
+//!   measured window divided by the operations completed in it, in µs: a
+//!   figure that a noisy machine sways far less than throughput. The
+//!   server is the whole process tree: profiled's and Redis's one process
+//!   with all its threads and any child it forks, and PostgreSQL's
+//!   postmaster with every backend and helper (WAL writer, checkpointer).
+//!   The window runs from the common start until every session's last
+//!   measured operation is acknowledged, before leases are released and
+//!   connections closed. Operations are every granted load, save and
+//!   release (refused loads are not counted, but the server's work on them
+//!   is); the ratio is profiled's over the peer's, so below 1 is better for
+//!   profiled. JSON: `compare.<durability>.<workload>.cpu_us_per_op.<system>`.
+//!   `client CPU per op` is the same for the bench process itself (its own
+//!   threads, not the servers it spawned): the client library or wire code
+//!   that drives each system, which shares the cores with the server
+//!   (`...client_cpu_us_per_op.<system>`). The figures are left out where procfs cannot be read. CPU times come in
+//!   clock ticks (`getconf CLK_TCK`, usually 10 ms), so a short run makes
+//!   it coarse.
+//!
 //!   `PROFILED_BENCH_PEERS` (comma-separated, default `redis,postgres`;
 //!   empty for none) picks the peers, for comparing two builds of profiled
 //!   alone.

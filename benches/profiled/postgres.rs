@@ -24,6 +24,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+use crate::common::ProcessTree;
 use crate::workload::{self, Durability, Leases, Outcome, Params};
 
 /// Whether `initdb` and `postgres` can be run.
@@ -43,9 +44,17 @@ pub fn available() -> bool {
 pub async fn run(durability: Durability, params: Params, saves: &[usize]) -> Vec<Outcome> {
     let server = PgServer::start(durability).await;
     server.create_schema().await;
-    workload::run("postgres", durability, params, saves, async |name| {
-        Session::connect(&server.socket, name).await
-    })
+    // The postmaster: every backend, and the WAL writer, checkpointer and
+    // other helpers, are its children.
+    let tree = ProcessTree::new(server.child.id());
+    workload::run(
+        "postgres",
+        durability,
+        params,
+        saves,
+        || tree.cpu_time(),
+        async |name| Session::connect(&server.socket, name).await,
+    )
     .await
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+use crate::common::ProcessTree;
 use crate::workload::{self, Durability, Leases, Outcome, Params};
 
 /// Whether `redis-server` can be run.
@@ -31,9 +32,15 @@ pub fn available() -> bool {
 pub async fn run(durability: Durability, params: Params, saves: &[usize]) -> Vec<Outcome> {
     let server = RedisServer::start(durability).await;
     let shas = server.load_scripts().await;
-    workload::run("redis", durability, params, saves, async |name| {
-        Session::connect(&server.socket, &shas, name).await
-    })
+    let tree = ProcessTree::new(server.child.id());
+    workload::run(
+        "redis",
+        durability,
+        params,
+        saves,
+        || tree.cpu_time(),
+        async |name| Session::connect(&server.socket, &shas, name).await,
+    )
     .await
 }
 

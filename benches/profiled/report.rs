@@ -45,7 +45,8 @@ impl Report {
 
     /// Prints one workload's table across systems (the first is profiled,
     /// and ratios are profiled over each other system) and records its
-    /// figures as `compare.<sync>.<workload>.<op>.<system>.<stat>`.
+    /// figures as `compare.<sync>.<workload>.<op>.<system>.<stat>`; then
+    /// the line of server CPU per operation (see [`Self::cpu_per_op`]).
     pub fn comparison(
         &mut self,
         workload: &str,
@@ -110,6 +111,54 @@ impl Report {
         if !taken.is_empty() {
             println!("loads refused as taken: {}", taken.join(", "));
         }
+        let base = format!("compare.{}.{slug}", durability.name());
+        self.cpu_per_op(&base, "server", outcomes, Outcome::cpu_us_per_op);
+        self.cpu_per_op(&base, "client", outcomes, Outcome::client_cpu_us_per_op);
+    }
+
+    /// Prints the `side`'s (server or client) CPU time per operation of
+    /// each system whose figure was read, with the ratio profiled over that
+    /// peer (so, unlike the throughput ratios, lower is better for
+    /// profiled), and records each as `<base>.cpu_us_per_op.<system>` for
+    /// the server and `<base>.client_cpu_us_per_op.<system>` for the
+    /// client. Prints nothing if no system's figure was read.
+    fn cpu_per_op(
+        &mut self,
+        base: &str,
+        side: &str,
+        outcomes: &[(&'static str, &Outcome)],
+        per_op: fn(&Outcome) -> Option<f64>,
+    ) {
+        let figures: Vec<(&str, f64)> = outcomes
+            .iter()
+            .filter_map(|(system, o)| Some((*system, per_op(o)?)))
+            .collect();
+        if figures.is_empty() {
+            return;
+        }
+        let profiled = figures
+            .iter()
+            .find(|(system, _)| *system == "profiled")
+            .map(|&(_, us)| us);
+        let mut parts = Vec::new();
+        for &(system, us) in &figures {
+            let mut part = format!("{system} {us:.1} us");
+            if system != "profiled"
+                && let Some(profiled) = profiled
+            {
+                part.push_str(&format!(" ({:.2}x)", profiled / us.max(1e-9)));
+            }
+            parts.push(part);
+            let name = match side {
+                "server" => format!("{base}.cpu_us_per_op.{system}"),
+                _ => format!("{base}.{side}_cpu_us_per_op.{system}"),
+            };
+            self.figure(&name, us, "us");
+        }
+        println!(
+            "{side} CPU per op: {} (ratio profiled / peer, lower is better)",
+            parts.join(", ")
+        );
     }
 
     /// Prints every target with its measured value, then the JSON lines.

@@ -1,11 +1,16 @@
 //! What every system's workloads share: parameters, the data, the random
 //! keys, the figures they report, and the sessions and saves loops
 //! themselves, written once over [`Leases`] so that every system runs the
-//! very same sequence of operations and is timed at the very same points.
+//! very same sequence of operations and is timed at the very same points,
+//! its server's CPU time included.
 
 use std::fmt;
 use std::future::Future;
 use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::common::ProcessTree;
 
 /// The size of each profile's data.
 pub const DATA_SIZE: usize = 2048;
@@ -130,6 +135,17 @@ pub struct Outcome {
     pub rows: Vec<(&'static str, Stat)>,
     /// Loads refused because another session held the profile.
     pub taken: usize,
+    /// The server's CPU time over the measured window (see [`run`]), if it
+    /// could be read.
+    pub server_cpu: Option<Duration>,
+    /// The bench process's own CPU time over the same window: the clients
+    /// (the profiled client library, or the bench's RESP or PostgreSQL wire
+    /// code) share the machine's cores with the server.
+    pub client_cpu: Option<Duration>,
+    /// The operations completed in the measured window: every granted
+    /// load, save and release (refused loads are not counted, though the
+    /// server's work on them is in [`Self::server_cpu`]).
+    pub ops: usize,
 }
 
 impl Outcome {
@@ -141,13 +157,42 @@ impl Outcome {
             .map(|(_, stat)| stat)
     }
 
+    /// The server's CPU time per completed operation, in microseconds.
+    pub fn cpu_us_per_op(&self) -> Option<f64> {
+        self.per_op(self.server_cpu)
+    }
+
+    /// The clients' CPU time per completed operation, in microseconds.
+    pub fn client_cpu_us_per_op(&self) -> Option<f64> {
+        self.per_op(self.client_cpu)
+    }
+
+    fn per_op(&self, cpu: Option<Duration>) -> Option<f64> {
+        // No CPU at all means a window shorter than a clock tick, which
+        // measures nothing.
+        let cpu = cpu.filter(|cpu| !cpu.is_zero())?;
+        (self.ops > 0).then(|| cpu.as_secs_f64() * 1e6 / self.ops as f64)
+    }
+
     /// The saves workload's single row.
-    pub fn saves(samples: Vec<Duration>, elapsed: Duration) -> Self {
+    pub fn saves(samples: Vec<Duration>, elapsed: Duration, cpu: Cpu) -> Self {
         Self {
+            ops: samples.len(),
             rows: vec![("save", Stat::new(samples, elapsed))],
             taken: 0,
+            server_cpu: cpu.server,
+            client_cpu: cpu.client,
         }
     }
+}
+
+/// CPU time over one measured window.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu {
+    /// The server's.
+    pub server: Option<Duration>,
+    /// The bench process's own.
+    pub client: Option<Duration>,
 }
 
 /// Latency samples from the sessions workload.
@@ -169,8 +214,11 @@ impl SessionSamples {
         self.taken += other.taken;
     }
 
-    pub fn outcome(self, elapsed: Duration) -> Outcome {
+    pub fn outcome(self, elapsed: Duration, cpu: Cpu) -> Outcome {
         Outcome {
+            ops: self.load.len() + self.save.len() + self.release.len(),
+            server_cpu: cpu.server,
+            client_cpu: cpu.client,
             rows: vec![
                 ("session", Stat::new(self.session, elapsed)),
                 ("load", Stat::new(self.load, elapsed)),
@@ -186,20 +234,109 @@ impl SessionSamples {
 /// of `saves`, the number of sessions) on `system`, which is already
 /// running. `connect` opens one session's connection under the given
 /// session name, which the system may use as the lease owner.
+///
+/// `server_cpu` reads the server's CPU time so far (all its processes and
+/// threads), or `None` if it cannot; each workload records the difference
+/// over its measured window in [`Outcome::server_cpu`]. The window opens
+/// at the common start (every session connected and, for saves, holding
+/// its leases) and closes once every session has had its last measured
+/// operation acknowledged, before any session releases its leases or
+/// closes its connection. So it holds the measured operations (and, in
+/// sessions, the refused loads) with the server's background work meanwhile
+/// (such as a flush thread or PostgreSQL's WAL writer), and no connecting,
+/// setup or teardown.
 pub async fn run<C: Leases>(
     system: &str,
     durability: Durability,
     params: Params,
     saves: &[usize],
+    server_cpu: impl Fn() -> Option<Duration>,
     connect: impl AsyncFn(String) -> C,
 ) -> Vec<Outcome> {
     eprintln!("{system} {} sessions ...", durability.name());
-    let mut outcomes = vec![sessions(params, &connect).await];
+    let mut outcomes = vec![sessions(params, &server_cpu, &connect).await];
     for &w in saves {
         eprintln!("{system} {} saves W={w} ...", durability.name());
-        outcomes.push(saves_workload(params, w, &connect).await);
+        outcomes.push(saves_workload(params, w, &server_cpu, &connect).await);
     }
     outcomes
+}
+
+/// The measured window of one workload, for sampling the server's CPU time
+/// at its ends: at the common start, and once every session has passed the
+/// end of its measured operations (see [`Window::pass`]). Sessions hold the
+/// window's end back by a guard each, so a session that panics lets it
+/// close instead of hanging the run.
+struct Window {
+    start: Instant,
+    finished: mpsc::Sender<()>,
+    finished_rx: mpsc::Receiver<()>,
+    sampled: watch::Sender<bool>,
+}
+
+/// One session's hold on a [`Window`]'s end.
+struct WindowGuard {
+    _finished: mpsc::Sender<()>,
+    sampled: watch::Receiver<bool>,
+}
+
+impl Window {
+    fn new(start: Instant) -> Self {
+        let (finished, finished_rx) = mpsc::channel(1);
+        Self {
+            start,
+            finished,
+            finished_rx,
+            sampled: watch::channel(false).0,
+        }
+    }
+
+    /// A guard for one session, taken before the session is spawned.
+    fn guard(&self) -> WindowGuard {
+        WindowGuard {
+            _finished: self.finished.clone(),
+            sampled: self.sampled.subscribe(),
+        }
+    }
+
+    /// Samples `server_cpu` at the start, then again once every guard has
+    /// passed or been dropped, and lets the sessions go on: the server's
+    /// CPU time over the window, if both samples were read.
+    async fn measure(self, server_cpu: &impl Fn() -> Option<Duration>) -> Cpu {
+        let Self {
+            start,
+            finished,
+            mut finished_rx,
+            sampled,
+        } = self;
+        drop(finished);
+        // Made before the start, since it asks `getconf` for the tick rate.
+        let bench = ProcessTree::new(std::process::id());
+        tokio::time::sleep_until(start.into()).await;
+        let before = (server_cpu(), bench.main_cpu_time());
+        // Never sent to: `None` once every guard is gone.
+        while finished_rx.recv().await.is_some() {}
+        let after = (server_cpu(), bench.main_cpu_time());
+        sampled.send_replace(true);
+        Cpu {
+            server: after.0.zip(before.0).and_then(|(a, b)| a.checked_sub(b)),
+            client: after.1.zip(before.1).and_then(|(a, b)| a.checked_sub(b)),
+        }
+    }
+}
+
+impl WindowGuard {
+    /// Ends the session's measured operations and waits until the window's
+    /// end has been sampled, so the session's teardown is not in it.
+    async fn pass(self) {
+        let Self {
+            _finished: finished,
+            mut sampled,
+        } = self;
+        drop(finished);
+        // An error means the window was dropped: nothing to wait for.
+        let _ = sampled.wait_for(|&done| done).await;
+    }
 }
 
 /// 2 KiB, the first half random bytes, the second zeros: about half
@@ -238,12 +375,22 @@ impl Rng {
 /// another on a refusal, which is counted), save it [`SAVES_PER_SESSION`]
 /// times, release it. Every session connects before the common start, so
 /// connecting is not measured.
-async fn sessions<C: Leases>(params: Params, connect: &impl AsyncFn(String) -> C) -> Outcome {
-    let start = Instant::now() + Duration::from_millis(200);
-    let end = start + params.run_for;
-    let mut tasks = Vec::new();
+async fn sessions<C: Leases>(
+    params: Params,
+    server_cpu: &impl Fn() -> Option<Duration>,
+    connect: &impl AsyncFn(String) -> C,
+) -> Outcome {
+    let mut conns = Vec::with_capacity(params.sessions);
     for id in 0..params.sessions {
-        let mut conn = connect(format!("sessions-{id}")).await;
+        conns.push(connect(format!("sessions-{id}")).await);
+    }
+    // The clock starts once every session is connected.
+    let start = Instant::now() + Duration::from_millis(50);
+    let end = start + params.run_for;
+    let window = Window::new(start);
+    let mut tasks = Vec::new();
+    for (id, mut conn) in conns.into_iter().enumerate() {
+        let guard = window.guard();
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng::new(id as u64 + 1);
             let data = profile_data(&mut rng);
@@ -275,15 +422,17 @@ async fn sessions<C: Leases>(params: Params, connect: &impl AsyncFn(String) -> C
                 samples.release.push(sent.elapsed());
                 samples.session.push(began.elapsed());
             }
+            guard.pass().await;
             conn.close().await;
             samples
         }));
     }
+    let cpu = window.measure(server_cpu).await;
     let mut all = SessionSamples::default();
     for task in tasks {
         all.merge(task.await.expect("session task"));
     }
-    all.outcome(start.elapsed())
+    all.outcome(start.elapsed(), cpu)
 }
 
 /// `sessions` sessions each take L fresh profiles before the common start
@@ -292,11 +441,10 @@ async fn sessions<C: Leases>(params: Params, connect: &impl AsyncFn(String) -> C
 async fn saves_workload<C: Leases>(
     params: Params,
     sessions: usize,
+    server_cpu: &impl Fn() -> Option<Duration>,
     connect: &impl AsyncFn(String) -> C,
 ) -> Outcome {
-    let start = Instant::now() + Duration::from_millis(500);
-    let end = start + params.run_for;
-    let mut tasks = Vec::new();
+    let mut held = Vec::with_capacity(sessions);
     for id in 0..sessions {
         let mut conn = connect(format!("saves{sessions}-{id}")).await;
         let mut leases = Vec::with_capacity(params.leases);
@@ -305,6 +453,18 @@ async fn saves_workload<C: Leases>(
             let granted = conn.acquire(SAVE_STORE, key).await;
             leases.push(granted.expect("fresh key is free"));
         }
+        held.push((conn, leases));
+    }
+    // The clock starts once every session holds its leases: taking 3,200
+    // leases one at a time can outlast any fixed head start, and a session
+    // still taking its leases after the start would save for only part of
+    // the window.
+    let start = Instant::now() + Duration::from_millis(50);
+    let end = start + params.run_for;
+    let window = Window::new(start);
+    let mut tasks = Vec::new();
+    for (id, (mut conn, leases)) in held.into_iter().enumerate() {
+        let guard = window.guard();
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng::new(1000 + id as u64);
             let data = profile_data(&mut rng);
@@ -318,6 +478,7 @@ async fn saves_workload<C: Leases>(
                 samples.push(sent.elapsed());
                 next = (next + 1) % leases.len();
             }
+            guard.pass().await;
             for lease in leases {
                 conn.release(lease).await;
             }
@@ -325,9 +486,10 @@ async fn saves_workload<C: Leases>(
             samples
         }));
     }
+    let cpu = window.measure(server_cpu).await;
     let mut samples = Vec::new();
     for task in tasks {
         samples.extend(task.await.expect("save task"));
     }
-    Outcome::saves(samples, end - start)
+    Outcome::saves(samples, end - start, cpu)
 }
