@@ -53,6 +53,10 @@ type Transport = Framed<UnixStream, FrameCodec<ClientFrame, ServerFrame>>;
 /// Outbound frames queued beyond the in-flight requests, for events.
 const EVENT_SLACK: usize = 1024;
 
+/// The most frames written in one burst before the task reads again, so a
+/// steady stream of events cannot keep requests unread.
+const MAX_BURST: usize = 64;
+
 /// How long a closing connection may take to write what the driver queued
 /// for it before it went away.
 const CLOSING_WRITES: std::time::Duration = std::time::Duration::from_secs(1);
@@ -136,6 +140,7 @@ pub async fn serve(
         transport,
         queue,
         kill,
+        stop: stop.clone(),
     };
     let open = session.serve_requests(&mut link, &stop).await;
     context.leases.disconnect(conn);
@@ -178,6 +183,10 @@ struct Link {
     queue: mpsc::Receiver<ServerFrame>,
     /// Cancelled by the driver to drop the connection at once.
     kill: CancellationToken,
+    /// Cancelled when the daemon stops; from then on a write that waits
+    /// for the client gets [`CLOSING_WRITES`] more, so a client that stopped
+    /// reading cannot hold the shutdown up.
+    stop: CancellationToken,
 }
 
 /// What writing a frame left the connection as.
@@ -268,6 +277,13 @@ impl Session {
             if !link.write_burst(answer, &mut in_flight).await {
                 return false;
             }
+            // A client still taking answers is not idle, however long a
+            // burst took to write.
+            if !idle_timeout.is_zero()
+                && let Some(deadline) = tokio::time::Instant::now().checked_add(idle_timeout)
+            {
+                idle.as_mut().reset(deadline);
+            }
         }
     }
 
@@ -299,9 +315,14 @@ impl Link {
         in_flight: &mut FuturesUnordered<BoxFuture<'static, ServerFrame>>,
     ) -> bool {
         let mut next = Some(first);
+        let mut written = 0;
         while let Some(frame) = next {
             if let Written::Closed = self.write(frame).await {
                 return false;
+            }
+            written += 1;
+            if written == MAX_BURST {
+                break;
             }
             // Polled without a waker of this task's; the select that follows
             // polls both again with one, so nothing that becomes ready
@@ -321,7 +342,7 @@ impl Link {
     /// is the last: it is flushed and the connection is closed.
     async fn write(&mut self, frame: ServerFrame) -> Written {
         let last = matches!(frame, ServerFrame::Refused(_));
-        match unless_killed(&self.kill, self.transport.feed(frame)).await {
+        match self.unless_killed(|transport| transport.feed(frame)).await {
             Some(Ok(())) => {}
             Some(Err(err @ FrameError::TooLarge { .. })) => {
                 tracing::error!(error = %err, "dropped an outbound frame over the frame limit");
@@ -338,7 +359,7 @@ impl Link {
     /// Sends what is queued; whether the connection is still open.
     async fn flush(&mut self) -> bool {
         matches!(
-            unless_killed(&self.kill, self.transport.flush()).await,
+            self.unless_killed(|transport| transport.flush()).await,
             Some(Ok(()))
         )
     }
@@ -360,27 +381,36 @@ impl Link {
         self.flush().await;
     }
 
+    /// Runs a write on the socket, unless the connection is killed while
+    /// the write waits for a client that does not read, or the daemon has
+    /// been stopping for [`CLOSING_WRITES`]. The write is tried once before
+    /// any waiter is registered, since it rarely has to wait.
+    async fn unless_killed<'a, F>(
+        &'a mut self,
+        write: impl FnOnce(&'a mut Transport) -> F,
+    ) -> Option<F::Output>
+    where
+        F: std::future::Future + 'a,
+    {
+        let mut write = std::pin::pin!(write(&mut self.transport));
+        if let Some(done) = write.as_mut().now_or_never() {
+            return Some(done);
+        }
+        let stopped_long_enough = async {
+            self.stop.cancelled().await;
+            tokio::time::sleep(CLOSING_WRITES).await;
+        };
+        tokio::select! {
+            () = self.kill.cancelled() => None,
+            () = stopped_long_enough => None,
+            done = write => Some(done),
+        }
+    }
+
     /// Tells the client why the daemon is closing its connection.
     async fn close_with(&mut self, code: ErrorCode, message: impl Into<String>) {
         self.write(ServerFrame::Refused(Error::new(code, message)))
             .await;
-    }
-}
-
-/// Runs a write on the socket, unless the connection is killed while the
-/// write waits for a client that does not read. The write is tried once
-/// before a kill waiter is registered, since it rarely has to wait.
-async fn unless_killed<F: std::future::Future>(
-    kill: &CancellationToken,
-    write: F,
-) -> Option<F::Output> {
-    let mut write = std::pin::pin!(write);
-    if let Some(done) = write.as_mut().now_or_never() {
-        return Some(done);
-    }
-    tokio::select! {
-        () = kill.cancelled() => None,
-        done = write => Some(done),
     }
 }
 

@@ -568,6 +568,47 @@ async fn a_client_that_does_not_read_is_pushed_back_not_buffered() {
     drop(std_stream);
 }
 
+/// A client that stops reading cannot hold the daemon's shutdown up: the
+/// connection stuck writing to it gives up shortly after SIGTERM, well
+/// before the daemon's last-resort step deadline (10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_does_not_hold_up_shutdown() {
+    let mut daemon =
+        Daemon::start_with("[limits]\nmax_in_flight = 4\n[shutdown]\ngrace = \"0s\"\n");
+    let mut stream = raw(&daemon).await;
+    handshake(&mut stream, "stuck").await;
+    let std_stream = stream.into_std().expect("into std");
+    std_stream.set_nonblocking(true).expect("nonblocking");
+    let mut writer = std_stream.try_clone().expect("clone");
+    let batch: Vec<u8> = (0..1024).flat_map(ping).collect();
+    // Write until the daemon stops reading: its answers have filled this
+    // socket's buffers, so it is stuck writing to a client that never reads.
+    let mut blocked_polls = 0;
+    let until = std::time::Instant::now() + PATIENCE;
+    while blocked_polls < 20 {
+        assert!(std::time::Instant::now() < until, "the flood never settled");
+        match std::io::Write::write(&mut writer, &batch) {
+            Ok(_) => blocked_polls = 0,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                blocked_polls += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            Err(err) => panic!("write failed: {err}"),
+        }
+    }
+    let stopping = std::time::Instant::now();
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::task::block_in_place(|| daemon.wait_exit(Duration::from_secs(30)));
+    let took = stopping.elapsed();
+    assert!(status.success(), "the daemon exited with {status}");
+    assert!(
+        took < Duration::from_secs(6),
+        "the daemon took {took:?} to stop beside a client that does not read"
+    );
+    drop(writer);
+    drop(std_stream);
+}
+
 #[tokio::test]
 async fn an_idle_connection_is_closed_after_the_idle_timeout() {
     let daemon = Daemon::start_with("[limits]\nidle_timeout = \"300ms\"\n");
