@@ -12,8 +12,8 @@
 //! through it.
 //!
 //! The buffer is bounded: a caller waits for room once `limit` bytes are
-//! waiting, which is how a daemon that stops reading pushes back on the
-//! game.
+//! waiting (so it holds at most `limit` plus one frame), which is how a
+//! daemon that stops reading pushes back on the game.
 
 use std::io;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -127,6 +127,10 @@ impl Outbox {
                     close(&mut state);
                     drop(state);
                     self.room.notify_waiters();
+                    // The writer task finds the socket gone and ends the
+                    // connection, so the reader stops and the client
+                    // reconnects.
+                    self.buffered.notify_one();
                     return Err(Closed);
                 }
             },
