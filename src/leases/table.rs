@@ -798,10 +798,9 @@ impl LeaseTable {
         // which makes a shutdown with many leases markedly faster than the
         // hash order the sessions hold them in.
         if let Some(releases) = self.effects.get_mut(first..) {
-            releases.sort_by(|a, b| match (a, b) {
-                (Effect::Release { key: a, .. }, Effect::Release { key: b, .. }) => a.cmp(b),
-                _ => std::cmp::Ordering::Equal,
-            });
+            // Only releases are pushed here; any other effect would sort
+            // first, keeping its order.
+            releases.sort_by(|a, b| released_key(a).cmp(&released_key(b)));
         }
         started
     }
@@ -1046,6 +1045,14 @@ impl KeyState {
             Holder::Held(held) => Some(&held.session),
             Holder::Releasing { session } => Some(session),
         }
+    }
+}
+
+/// The profile an effect releases, if it is a release.
+fn released_key(effect: &Effect) -> Option<&ProfileKey> {
+    match effect {
+        Effect::Release { key, .. } => Some(key),
+        _ => None,
     }
 }
 
