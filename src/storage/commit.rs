@@ -3,9 +3,11 @@
 //! It blocks for the first pending operation, then takes every other one
 //! already waiting (up to `max_batch`). Each operation is checked and applied
 //! against the database as updated by the operations before it in the same
-//! batch, the batch is written with one WAL sync, and only then is any
-//! operation answered. If the write fails, every operation in the batch
-//! fails and none is acknowledged.
+//! batch, the batch is written as one `WriteBatch`, and only once it is
+//! durable is any operation answered: with `sync` on, after a WAL sync that
+//! the syncer thread makes ([`super::durable`]), or the committer itself when
+//! the syncer is idle and nothing waits behind the batch. If the write
+//! fails, every operation in the batch fails and none is acknowledged.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
