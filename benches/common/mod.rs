@@ -206,6 +206,17 @@ fn proc_stat(pid: u32) -> Option<ProcStat> {
     })
 }
 
+/// Whether `program --version` runs and succeeds: how the bench tells an
+/// installed peer from a missing one.
+pub fn runs(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
 /// A setting from the environment, or `default` if unset or unparsable.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)

@@ -29,14 +29,7 @@ use crate::workload::{self, Durability, Leases, Outcome, Params};
 
 /// Whether `initdb` and `postgres` can be run.
 pub fn available() -> bool {
-    ["initdb", "postgres"].iter().all(|program| {
-        Command::new(program)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
-    })
+    ["initdb", "postgres"].into_iter().all(crate::common::runs)
 }
 
 /// Runs the sessions workload and then the saves workloads (one per entry

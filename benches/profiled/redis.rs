@@ -19,12 +19,7 @@ use crate::workload::{self, Durability, Leases, Outcome, Params};
 
 /// Whether `redis-server` can be run.
 pub fn available() -> bool {
-    Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success())
+    crate::common::runs("redis-server")
 }
 
 /// Runs the sessions workload and then the saves workloads (one per entry
