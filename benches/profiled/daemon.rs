@@ -76,6 +76,10 @@ impl Leases for Client {
         profile.release(None).await.expect("release");
     }
 
+    async fn ping(&mut self) {
+        Client::ping(self).await.expect("ping");
+    }
+
     async fn close(self) {
         Client::close(self).await;
     }

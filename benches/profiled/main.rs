@@ -25,6 +25,10 @@
 //!     `Taken`; the peers' acquire fails if the profile is owned.
 //!   - *saves*: each session holds `PROFILED_BENCH_LEASES` (L, default
 //!     100) leases and saves them round-robin, at W = 1 and at W = 32.
+//!   - *pings*: W sessions each make round trips that touch no data
+//!     (profiled's `Ping`, Redis's `PING`, PostgreSQL's empty query): each
+//!     system's own floor, which tells its protocol and connection costs
+//!     from its lease work.
 //!
 //!   After each workload's table, `server CPU per op` gives each system's
 //!   server CPU time (user and system, from `/proc/<pid>/stat`) over the
@@ -182,6 +186,7 @@ async fn compare(params: Params, report: &mut Report) {
     let saves = [1, params.sessions];
     let mut names = vec![format!("sessions W={}", params.sessions)];
     names.extend(saves.iter().map(|w| format!("saves W={w}")));
+    names.push(format!("pings W={}", params.sessions));
     for durability in [Durability::Fsync, Durability::Buffered] {
         // (system, one outcome per workload)
         let mut systems: Vec<(&'static str, Vec<Outcome>)> = Vec::new();

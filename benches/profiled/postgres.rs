@@ -320,6 +320,15 @@ impl Pg {
         self.collect().await
     }
 
+    /// Runs `query` through the simple query protocol.
+    async fn simple_query(&mut self, query: &str) -> io::Result<Result<Rows, String>> {
+        let start = self.begin(b'Q');
+        self.cstring(query);
+        self.end(start);
+        self.flush().await?;
+        self.collect().await
+    }
+
     /// Reads replies up to ReadyForQuery: the rows and tag, or the error.
     async fn collect(&mut self) -> io::Result<Result<Rows, String>> {
         let mut rows = Rows {
@@ -507,6 +516,16 @@ impl Leases for Session {
             .expect("postgres release")
             .unwrap_or_else(|err| panic!("release: {err}"));
         assert_eq!(reply.tag, "UPDATE 1", "release lost its lease");
+    }
+
+    /// An empty simple query: parsed, planned as nothing, answered with
+    /// EmptyQueryResponse and ReadyForQuery.
+    async fn ping(&mut self) {
+        self.pg
+            .simple_query("")
+            .await
+            .expect("postgres ping")
+            .unwrap_or_else(|err| panic!("ping: {err}"));
     }
 }
 

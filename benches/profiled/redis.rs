@@ -274,6 +274,13 @@ impl Leases for Session {
             other => panic!("release reply: {other:?}"),
         }
     }
+
+    async fn ping(&mut self) {
+        match self.resp.call(&[b"PING"]).await.expect("redis ping") {
+            Reply::Simple(status) if status == "PONG" => {}
+            other => panic!("ping reply: {other:?}"),
+        }
+    }
 }
 
 fn read_reply<'a>(

@@ -89,6 +89,11 @@ pub trait Leases: Sized + Send + 'static {
     /// Frees the leased profile without writing data.
     fn release(&mut self, lease: Self::Lease) -> impl Future<Output = ()> + Send;
 
+    /// A round trip through the server that reads and writes nothing: the
+    /// system's own floor, from which the cost of its lease work can be
+    /// told apart from the cost of its protocol and connection handling.
+    fn ping(&mut self) -> impl Future<Output = ()> + Send;
+
     /// Ends the connection once the session is done. The default does
     /// nothing, for a system whose connection needs no goodbye beyond
     /// being dropped.
@@ -174,11 +179,11 @@ impl Outcome {
         (self.ops > 0).then(|| cpu.as_secs_f64() * 1e6 / self.ops as f64)
     }
 
-    /// The saves workload's single row.
-    pub fn saves(samples: Vec<Duration>, elapsed: Duration, cpu: Cpu) -> Self {
+    /// A workload of one operation, `op`: saves or pings.
+    pub fn single(op: &'static str, samples: Vec<Duration>, elapsed: Duration, cpu: Cpu) -> Self {
         Self {
             ops: samples.len(),
-            rows: vec![("save", Stat::new(samples, elapsed))],
+            rows: vec![(op, Stat::new(samples, elapsed))],
             taken: 0,
             server_cpu: cpu.server,
             client_cpu: cpu.client,
@@ -259,6 +264,12 @@ pub async fn run<C: Leases>(
         eprintln!("{system} {} saves W={w} ...", durability.name());
         outcomes.push(saves_workload(params, w, &server_cpu, &connect).await);
     }
+    eprintln!(
+        "{system} {} pings W={} ...",
+        durability.name(),
+        params.sessions
+    );
+    outcomes.push(pings_workload(params, params.sessions, &server_cpu, &connect).await);
     outcomes
 }
 
@@ -491,5 +502,44 @@ async fn saves_workload<C: Leases>(
     for task in tasks {
         samples.extend(task.await.expect("save task"));
     }
-    Outcome::saves(samples, end - start, cpu)
+    Outcome::single("save", samples, end - start, cpu)
+}
+
+/// `sessions` sessions each ping the server in a loop until the end; the
+/// clock starts once every session is connected.
+async fn pings_workload<C: Leases>(
+    params: Params,
+    sessions: usize,
+    server_cpu: &impl Fn() -> Option<Duration>,
+    connect: &impl AsyncFn(String) -> C,
+) -> Outcome {
+    let mut conns = Vec::with_capacity(sessions);
+    for id in 0..sessions {
+        conns.push(connect(format!("pings{sessions}-{id}")).await);
+    }
+    let start = Instant::now() + Duration::from_millis(50);
+    let end = start + params.run_for;
+    let window = Window::new(start);
+    let mut tasks = Vec::new();
+    for mut conn in conns {
+        let guard = window.guard();
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            tokio::time::sleep_until(start.into()).await;
+            while Instant::now() < end {
+                let sent = Instant::now();
+                conn.ping().await;
+                samples.push(sent.elapsed());
+            }
+            guard.pass().await;
+            conn.close().await;
+            samples
+        }));
+    }
+    let cpu = window.measure(server_cpu).await;
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.extend(task.await.expect("ping task"));
+    }
+    Outcome::single("ping", samples, end - start, cpu)
 }
