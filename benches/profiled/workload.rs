@@ -350,6 +350,61 @@ impl WindowGuard {
     }
 }
 
+/// What [`measured`] returns.
+struct Measured<T> {
+    /// What each session's body returned.
+    results: Vec<T>,
+    /// CPU time over the measured window.
+    cpu: Cpu,
+    start: Instant,
+    end: Instant,
+}
+
+/// Runs `body` for every session, each on its own task, all starting
+/// together shortly after every session is ready (connected and, for
+/// saves, holding its leases: a fixed head start from before the setup
+/// could run out before it ends, and a late session would be measured for
+/// only part of the window) and running until `run_for` has passed. Each
+/// body gets its session, the end, and the [`WindowGuard`] it passes once
+/// its measured operations are done, before any teardown; the CPU time is
+/// sampled over that window.
+async fn measured<S, T, Fut>(
+    run_for: Duration,
+    server_cpu: &impl Fn() -> Option<Duration>,
+    sessions: Vec<S>,
+    body: impl Fn(S, Instant, WindowGuard) -> Fut,
+) -> Measured<T>
+where
+    S: Send + 'static,
+    T: Send + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let start = Instant::now() + Duration::from_millis(50);
+    let end = start + run_for;
+    let window = Window::new(start);
+    let tasks: Vec<_> = sessions
+        .into_iter()
+        .map(|session| {
+            let run = body(session, end, window.guard());
+            tokio::spawn(async move {
+                tokio::time::sleep_until(start.into()).await;
+                run.await
+            })
+        })
+        .collect();
+    let cpu = window.measure(server_cpu).await;
+    let mut results = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        results.push(task.await.expect("session task"));
+    }
+    Measured {
+        results,
+        cpu,
+        start,
+        end,
+    }
+}
+
 /// 2 KiB, the first half random bytes, the second zeros: about half
 /// compressible.
 pub fn profile_data(rng: &mut Rng) -> Vec<u8> {
@@ -391,22 +446,19 @@ async fn sessions<C: Leases>(
     server_cpu: &impl Fn() -> Option<Duration>,
     connect: &impl AsyncFn(String) -> C,
 ) -> Outcome {
-    let mut conns = Vec::with_capacity(params.sessions);
+    let mut ready = Vec::with_capacity(params.sessions);
     for id in 0..params.sessions {
-        conns.push(connect(format!("sessions-{id}")).await);
+        let conn = connect(format!("sessions-{id}")).await;
+        let mut rng = Rng::new(id as u64 + 1);
+        let data = profile_data(&mut rng);
+        ready.push((conn, rng, data));
     }
-    // The clock starts once every session is connected.
-    let start = Instant::now() + Duration::from_millis(50);
-    let end = start + params.run_for;
-    let window = Window::new(start);
-    let mut tasks = Vec::new();
-    for (id, mut conn) in conns.into_iter().enumerate() {
-        let guard = window.guard();
-        tasks.push(tokio::spawn(async move {
-            let mut rng = Rng::new(id as u64 + 1);
-            let data = profile_data(&mut rng);
+    let run = measured(
+        params.run_for,
+        server_cpu,
+        ready,
+        |(mut conn, mut rng, data), end, guard| async move {
             let mut samples = SessionSamples::default();
-            tokio::time::sleep_until(start.into()).await;
             while Instant::now() < end {
                 let began = Instant::now();
                 let lease = loop {
@@ -436,14 +488,14 @@ async fn sessions<C: Leases>(
             guard.pass().await;
             conn.close().await;
             samples
-        }));
-    }
-    let cpu = window.measure(server_cpu).await;
+        },
+    )
+    .await;
     let mut all = SessionSamples::default();
-    for task in tasks {
-        all.merge(task.await.expect("session task"));
+    for samples in run.results {
+        all.merge(samples);
     }
-    all.outcome(start.elapsed(), cpu)
+    all.outcome(run.start.elapsed(), run.cpu)
 }
 
 /// `sessions` sessions each take L fresh profiles before the common start
@@ -455,7 +507,7 @@ async fn saves_workload<C: Leases>(
     server_cpu: &impl Fn() -> Option<Duration>,
     connect: &impl AsyncFn(String) -> C,
 ) -> Outcome {
-    let mut held = Vec::with_capacity(sessions);
+    let mut ready = Vec::with_capacity(sessions);
     for id in 0..sessions {
         let mut conn = connect(format!("saves{sessions}-{id}")).await;
         let mut leases = Vec::with_capacity(params.leases);
@@ -464,23 +516,15 @@ async fn saves_workload<C: Leases>(
             let granted = conn.acquire(SAVE_STORE, key).await;
             leases.push(granted.expect("fresh key is free"));
         }
-        held.push((conn, leases));
+        let data = profile_data(&mut Rng::new(1000 + id as u64));
+        ready.push((conn, leases, data));
     }
-    // The clock starts once every session holds its leases: taking 3,200
-    // leases one at a time can outlast any fixed head start, and a session
-    // still taking its leases after the start would save for only part of
-    // the window.
-    let start = Instant::now() + Duration::from_millis(50);
-    let end = start + params.run_for;
-    let window = Window::new(start);
-    let mut tasks = Vec::new();
-    for (id, (mut conn, leases)) in held.into_iter().enumerate() {
-        let guard = window.guard();
-        tasks.push(tokio::spawn(async move {
-            let mut rng = Rng::new(1000 + id as u64);
-            let data = profile_data(&mut rng);
+    let run = measured(
+        params.run_for,
+        server_cpu,
+        ready,
+        |(mut conn, leases, data), end, guard| async move {
             let mut samples = Vec::new();
-            tokio::time::sleep_until(start.into()).await;
             let mut next = 0;
             while Instant::now() < end {
                 let lease = &leases[next];
@@ -495,14 +539,10 @@ async fn saves_workload<C: Leases>(
             }
             conn.close().await;
             samples
-        }));
-    }
-    let cpu = window.measure(server_cpu).await;
-    let mut samples = Vec::new();
-    for task in tasks {
-        samples.extend(task.await.expect("save task"));
-    }
-    Outcome::single("save", samples, end - start, cpu)
+        },
+    )
+    .await;
+    Outcome::single("save", run.results.concat(), run.end - run.start, run.cpu)
 }
 
 /// `sessions` sessions each ping the server in a loop until the end; the
@@ -513,19 +553,16 @@ async fn pings_workload<C: Leases>(
     server_cpu: &impl Fn() -> Option<Duration>,
     connect: &impl AsyncFn(String) -> C,
 ) -> Outcome {
-    let mut conns = Vec::with_capacity(sessions);
+    let mut ready = Vec::with_capacity(sessions);
     for id in 0..sessions {
-        conns.push(connect(format!("pings{sessions}-{id}")).await);
+        ready.push(connect(format!("pings{sessions}-{id}")).await);
     }
-    let start = Instant::now() + Duration::from_millis(50);
-    let end = start + params.run_for;
-    let window = Window::new(start);
-    let mut tasks = Vec::new();
-    for mut conn in conns {
-        let guard = window.guard();
-        tasks.push(tokio::spawn(async move {
+    let run = measured(
+        params.run_for,
+        server_cpu,
+        ready,
+        |mut conn, end, guard| async move {
             let mut samples = Vec::new();
-            tokio::time::sleep_until(start.into()).await;
             while Instant::now() < end {
                 let sent = Instant::now();
                 conn.ping().await;
@@ -534,12 +571,8 @@ async fn pings_workload<C: Leases>(
             guard.pass().await;
             conn.close().await;
             samples
-        }));
-    }
-    let cpu = window.measure(server_cpu).await;
-    let mut samples = Vec::new();
-    for task in tasks {
-        samples.extend(task.await.expect("ping task"));
-    }
-    Outcome::single("ping", samples, end - start, cpu)
+        },
+    )
+    .await;
+    Outcome::single("ping", run.results.concat(), run.end - run.start, run.cpu)
 }
