@@ -112,19 +112,20 @@ impl Report {
             println!("loads refused as taken: {}", taken.join(", "));
         }
         let base = format!("compare.{}.{slug}", durability.name());
-        self.cpu_per_op(&base, "server", outcomes, Outcome::cpu_us_per_op);
-        self.cpu_per_op(&base, "client", outcomes, Outcome::client_cpu_us_per_op);
+        let server = format!("{base}.cpu_us_per_op");
+        let client = format!("{base}.client_cpu_us_per_op");
+        self.cpu_per_op(&server, "server", outcomes, Outcome::cpu_us_per_op);
+        self.cpu_per_op(&client, "client", outcomes, Outcome::client_cpu_us_per_op);
     }
 
     /// Prints the `side`'s (server or client) CPU time per operation of
     /// each system whose figure was read, with the ratio profiled over that
     /// peer (so, unlike the throughput ratios, lower is better for
-    /// profiled), and records each as `<base>.cpu_us_per_op.<system>` for
-    /// the server and `<base>.client_cpu_us_per_op.<system>` for the
-    /// client. Prints nothing if no system's figure was read.
+    /// profiled), and records each as `<figure>.<system>`. Prints nothing
+    /// if no system's figure was read.
     fn cpu_per_op(
         &mut self,
-        base: &str,
+        figure: &str,
         side: &str,
         outcomes: &[(&'static str, &Outcome)],
         per_op: fn(&Outcome) -> Option<f64>,
@@ -149,11 +150,7 @@ impl Report {
                 part.push_str(&format!(" ({:.2}x)", profiled / us.max(1e-9)));
             }
             parts.push(part);
-            let name = match side {
-                "server" => format!("{base}.cpu_us_per_op.{system}"),
-                _ => format!("{base}.{side}_cpu_us_per_op.{system}"),
-            };
-            self.figure(&name, us, "us");
+            self.figure(&format!("{figure}.{system}"), us, "us");
         }
         println!(
             "{side} CPU per op: {} (ratio profiled / peer, lower is better)",
