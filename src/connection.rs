@@ -246,11 +246,7 @@ impl Session {
                     }
                 },
                 next = link.transport.next(), if in_flight.len() < max_in_flight => {
-                    if !idle_timeout.is_zero()
-                        && let Some(deadline) = tokio::time::Instant::now().checked_add(idle_timeout)
-                    {
-                        idle.as_mut().reset(deadline);
-                    }
+                    rearm(idle.as_mut(), idle_timeout);
                     let request = match next {
                         None => return true,
                         Some(Ok(ClientFrame::Request(request))) => request,
@@ -279,11 +275,7 @@ impl Session {
             }
             // A client still taking answers is not idle, however long a
             // burst took to write.
-            if !idle_timeout.is_zero()
-                && let Some(deadline) = tokio::time::Instant::now().checked_add(idle_timeout)
-            {
-                idle.as_mut().reset(deadline);
-            }
+            rearm(idle.as_mut(), idle_timeout);
         }
     }
 
@@ -411,6 +403,16 @@ impl Link {
     async fn close_with(&mut self, code: ErrorCode, message: impl Into<String>) {
         self.write(ServerFrame::Refused(Error::new(code, message)))
             .await;
+    }
+}
+
+/// Moves the idle deadline to `timeout` from now; a zero timeout means no
+/// idle limit, and the deadline is left alone.
+fn rearm(idle: std::pin::Pin<&mut tokio::time::Sleep>, timeout: std::time::Duration) {
+    if !timeout.is_zero()
+        && let Some(deadline) = tokio::time::Instant::now().checked_add(timeout)
+    {
+        idle.reset(deadline);
     }
 }
 
