@@ -54,5 +54,6 @@ pub fn storage_error(err: WriteError, epoch: Option<u64>) -> Error {
             format!("the profile already has {limit} pending messages, the most allowed"),
         ),
         WriteError::NotFound => Error::new(ErrorCode::NotFound, "no such profile or version"),
+        WriteError::Held => Error::new(ErrorCode::Storage, "the profile is still leased"),
     }
 }

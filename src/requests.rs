@@ -91,19 +91,14 @@ impl Session {
                     Ok(key) => key,
                     Err(err) => return Started::Done(Err(err)),
                 };
-                let write = context.storage.release(
-                    key.clone(),
-                    self.session.clone(),
-                    epoch,
-                    data,
-                    changes,
-                );
+                let write = context
+                    .leases
+                    .release(key, self.session.clone(), epoch, data, changes);
                 pending(id, async move {
                     let result = write.await;
                     count_write(&context, &result);
                     if result.is_ok() {
                         context.stats.released();
-                        context.leases.released(key, epoch);
                     }
                     result
                         .map(|version| Reply::Released { version })

@@ -33,6 +33,9 @@ struct Row {
     p99: f64,
     p999: f64,
     max: f64,
+    /// WAL syncs per measured handoff, from the daemon's own counter: 1.0
+    /// when the holder's release and the grant behind it share one sync.
+    syncs: f64,
 }
 
 /// Runs `handoffs` handoffs at fsync and at buffered durability, each on a
@@ -54,22 +57,24 @@ pub async fn run(handoffs: usize, report: &mut Report) {
         report.figure(&format!("{base}.p999_ms"), row.p999, "ms");
         report.figure(&format!("{base}.max_ms"), row.max, "ms");
         report.figure(&format!("{base}.per_sec"), row.per_sec, "1/s");
+        report.figure(&format!("{base}.syncs_per_handoff"), row.syncs, "1");
         rows.push((durability, row));
     }
     println!(
-        "{:<9} {:>9} {:>12} {:>9} {:>9} {:>9} {:>9}",
-        "sync", "handoffs", "handoffs/s", "p50 ms", "p99 ms", "p999 ms", "max ms"
+        "{:<9} {:>9} {:>12} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "sync", "handoffs", "handoffs/s", "p50 ms", "p99 ms", "p999 ms", "max ms", "syncs"
     );
     for (durability, row) in rows {
         println!(
-            "{:<9} {:>9} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+            "{:<9} {:>9} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2}",
             durability.name(),
             row.count,
             row.per_sec,
             row.p50,
             row.p99,
             row.p999,
-            row.max
+            row.max,
+            row.syncs
         );
     }
 }
@@ -105,9 +110,11 @@ async fn measure(durability: Durability, handoffs: usize) -> Row {
     let mut side = 0;
     let mut samples = Vec::with_capacity(handoffs);
     let mut started = Instant::now();
+    let mut syncs_before = 0.0;
     for round in 0..WARMUP + handoffs {
         if round == WARMUP {
             started = Instant::now();
+            syncs_before = wal_syncs(&clients[0]).await;
         }
         let loader = 1 - side;
         let releaser = tokio::spawn(release_when_asked(holder, data.clone()));
@@ -125,6 +132,7 @@ async fn measure(durability: Durability, handoffs: usize) -> Row {
         side = loader;
     }
     let elapsed = started.elapsed();
+    let syncs = wal_syncs(&clients[0]).await - syncs_before;
     holder.release(None).await.expect("last release");
     for client in clients {
         client.close().await;
@@ -145,7 +153,17 @@ async fn measure(durability: Durability, handoffs: usize) -> Row {
         p99: at(0.99),
         p999: at(0.999),
         max: samples.last().map_or(0.0, millis),
+        syncs: syncs / samples.len().max(1) as f64,
     }
+}
+
+/// The daemon's count of WAL syncs made for acknowledgements.
+async fn wal_syncs(client: &Client) -> f64 {
+    let metrics = client.stats().await.expect("stats");
+    metrics
+        .iter()
+        .find(|metric| metric.name == "profiled_wal_syncs_total")
+        .map_or(0.0, |metric| metric.value)
 }
 
 /// The holder's side: waits for the daemon's release request, then releases

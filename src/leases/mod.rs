@@ -95,9 +95,13 @@ enum Command {
         policy: LoadPolicy,
         wait: Option<Duration>,
     },
-    Released {
+    Release {
         key: ProfileKey,
+        owner: SessionId,
         epoch: u64,
+        data: Option<Vec<u8>>,
+        changes: protocol::Changes,
+        reply: oneshot::Sender<Result<u64, WriteError>>,
     },
     StopLoads {
         /// How long clients have before the daemon releases their leases.
@@ -151,9 +155,17 @@ enum Completion {
         ticket: u64,
         result: Result<Granted, WriteError>,
     },
+    /// A release the daemon made for a holder that left.
     Release {
         key: ProfileKey,
         result: Result<u64, WriteError>,
+    },
+    /// A holder's own release.
+    ClientRelease {
+        key: ProfileKey,
+        epoch: u64,
+        result: Result<u64, WriteError>,
+        reply: oneshot::Sender<Result<u64, WriteError>>,
     },
 }
 
@@ -257,9 +269,31 @@ impl Leases {
         });
     }
 
-    /// Reports that a holder's release is durable, so waiters can move up.
-    pub fn released(&self, key: ProfileKey, epoch: u64) {
-        let _ = self.commands.send(Command::Released { key, epoch });
+    /// Ends `owner`'s lease on `key` under `epoch`, writing `data` first if
+    /// given, and resolves to the profile's version once that is durable.
+    /// A load waiting for the profile has its grant written right behind
+    /// the release, so the two share one sync.
+    /// The command is sent before this returns, so the driver sees it in
+    /// the order the connection read it.
+    pub fn release(
+        &self,
+        key: ProfileKey,
+        owner: SessionId,
+        epoch: u64,
+        data: Option<Vec<u8>>,
+        changes: protocol::Changes,
+    ) -> impl Future<Output = Result<u64, WriteError>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        // A failed send drops `reply`, and the answer is then `Closed`.
+        let _ = self.commands.send(Command::Release {
+            key,
+            owner,
+            epoch,
+            data,
+            changes,
+            reply,
+        });
+        async move { answer.await.unwrap_or(Err(WriteError::Closed)) }
     }
 
     /// Ends every waiting load with `ShuttingDown`, refuses new ones, and
@@ -441,7 +475,33 @@ impl Driver {
                     now,
                 );
             }
-            Command::Released { key, epoch } => self.table.released(&key, epoch, now),
+            Command::Release {
+                key,
+                owner,
+                epoch,
+                data,
+                changes,
+                reply,
+            } => {
+                // The release goes to storage first; a grant the table
+                // starts for a waiting load is submitted after it by
+                // `apply_effects`, so storage applies the two in that order
+                // and usually in one batch.
+                let write = self
+                    .storage
+                    .release(key.clone(), owner, epoch, data, changes);
+                self.table.releasing(&key, epoch);
+                self.writes.push_back(
+                    write
+                        .map(move |result| Completion::ClientRelease {
+                            key,
+                            epoch,
+                            result,
+                            reply,
+                        })
+                        .boxed(),
+                );
+            }
             Command::StopLoads { grace } => {
                 self.table.stop_loads();
                 self.table.announce_shutdown(grace);
@@ -522,6 +582,17 @@ impl Driver {
                 }
                 self.table.release_done(&key, now);
             }
+            Completion::ClientRelease {
+                key,
+                epoch,
+                result,
+                reply,
+            } => {
+                if result.is_ok() {
+                    self.table.released(&key, epoch, now);
+                }
+                let _ = reply.send(result);
+            }
             Completion::Message { key, result, reply } => {
                 self.stats.message(result.is_ok());
                 if let Ok(Sent {
@@ -572,8 +643,17 @@ impl Driver {
     fn apply_effects(&mut self) {
         for effect in self.table.take_effects() {
             match effect {
-                Effect::Grant { key, ticket, owner } => {
-                    let write = self.storage.grant(key.clone(), owner);
+                Effect::Grant {
+                    key,
+                    ticket,
+                    owner,
+                    if_free,
+                } => {
+                    let write = if if_free {
+                        self.storage.grant_if_free(key.clone(), owner).boxed()
+                    } else {
+                        self.storage.grant(key.clone(), owner).boxed()
+                    };
                     self.writes.push_back(
                         write
                             .map(move |result| Completion::Grant {

@@ -601,7 +601,9 @@ impl Harness {
             }
             for effect in effects {
                 match effect {
-                    Effect::Grant { key, ticket, owner } => {
+                    Effect::Grant {
+                        key, ticket, owner, ..
+                    } => {
                         let index = self.key_index(&key);
                         self.stored_epoch[index] += 1;
                         let granted = Granted {
@@ -892,6 +894,10 @@ fn check(ops: &[Op], take_disconnected_at_once: bool) -> Result<(), TestCaseErro
                     && current[holder].is_some()
                 {
                     let epoch = if stale { epoch - 1 } else { epoch };
+                    // As the driver does: the table hears of the release
+                    // when it is submitted, which may start a waiter's grant
+                    // behind it, then of its success, then of that grant.
+                    real.table.releasing(&key_name(key), epoch);
                     real.table.released(&key_name(key), epoch, now);
                     model.released(key, epoch, now);
                     view.end(key, epoch);

@@ -80,6 +80,11 @@ pub enum Effect {
         ticket: u64,
         /// The new holder.
         owner: SessionId,
+        /// Whether storage must refuse the grant if the profile is still
+        /// leased when it applies it. Set for a grant that follows its
+        /// holder's release (see [`LeaseTable::releasing`]): if that release
+        /// fails, the holder keeps the lease.
+        if_free: bool,
     },
     /// Durably end a lease whose holder is gone, then call
     /// [`LeaseTable::release_done`].
@@ -249,8 +254,21 @@ enum Holder {
 struct Granting {
     ticket: u64,
     waiter: Waiter,
-    /// The holder the grant takes the lease from, told once it is durable.
-    previous: Option<(Held, LossReason)>,
+    /// The holder before this grant, until its lease is known to be over.
+    previous: Option<Previous>,
+}
+
+/// The holder a grant follows.
+#[derive(Debug)]
+enum Previous {
+    /// The grant takes the lease; the holder is told why once it is
+    /// durable.
+    Taken(Held, LossReason),
+    /// The holder is releasing the lease, and the grant was written behind
+    /// that release so both share a sync. It becomes `None` when the
+    /// release is durable; a grant that fails while it is still here means
+    /// the release failed too, and the holder keeps the lease.
+    Releasing(Held),
 }
 
 #[derive(Clone, Debug)]
@@ -472,6 +490,27 @@ impl LeaseTable {
         self.pump(&key, now);
     }
 
+    /// Records that a holder has asked storage to release `key` under
+    /// `epoch`, before that release is durable. If a load waits for the
+    /// profile, its grant starts now, with [`Effect::Grant`]'s `if_free`
+    /// set: the driver writes it right behind the release, so a handoff
+    /// waits for one sync rather than two, and storage refuses it if the
+    /// release fails. The release's outcome still comes through
+    /// [`LeaseTable::released`].
+    pub fn releasing(&mut self, key: &ProfileKey, epoch: u64) {
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        let Holder::Held(held) = &state.holder else {
+            return;
+        };
+        if held.epoch != epoch || state.queue.is_empty() {
+            return;
+        }
+        let previous = Previous::Releasing(held.clone());
+        self.start_grant(key, Some(previous));
+    }
+
     /// Records that a holder's own release of `key` under `epoch` is durable.
     pub fn released(&mut self, key: &ProfileKey, epoch: u64, now: Instant) {
         let Some(state) = self.keys.get_mut(key) else {
@@ -489,10 +528,10 @@ impl LeaseTable {
                 if granting
                     .previous
                     .as_ref()
-                    .is_some_and(|(p, _)| p.epoch == epoch) =>
+                    .is_some_and(|previous| previous.held().epoch == epoch) =>
             {
-                if let Some((previous, _)) = granting.previous.take() {
-                    self.forget_lease(&previous.session, key);
+                if let Some(previous) = granting.previous.take() {
+                    self.forget_lease(&previous.held().session, key);
                 }
             }
             _ => {}
@@ -538,7 +577,11 @@ impl LeaseTable {
                         session: waiter.session.clone(),
                     };
                 }
-                if let Some((previous, reason)) = previous {
+                // A holder that was releasing has released: storage only
+                // grants behind a release that happened.
+                if let Some(Previous::Releasing(previous)) = previous {
+                    self.forget_lease(&previous.session, key);
+                } else if let Some(Previous::Taken(previous, reason)) = previous {
                     self.effects.push(Effect::Taken { reason });
                     if let Some(conn) = self.conn_of(&previous.session) {
                         self.effects.push(Effect::Push {
@@ -581,11 +624,15 @@ impl LeaseTable {
                     request_id: waiter.request_id,
                     result: Err(LoadError::Storage(err)),
                 });
-                // Nothing was written, so whoever held the lease still does.
-                state.holder = match previous {
-                    Some((previous, _)) => Holder::Held(previous),
-                    None => Holder::Free,
-                };
+                // Nothing was written, so whoever held the lease still
+                // does: the holder this grant would have taken it from, or
+                // one whose release failed along with it.
+                match previous {
+                    Some(Previous::Taken(held, _) | Previous::Releasing(held)) => {
+                        self.reinstate(key, held);
+                    }
+                    None => state.holder = Holder::Free,
+                }
             }
         }
         self.pump(key, now);
@@ -623,9 +670,9 @@ impl LeaseTable {
                 if granting
                     .previous
                     .as_ref()
-                    .is_some_and(|(p, _)| p.epoch == epoch) =>
+                    .is_some_and(|previous| previous.held().epoch == epoch) =>
             {
-                granting.previous.take().map(|(held, _)| held)
+                granting.previous.take().map(Previous::into_held)
             }
             _ => None,
         };
@@ -839,7 +886,7 @@ impl LeaseTable {
         match (&state.holder, head) {
             (Holder::Free, Some(_)) => self.start_grant(key, None),
             (Holder::Held(held), Some(LoadPolicy::Steal)) => {
-                let previous = (held.clone(), LossReason::Stolen);
+                let previous = Previous::Taken(held.clone(), LossReason::Stolen);
                 self.start_grant(key, Some(previous));
             }
             (Holder::Held(held), Some(LoadPolicy::ForceLoad)) => {
@@ -853,7 +900,8 @@ impl LeaseTable {
                     // rules say to take it now.
                     (None, _) => {
                         if self.rules.take_disconnected_at_once {
-                            let previous = (held.clone(), LossReason::ForceLoadTimeout);
+                            let previous =
+                                Previous::Taken(held.clone(), LossReason::ForceLoadTimeout);
                             self.start_grant(key, Some(previous));
                         }
                     }
@@ -876,7 +924,7 @@ impl LeaseTable {
                         self.arm(deadline, Timer::Force { key: key.clone() });
                     }
                     (Some(_), Some(deadline)) if now >= deadline => {
-                        let previous = (held.clone(), LossReason::ForceLoadTimeout);
+                        let previous = Previous::Taken(held.clone(), LossReason::ForceLoadTimeout);
                         self.start_grant(key, Some(previous));
                     }
                     (Some(_), Some(_)) => {}
@@ -890,7 +938,7 @@ impl LeaseTable {
     }
 
     /// Pops the head of `key`'s queue and starts writing its grant.
-    fn start_grant(&mut self, key: &ProfileKey, previous: Option<(Held, LossReason)>) {
+    fn start_grant(&mut self, key: &ProfileKey, previous: Option<Previous>) {
         let Some(state) = self.keys.get_mut(key) else {
             return;
         };
@@ -906,6 +954,7 @@ impl LeaseTable {
             key: key.clone(),
             ticket,
             owner: waiter.session.clone(),
+            if_free: matches!(previous, Some(Previous::Releasing(_))),
         });
         state.force_deadline = None;
         state.holder = Holder::Granting(Box::new(Granting {
@@ -1004,6 +1053,32 @@ impl LeaseTable {
         started
     }
 
+    /// Gives `key` back to the holder a failed grant would have replaced.
+    /// If that session has meanwhile let its leases go (it stayed away past
+    /// its grace, or the daemon is releasing everything), nothing will
+    /// release this one for it, so the daemon does.
+    fn reinstate(&mut self, key: &ProfileKey, held: Held) {
+        let kept = self
+            .sessions
+            .get(&held.session)
+            .is_some_and(|session| session.held.contains(key));
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        if kept {
+            state.holder = Holder::Held(held);
+        } else {
+            state.holder = Holder::Releasing {
+                session: held.session.clone(),
+            };
+            self.effects.push(Effect::Release {
+                key: key.clone(),
+                owner: held.session,
+                epoch: held.epoch,
+            });
+        }
+    }
+
     /// Drops `key` from a session's leases, and the session itself once it
     /// is away and holds nothing.
     fn forget_lease(&mut self, session: &SessionId, key: &ProfileKey) {
@@ -1023,6 +1098,20 @@ impl LeaseTable {
     fn arm(&mut self, at: Instant, timer: Timer) {
         self.next_id += 1;
         self.timers.insert((at, self.next_id), timer);
+    }
+}
+
+impl Previous {
+    fn held(&self) -> &Held {
+        match self {
+            Self::Taken(held, _) | Self::Releasing(held) => held,
+        }
+    }
+
+    fn into_held(self) -> Held {
+        match self {
+            Self::Taken(held, _) | Self::Releasing(held) => held,
+        }
     }
 }
 
@@ -1116,7 +1205,9 @@ mod tests {
         let grants: Vec<_> = effects
             .into_iter()
             .filter_map(|effect| match effect {
-                Effect::Grant { key, ticket, owner } => Some((key, ticket, owner)),
+                Effect::Grant {
+                    key, ticket, owner, ..
+                } => Some((key, ticket, owner)),
                 _ => None,
             })
             .collect();
@@ -1318,6 +1409,100 @@ mod tests {
             pushes(&done).is_empty(),
             "a cooperative owner loses nothing"
         );
+    }
+
+    #[test]
+    fn a_release_with_a_waiter_starts_its_grant_behind_it() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::ForceLoad, now);
+        table.take_effects();
+        table.releasing(&key(), 1);
+        let effects = table.take_effects();
+        assert!(
+            matches!(
+                effects.as_slice(),
+                [Effect::Grant { owner, if_free: true, .. }] if *owner == session("s2")
+            ),
+            "the waiter's grant starts before the release is durable: {effects:?}"
+        );
+        table.released(&key(), 1, now);
+        let done = complete_grant(&mut table, effects, 2, now);
+        assert_eq!(answers(&done), vec![(2, Ok(2))]);
+        assert!(pushes(&done).is_empty(), "a releasing holder loses nothing");
+        assert_eq!(table.holder(&key()), Some((&session("s2"), 2)));
+        let s1 = table
+            .sessions()
+            .into_iter()
+            .find(|s| s.session == session("s1"));
+        assert!(s1.is_some_and(|s| s.leases.is_empty()));
+    }
+
+    #[test]
+    fn a_release_nobody_waits_for_starts_nothing() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        table.releasing(&key(), 1);
+        assert!(table.take_effects().is_empty());
+        assert_eq!(table.holder(&key()), Some((&session("s1"), 1)));
+        table.released(&key(), 1, now);
+        assert!(table.is_idle());
+    }
+
+    #[test]
+    fn a_failed_release_keeps_the_holder_and_fails_the_grant_behind_it() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::Repeat, now);
+        table.releasing(&key(), 1);
+        let Some(Effect::Grant { ticket, .. }) = table.take_effects().into_iter().next() else {
+            panic!("expected a grant");
+        };
+        // Storage refused the grant: the release before it failed.
+        table.grant_done(&key(), ticket, Err(WriteError::Held), now);
+        let effects = table.take_effects();
+        assert!(matches!(
+            answers(&effects).as_slice(),
+            [(2, Err(LoadError::Storage(WriteError::Held)))]
+        ));
+        assert!(pushes(&effects).is_empty());
+        assert_eq!(table.holder(&key()), Some((&session("s1"), 1)));
+        // The holder can still release it.
+        table.released(&key(), 1, now);
+        assert!(table.is_idle());
+    }
+
+    #[test]
+    fn a_failed_grant_gives_back_to_a_session_gone_meanwhile_by_releasing() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::Steal, now);
+        let Some(Effect::Grant { ticket, .. }) = table.take_effects().into_iter().next() else {
+            panic!("expected a grant");
+        };
+        // The holder leaves and its grace runs out while the steal is being
+        // written; that grant then fails.
+        table.disconnect(1, now);
+        table.fire_timers(now + GRACE);
+        assert!(
+            table.take_effects().is_empty(),
+            "the lease was being granted"
+        );
+        table.grant_done(
+            &key(),
+            ticket,
+            Err(WriteError::Storage("disk".into())),
+            now + GRACE,
+        );
+        let effects = table.take_effects();
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Release { epoch: 1, .. })),
+            "nobody would ever release the old lease otherwise: {effects:?}"
+        );
+        table.release_done(&key(), now + GRACE);
+        assert!(table.is_idle());
     }
 
     #[test]
@@ -1636,8 +1821,13 @@ mod tests {
         // conn ids: session s uses conn s + 10 * generation.
         let mut conn_of: Vec<Option<ConnId>> = vec![None; sessions as usize];
         let mut generation = 0u64;
-        let mut pending_grants: Vec<(ProfileKey, u64, SessionId)> = Vec::new();
+        let mut pending_grants: Vec<(ProfileKey, u64, SessionId, bool)> = Vec::new();
         let mut pending_releases: Vec<ProfileKey> = Vec::new();
+        // Holders' own releases that storage applied but the table has not
+        // yet heard of, and profiles whose holder's release failed, so a
+        // grant written behind it must be refused as storage would.
+        let mut pending_released: Vec<(ProfileKey, u64)> = Vec::new();
+        let mut release_failed: HashSet<ProfileKey> = HashSet::new();
         // Epochs come from one counter, so they rise per profile and also
         // tell which profile an answered grant was for.
         let mut last_epoch = 0u64;
@@ -1687,9 +1877,24 @@ mod tests {
                     if let Some((owner, epoch, false)) = granted.get(&key).cloned() {
                         let s: usize = owner.job_id[1..].parse().expect("session index");
                         if conn_of[s].is_some() {
-                            table.released(&key, epoch, now);
-                            if let Some(entry) = granted.get_mut(&key) {
-                                entry.2 = true;
+                            table.releasing(&key, epoch);
+                            match next(4) {
+                                // The release fails; the client still
+                                // holds the lease.
+                                0 => {
+                                    release_failed.insert(key);
+                                }
+                                outcome => {
+                                    release_failed.remove(&key);
+                                    if outcome == 1 {
+                                        pending_released.push((key.clone(), epoch));
+                                    } else {
+                                        table.released(&key, epoch, now);
+                                    }
+                                    if let Some(entry) = granted.get_mut(&key) {
+                                        entry.2 = true;
+                                    }
+                                }
                             }
                         }
                     }
@@ -1711,10 +1916,13 @@ mod tests {
                 }
                 4 | 5 if !pending_grants.is_empty() => {
                     let at = next(pending_grants.len() as u64) as usize;
-                    let (key, ticket, owner) = pending_grants.remove(at);
-                    if next(10) == 0 {
+                    let (key, ticket, owner, if_free) = pending_grants.remove(at);
+                    if if_free && release_failed.contains(&key) {
+                        table.grant_done(&key, ticket, Err(WriteError::Held), now);
+                    } else if next(10) == 0 {
                         table.grant_done(&key, ticket, Err(WriteError::Storage("x".into())), now);
                     } else {
+                        release_failed.remove(&key);
                         last_epoch += 1;
                         key_of_epoch.insert(last_epoch, key.clone());
                         let granted_record = Granted {
@@ -1732,7 +1940,12 @@ mod tests {
                 }
                 6 if !pending_releases.is_empty() => {
                     let key = pending_releases.remove(0);
+                    release_failed.remove(&key);
                     table.release_done(&key, now);
+                }
+                7 if !pending_released.is_empty() => {
+                    let (key, epoch) = pending_released.remove(0);
+                    table.released(&key, epoch, now);
                 }
                 _ => {
                     now += Duration::from_millis(next(60));
@@ -1741,9 +1954,12 @@ mod tests {
             }
             for effect in table.take_effects() {
                 match effect {
-                    Effect::Grant { key, ticket, owner } => {
-                        pending_grants.push((key, ticket, owner))
-                    }
+                    Effect::Grant {
+                        key,
+                        ticket,
+                        owner,
+                        if_free,
+                    } => pending_grants.push((key, ticket, owner, if_free)),
                     Effect::Release { key, epoch, .. } => {
                         if let Some(entry) = granted.get_mut(&key)
                             && entry.1 == epoch

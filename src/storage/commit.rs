@@ -32,6 +32,9 @@ pub(super) enum Op {
     Grant {
         key: ProfileKey,
         owner: SessionId,
+        /// Refuse with [`WriteError::Held`] if the profile is leased, rather
+        /// than take it from its holder.
+        if_free: bool,
         reply: oneshot::Sender<Result<Granted, WriteError>>,
     },
     /// A save (`release: false`) or a release, checked against the lease.
@@ -326,8 +329,13 @@ impl Committer {
                 continue;
             }
             match op {
-                Op::Grant { key, owner, reply } => {
-                    let outcome = self.grant(&mut batch, key, owner);
+                Op::Grant {
+                    key,
+                    owner,
+                    if_free,
+                    reply,
+                } => {
+                    let outcome = self.grant(&mut batch, key, owner, if_free);
                     answers.push(Answer::Granted(reply, outcome));
                 }
                 Op::Write { write, reply } => {
@@ -390,9 +398,17 @@ impl Committer {
         batch: &mut Batch<'_>,
         key: ProfileKey,
         owner: SessionId,
+        if_free: bool,
     ) -> Result<Granted, WriteError> {
         let db_key = records::encode_key(&key);
         let now_ms = batch.now_ms;
+        if if_free
+            && slot_of(&self.db, &mut batch.slots, &batch.families, &db_key)?
+                .lease
+                .is_some()
+        {
+            return Err(WriteError::Held);
+        }
         let data = self.current_data(batch, &db_key)?;
         let messages = self.pending_messages(batch, &key, &db_key)?;
         let slot = slot_of(&self.db, &mut batch.slots, &batch.families, &db_key)?;

@@ -136,6 +136,10 @@ pub enum WriteError {
     /// The committer has stopped; the daemon is closing.
     #[error("storage is closed")]
     Closed,
+    /// A grant that may only take a free profile found it leased: the
+    /// release it was written behind did not happen.
+    #[error("the profile is still leased")]
+    Held,
 }
 
 /// Why the database could not be opened or closed.
@@ -253,9 +257,19 @@ impl Storage {
         key: ProfileKey,
         owner: SessionId,
     ) -> impl Future<Output = Result<Granted, WriteError>> + Send + 'static {
-        let (reply, done) = oneshot::channel();
-        self.submit(commit::Op::Grant { key, owner, reply });
-        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
+        self.grant_op(key, owner, false)
+    }
+
+    /// Grants `owner` a lease on `key` only if no session holds it when the
+    /// grant is applied; refused with [`WriteError::Held`] otherwise.
+    /// Submitted right behind a holder's release, it shares that release's
+    /// sync, and it cannot take the profile if the release fails.
+    pub fn grant_if_free(
+        &self,
+        key: ProfileKey,
+        owner: SessionId,
+    ) -> impl Future<Output = Result<Granted, WriteError>> + Send + 'static {
+        self.grant_op(key, owner, true)
     }
 
     /// Writes `data` if `owner` holds `key` under `epoch`. Resolves to the
@@ -363,6 +377,22 @@ impl Storage {
     ) -> impl Future<Output = Result<u64, WriteError>> + Send + 'static {
         let (reply, done) = oneshot::channel();
         self.submit(commit::Op::Write { write, reply });
+        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
+    }
+
+    fn grant_op(
+        &self,
+        key: ProfileKey,
+        owner: SessionId,
+        if_free: bool,
+    ) -> impl Future<Output = Result<Granted, WriteError>> + Send + 'static {
+        let (reply, done) = oneshot::channel();
+        self.submit(commit::Op::Grant {
+            key,
+            owner,
+            if_free,
+            reply,
+        });
         async move { done.await.unwrap_or(Err(WriteError::Closed)) }
     }
 
@@ -636,6 +666,46 @@ mod tests {
                 .await,
             Err(WriteError::Closed)
         );
+    }
+
+    #[tokio::test]
+    async fn a_grant_if_free_follows_a_release_and_never_takes_a_held_lease() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (storage, _) = open(dir.path());
+        let key = ProfileKey::new("s", "k");
+        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
+        // Held: refused, and the holder keeps the lease.
+        let refused = storage.grant_if_free(key.clone(), session("b")).await;
+        assert_eq!(refused.map(|g| g.lease.epoch), Err(WriteError::Held));
+        let save = storage.save(
+            key.clone(),
+            session("a"),
+            1,
+            b"v1".to_vec(),
+            Changes::default(),
+        );
+        assert_eq!(save.await, Ok(1));
+        // A release that fails (a stale epoch here) leaves it held, so the
+        // grant behind it is refused too.
+        let stale = storage.release(key.clone(), session("a"), 7, None, Changes::default());
+        let behind = storage.grant_if_free(key.clone(), session("b"));
+        assert_eq!(stale.await, Err(WriteError::LeaseLost));
+        assert_eq!(behind.await.map(|g| g.lease.epoch), Err(WriteError::Held));
+        // Behind a release that happens, it is granted with the released
+        // data.
+        let release = storage.release(
+            key.clone(),
+            session("a"),
+            1,
+            Some(b"v2".to_vec()),
+            Changes::default(),
+        );
+        let behind = storage.grant_if_free(key.clone(), session("b"));
+        assert_eq!(release.await, Ok(2));
+        let granted = behind.await.expect("granted behind the release");
+        assert_eq!(granted.lease.epoch, 2);
+        assert_eq!(granted.data.as_deref(), Some(&b"v2"[..]));
+        storage.close().await.expect("close");
     }
 
     fn keep_all() -> HistoryConfig {
