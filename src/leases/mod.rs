@@ -31,8 +31,8 @@ use crate::replies;
 use crate::stats::{LoadOutcome, Stats};
 use crate::storage::{AdminAction, AdminDone, Granted, Sent, Storage, WriteError};
 pub use table::{
-    ConnId, Connected, Effect, LeaseEvent, LeaseRules, LeaseTable, LoadError, LoadRequest,
-    SessionSummary,
+    ConnId, Connected, Effect, HandOver, LeaseEvent, LeaseRules, LeaseTable, LoadError,
+    LoadRequest, SessionSummary,
 };
 
 /// A handle to the lease driver. Cheap to clone.
@@ -483,24 +483,44 @@ impl Driver {
                 changes,
                 reply,
             } => {
-                // The release goes to storage first; a grant the table
-                // starts for a waiting load is submitted after it by
-                // `apply_effects`, so storage applies the two in that order
-                // and usually in one batch.
-                let write = self
-                    .storage
-                    .release(key.clone(), owner, epoch, data, changes);
-                self.table.releasing(&key, epoch);
+                // A load waiting for the profile has its grant written in
+                // one step with the release: one batch, one sync.
+                let (write, grant) = match self.table.releasing(&key, epoch) {
+                    Some(HandOver { ticket, next }) => {
+                        let (write, grant) =
+                            self.storage
+                                .hand_over(key.clone(), owner, epoch, data, changes, next);
+                        (write.boxed(), Some((ticket, grant)))
+                    }
+                    None => {
+                        let write = self
+                            .storage
+                            .release(key.clone(), owner, epoch, data, changes);
+                        (write.boxed(), None)
+                    }
+                };
+                let released = key.clone();
                 self.writes.push_back(
                     write
                         .map(move |result| Completion::ClientRelease {
-                            key,
+                            key: released,
                             epoch,
                             result,
                             reply,
                         })
                         .boxed(),
                 );
+                if let Some((ticket, grant)) = grant {
+                    self.writes.push_back(
+                        grant
+                            .map(move |result| Completion::Grant {
+                                key,
+                                ticket,
+                                result,
+                            })
+                            .boxed(),
+                    );
+                }
             }
             Command::StopLoads { grace } => {
                 self.table.stop_loads();
@@ -643,17 +663,8 @@ impl Driver {
     fn apply_effects(&mut self) {
         for effect in self.table.take_effects() {
             match effect {
-                Effect::Grant {
-                    key,
-                    ticket,
-                    owner,
-                    if_free,
-                } => {
-                    let write = if if_free {
-                        self.storage.grant_if_free(key.clone(), owner).boxed()
-                    } else {
-                        self.storage.grant(key.clone(), owner).boxed()
-                    };
+                Effect::Grant { key, ticket, owner } => {
+                    let write = self.storage.grant(key.clone(), owner);
                     self.writes.push_back(
                         write
                             .map(move |result| Completion::Grant {

@@ -41,7 +41,9 @@ use profiled_protocol::{LoadPolicy, LossReason, SessionId};
 use proptest::prelude::*;
 use tokio::time::Instant;
 
-use super::table::{ConnId, Effect, LeaseEvent, LeaseRules, LeaseTable, LoadError, LoadRequest};
+use super::table::{
+    ConnId, Effect, HandOver, LeaseEvent, LeaseRules, LeaseTable, LoadError, LoadRequest,
+};
 use crate::ProfileKey;
 use crate::storage::{Granted, LeaseRecord, MetaRecord};
 
@@ -589,6 +591,23 @@ impl Harness {
             .expect("the table only names sessions it was given")
     }
 
+    /// Completes a grant as storage would, with the profile's next epoch.
+    fn grant(&mut self, key: &ProfileKey, ticket: u64, owner: SessionId, now: Instant) {
+        let index = self.key_index(key);
+        self.stored_epoch[index] += 1;
+        let granted = Granted {
+            lease: LeaseRecord {
+                session: owner,
+                epoch: self.stored_epoch[index],
+                since_ms: 0,
+            },
+            meta: MetaRecord::default(),
+            data: None,
+            messages: Vec::new(),
+        };
+        self.table.grant_done(key, ticket, Ok(granted), now);
+    }
+
     /// Carries out the table's effects until none are left, completing
     /// every grant and release at once, and returns what was observed in
     /// the order the table produced it.
@@ -601,22 +620,8 @@ impl Harness {
             }
             for effect in effects {
                 match effect {
-                    Effect::Grant {
-                        key, ticket, owner, ..
-                    } => {
-                        let index = self.key_index(&key);
-                        self.stored_epoch[index] += 1;
-                        let granted = Granted {
-                            lease: LeaseRecord {
-                                session: owner,
-                                epoch: self.stored_epoch[index],
-                                since_ms: 0,
-                            },
-                            meta: MetaRecord::default(),
-                            data: None,
-                            messages: Vec::new(),
-                        };
-                        self.table.grant_done(&key, ticket, Ok(granted), now);
+                    Effect::Grant { key, ticket, owner } => {
+                        self.grant(&key, ticket, owner, now);
                     }
                     Effect::Release { key, epoch, .. } => {
                         seen.push(Obs::DaemonRelease {
@@ -895,10 +900,14 @@ fn check(ops: &[Op], take_disconnected_at_once: bool) -> Result<(), TestCaseErro
                 {
                     let epoch = if stale { epoch - 1 } else { epoch };
                     // As the driver does: the table hears of the release
-                    // when it is submitted, which may start a waiter's grant
-                    // behind it, then of its success, then of that grant.
-                    real.table.releasing(&key_name(key), epoch);
+                    // before it is written, which may start a waiter's
+                    // grant to write with it, then of its success, then of
+                    // that grant.
+                    let hand_over = real.table.releasing(&key_name(key), epoch);
                     real.table.released(&key_name(key), epoch, now);
+                    if let Some(HandOver { ticket, next }) = hand_over {
+                        real.grant(&key_name(key), ticket, next, now);
+                    }
                     model.released(key, epoch, now);
                     view.end(key, epoch);
                 }

@@ -80,11 +80,6 @@ pub enum Effect {
         ticket: u64,
         /// The new holder.
         owner: SessionId,
-        /// Whether storage must refuse the grant if the profile is still
-        /// leased when it applies it. Set for a grant that follows its
-        /// holder's release (see [`LeaseTable::releasing`]): if that release
-        /// fails, the holder keeps the lease.
-        if_free: bool,
     },
     /// Durably end a lease whose holder is gone, then call
     /// [`LeaseTable::release_done`].
@@ -123,6 +118,17 @@ pub enum Effect {
         /// What to tell it.
         event: LeaseEvent,
     },
+}
+
+/// A grant to write together with a holder's release; see
+/// [`LeaseTable::releasing`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandOver {
+    /// Identifies the grant when its outcome comes back to
+    /// [`LeaseTable::grant_done`].
+    pub ticket: u64,
+    /// The next holder.
+    pub next: SessionId,
 }
 
 /// Events for lease holders.
@@ -264,7 +270,7 @@ enum Previous {
     /// The grant takes the lease; the holder is told why once it is
     /// durable.
     Taken(Held, LossReason),
-    /// The holder is releasing the lease, and the grant was written behind
+    /// The holder is releasing the lease, and the grant is written with
     /// that release so both share a sync. It becomes `None` when the
     /// release is durable; a grant that fails while it is still here means
     /// the release failed too, and the holder keeps the lease.
@@ -490,25 +496,24 @@ impl LeaseTable {
         self.pump(&key, now);
     }
 
-    /// Records that a holder has asked storage to release `key` under
-    /// `epoch`, before that release is durable. If a load waits for the
-    /// profile, its grant starts now, with [`Effect::Grant`]'s `if_free`
-    /// set: the driver writes it right behind the release, so a handoff
-    /// waits for one sync rather than two, and storage refuses it if the
-    /// release fails. The release's outcome still comes through
-    /// [`LeaseTable::released`].
-    pub fn releasing(&mut self, key: &ProfileKey, epoch: u64) {
-        let Some(state) = self.keys.get_mut(key) else {
-            return;
-        };
+    /// Records that a holder is about to release `key` under `epoch`. If a
+    /// load waits for the profile, its grant starts now and is returned
+    /// rather than queued as an [`Effect::Grant`]: the driver writes it in
+    /// one step with the release, so a handoff waits for one sync rather
+    /// than two, and storage refuses the grant if the release fails. The
+    /// release's outcome still comes through [`LeaseTable::released`], the
+    /// grant's through [`LeaseTable::grant_done`].
+    pub fn releasing(&mut self, key: &ProfileKey, epoch: u64) -> Option<HandOver> {
+        let state = self.keys.get_mut(key)?;
         let Holder::Held(held) = &state.holder else {
-            return;
+            return None;
         };
         if held.epoch != epoch || state.queue.is_empty() {
-            return;
+            return None;
         }
         let previous = Previous::Releasing(held.clone());
-        self.start_grant(key, Some(previous));
+        let (ticket, next) = self.begin_grant(key, Some(previous))?;
+        Some(HandOver { ticket, next })
     }
 
     /// Records that a holder's own release of `key` under `epoch` is durable.
@@ -939,29 +944,38 @@ impl LeaseTable {
 
     /// Pops the head of `key`'s queue and starts writing its grant.
     fn start_grant(&mut self, key: &ProfileKey, previous: Option<Previous>) {
-        let Some(state) = self.keys.get_mut(key) else {
-            return;
-        };
-        let Some(waiter) = state.queue.pop_front() else {
-            return;
-        };
+        if let Some((ticket, owner)) = self.begin_grant(key, previous) {
+            self.effects.push(Effect::Grant {
+                key: key.clone(),
+                ticket,
+                owner,
+            });
+        }
+    }
+
+    /// Pops the head of `key`'s queue and marks the profile as being
+    /// granted to it. Returns the grant's ticket and the new holder, for
+    /// the caller to have the grant written.
+    fn begin_grant(
+        &mut self,
+        key: &ProfileKey,
+        previous: Option<Previous>,
+    ) -> Option<(u64, SessionId)> {
+        let state = self.keys.get_mut(key)?;
+        let waiter = state.queue.pop_front()?;
         self.next_id += 1;
         let ticket = self.next_id;
         if let Some(c) = self.conns.get_mut(&waiter.conn) {
             c.waiting.remove(key);
         }
-        self.effects.push(Effect::Grant {
-            key: key.clone(),
-            ticket,
-            owner: waiter.session.clone(),
-            if_free: matches!(previous, Some(Previous::Releasing(_))),
-        });
+        let owner = waiter.session.clone();
         state.force_deadline = None;
         state.holder = Holder::Granting(Box::new(Granting {
             ticket,
             waiter,
             previous,
         }));
+        Some((ticket, owner))
     }
 
     fn expire_waiter(&mut self, key: &ProfileKey, waiter_id: u64, now: Instant) {
@@ -1205,9 +1219,7 @@ mod tests {
         let grants: Vec<_> = effects
             .into_iter()
             .filter_map(|effect| match effect {
-                Effect::Grant {
-                    key, ticket, owner, ..
-                } => Some((key, ticket, owner)),
+                Effect::Grant { key, ticket, owner } => Some((key, ticket, owner)),
                 _ => None,
             })
             .collect();
@@ -1417,16 +1429,18 @@ mod tests {
         let mut table = held_by_one(2, now);
         load(&mut table, 2, LoadPolicy::ForceLoad, now);
         table.take_effects();
-        table.releasing(&key(), 1);
-        let effects = table.take_effects();
-        assert!(
-            matches!(
-                effects.as_slice(),
-                [Effect::Grant { owner, if_free: true, .. }] if *owner == session("s2")
-            ),
-            "the waiter's grant starts before the release is durable: {effects:?}"
-        );
+        let hand_over = table.releasing(&key(), 1);
+        let Some(HandOver { ticket, next }) = hand_over else {
+            panic!("the waiter's grant starts before the release is durable");
+        };
+        assert_eq!(next, session("s2"));
+        assert!(table.take_effects().is_empty());
         table.released(&key(), 1, now);
+        let effects = vec![Effect::Grant {
+            key: key(),
+            ticket,
+            owner: next,
+        }];
         let done = complete_grant(&mut table, effects, 2, now);
         assert_eq!(answers(&done), vec![(2, Ok(2))]);
         assert!(pushes(&done).is_empty(), "a releasing holder loses nothing");
@@ -1442,7 +1456,7 @@ mod tests {
     fn a_release_nobody_waits_for_starts_nothing() {
         let now = Instant::now();
         let mut table = held_by_one(2, now);
-        table.releasing(&key(), 1);
+        assert_eq!(table.releasing(&key(), 1), None);
         assert!(table.take_effects().is_empty());
         assert_eq!(table.holder(&key()), Some((&session("s1"), 1)));
         table.released(&key(), 1, now);
@@ -1454,8 +1468,7 @@ mod tests {
         let now = Instant::now();
         let mut table = held_by_one(2, now);
         load(&mut table, 2, LoadPolicy::Repeat, now);
-        table.releasing(&key(), 1);
-        let Some(Effect::Grant { ticket, .. }) = table.take_effects().into_iter().next() else {
+        let Some(HandOver { ticket, .. }) = table.releasing(&key(), 1) else {
             panic!("expected a grant");
         };
         // Storage refused the grant: the release before it failed.
@@ -1877,7 +1890,9 @@ mod tests {
                     if let Some((owner, epoch, false)) = granted.get(&key).cloned() {
                         let s: usize = owner.job_id[1..].parse().expect("session index");
                         if conn_of[s].is_some() {
-                            table.releasing(&key, epoch);
+                            if let Some(HandOver { ticket, next }) = table.releasing(&key, epoch) {
+                                pending_grants.push((key.clone(), ticket, next, true));
+                            }
                             match next(4) {
                                 // The release fails; the client still
                                 // holds the lease.
@@ -1954,12 +1969,9 @@ mod tests {
             }
             for effect in table.take_effects() {
                 match effect {
-                    Effect::Grant {
-                        key,
-                        ticket,
-                        owner,
-                        if_free,
-                    } => pending_grants.push((key, ticket, owner, if_free)),
+                    Effect::Grant { key, ticket, owner } => {
+                        pending_grants.push((key, ticket, owner, false))
+                    }
                     Effect::Release { key, epoch, .. } => {
                         if let Some(entry) = granted.get_mut(&key)
                             && entry.1 == epoch

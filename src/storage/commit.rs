@@ -32,15 +32,21 @@ pub(super) enum Op {
     Grant {
         key: ProfileKey,
         owner: SessionId,
-        /// Refuse with [`WriteError::Held`] if the profile is leased, rather
-        /// than take it from its holder.
-        if_free: bool,
         reply: oneshot::Sender<Result<Granted, WriteError>>,
     },
     /// A save (`release: false`) or a release, checked against the lease.
     Write {
         write: Write,
         reply: oneshot::Sender<Result<u64, WriteError>>,
+    },
+    /// A holder's release and the grant to the next holder, applied in
+    /// that order in one batch. The grant is refused with
+    /// [`WriteError::Held`] if the release left the profile leased.
+    HandOver {
+        release: Write,
+        released: oneshot::Sender<Result<u64, WriteError>>,
+        next: SessionId,
+        granted: oneshot::Sender<Result<Granted, WriteError>>,
     },
     /// A message for a profile.
     Send {
@@ -329,14 +335,21 @@ impl Committer {
                 continue;
             }
             match op {
-                Op::Grant {
-                    key,
-                    owner,
-                    if_free,
-                    reply,
-                } => {
-                    let outcome = self.grant(&mut batch, key, owner, if_free);
+                Op::Grant { key, owner, reply } => {
+                    let outcome = self.grant(&mut batch, key, owner, false);
                     answers.push(Answer::Granted(reply, outcome));
+                }
+                Op::HandOver {
+                    release,
+                    released,
+                    next,
+                    granted,
+                } => {
+                    let key = release.key.clone();
+                    let outcome = self.write(&mut batch, release);
+                    answers.push(Answer::Version(released, outcome));
+                    let outcome = self.grant(&mut batch, key, next, true);
+                    answers.push(Answer::Granted(granted, outcome));
                 }
                 Op::Write { write, reply } => {
                     let outcome = self.write(&mut batch, write);
@@ -797,6 +810,7 @@ impl Op {
         match self {
             Self::Grant { key, .. } | Self::Send { key, .. } | Self::Admin { key, .. } => Some(key),
             Self::Write { write, .. } => Some(&write.key),
+            Self::HandOver { release, .. } => Some(&release.key),
             Self::Close { .. } => None,
         }
     }
@@ -908,6 +922,12 @@ pub(super) fn refuse(op: Op, err: &WriteError) -> Option<oneshot::Sender<Result<
         }
         Op::Write { reply, .. } => {
             let _ = reply.send(Err(err.clone()));
+        }
+        Op::HandOver {
+            released, granted, ..
+        } => {
+            let _ = released.send(Err(err.clone()));
+            let _ = granted.send(Err(err.clone()));
         }
         Op::Send { reply, .. } => {
             let _ = reply.send(Err(err.clone()));

@@ -136,8 +136,8 @@ pub enum WriteError {
     /// The committer has stopped; the daemon is closing.
     #[error("storage is closed")]
     Closed,
-    /// A grant that may only take a free profile found it leased: the
-    /// release it was written behind did not happen.
+    /// A grant handed over by a release found the profile still leased:
+    /// the release did not happen.
     #[error("the profile is still leased")]
     Held,
 }
@@ -257,19 +257,48 @@ impl Storage {
         key: ProfileKey,
         owner: SessionId,
     ) -> impl Future<Output = Result<Granted, WriteError>> + Send + 'static {
-        self.grant_op(key, owner, false)
+        let (reply, done) = oneshot::channel();
+        self.submit(commit::Op::Grant { key, owner, reply });
+        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
     }
 
-    /// Grants `owner` a lease on `key` only if no session holds it when the
-    /// grant is applied; refused with [`WriteError::Held`] otherwise.
-    /// Submitted right behind a holder's release, it shares that release's
-    /// sync, and it cannot take the profile if the release fails.
-    pub fn grant_if_free(
+    /// Ends `owner`'s lease on `key` under `epoch` as [`Storage::release`]
+    /// does, and grants `next` a lease right behind it, in the same batch
+    /// and so the same sync. The grant is refused with
+    /// [`WriteError::Held`] if the release fails: it never takes the
+    /// profile from a holder. Resolves to both outcomes, the release's
+    /// first.
+    pub fn hand_over(
         &self,
         key: ProfileKey,
         owner: SessionId,
-    ) -> impl Future<Output = Result<Granted, WriteError>> + Send + 'static {
-        self.grant_op(key, owner, true)
+        epoch: u64,
+        data: Option<Vec<u8>>,
+        changes: Changes,
+        next: SessionId,
+    ) -> (
+        impl Future<Output = Result<u64, WriteError>> + Send + 'static,
+        impl Future<Output = Result<Granted, WriteError>> + Send + 'static,
+    ) {
+        let (released, release_done) = oneshot::channel();
+        let (granted, grant_done) = oneshot::channel();
+        self.submit(commit::Op::HandOver {
+            release: commit::Write {
+                key,
+                owner,
+                epoch,
+                data,
+                changes,
+                release: true,
+            },
+            released,
+            next,
+            granted,
+        });
+        (
+            async move { release_done.await.unwrap_or(Err(WriteError::Closed)) },
+            async move { grant_done.await.unwrap_or(Err(WriteError::Closed)) },
+        )
     }
 
     /// Writes `data` if `owner` holds `key` under `epoch`. Resolves to the
@@ -377,22 +406,6 @@ impl Storage {
     ) -> impl Future<Output = Result<u64, WriteError>> + Send + 'static {
         let (reply, done) = oneshot::channel();
         self.submit(commit::Op::Write { write, reply });
-        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
-    }
-
-    fn grant_op(
-        &self,
-        key: ProfileKey,
-        owner: SessionId,
-        if_free: bool,
-    ) -> impl Future<Output = Result<Granted, WriteError>> + Send + 'static {
-        let (reply, done) = oneshot::channel();
-        self.submit(commit::Op::Grant {
-            key,
-            owner,
-            if_free,
-            reply,
-        });
         async move { done.await.unwrap_or(Err(WriteError::Closed)) }
     }
 
@@ -669,14 +682,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_grant_if_free_follows_a_release_and_never_takes_a_held_lease() {
+    async fn a_hand_over_grants_behind_a_release_in_one_sync_and_never_takes_a_held_lease() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (storage, _) = open(dir.path());
         let key = ProfileKey::new("s", "k");
         assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
-        // Held: refused, and the holder keeps the lease.
-        let refused = storage.grant_if_free(key.clone(), session("b")).await;
-        assert_eq!(refused.map(|g| g.lease.epoch), Err(WriteError::Held));
+        // A release that fails (a stale epoch here) leaves the profile
+        // held, so the grant behind it is refused.
+        let (released, granted) = storage.hand_over(
+            key.clone(),
+            session("a"),
+            7,
+            None,
+            Changes::default(),
+            session("b"),
+        );
+        assert_eq!(released.await, Err(WriteError::LeaseLost));
+        assert_eq!(granted.await.map(|g| g.lease.epoch), Err(WriteError::Held));
         let save = storage.save(
             key.clone(),
             session("a"),
@@ -684,25 +706,21 @@ mod tests {
             b"v1".to_vec(),
             Changes::default(),
         );
-        assert_eq!(save.await, Ok(1));
-        // A release that fails (a stale epoch here) leaves it held, so the
-        // grant behind it is refused too.
-        let stale = storage.release(key.clone(), session("a"), 7, None, Changes::default());
-        let behind = storage.grant_if_free(key.clone(), session("b"));
-        assert_eq!(stale.await, Err(WriteError::LeaseLost));
-        assert_eq!(behind.await.map(|g| g.lease.epoch), Err(WriteError::Held));
-        // Behind a release that happens, it is granted with the released
-        // data.
-        let release = storage.release(
+        assert_eq!(save.await, Ok(1), "the holder kept its lease");
+        // Behind a release that happens, the next holder is granted the
+        // released data, and both wait for the same one sync.
+        let before = storage.wal_syncs();
+        let (released, granted) = storage.hand_over(
             key.clone(),
             session("a"),
             1,
             Some(b"v2".to_vec()),
             Changes::default(),
+            session("b"),
         );
-        let behind = storage.grant_if_free(key.clone(), session("b"));
-        assert_eq!(release.await, Ok(2));
-        let granted = behind.await.expect("granted behind the release");
+        assert_eq!(released.await, Ok(2));
+        let granted = granted.await.expect("granted behind the release");
+        assert_eq!(storage.wal_syncs() - before, 1);
         assert_eq!(granted.lease.epoch, 2);
         assert_eq!(granted.data.as_deref(), Some(&b"v2"[..]));
         storage.close().await.expect("close");
