@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::access::{AccessPolicy, Peer};
 use crate::config::LimitsConfig;
 use crate::leases::{ConnId, ConnLink, Leases};
-use crate::requests::{Started, check_name};
+use crate::requests::{Releasing, Started, check_name};
 use crate::stats::Stats;
 use crate::storage::Storage;
 
@@ -135,6 +135,7 @@ pub async fn serve(
         session,
         role,
         context: Arc::clone(&context),
+        releasing: Releasing::default(),
     };
     let mut link = Link {
         transport,
@@ -173,6 +174,9 @@ pub(crate) struct Session {
     pub(crate) role: Role,
     /// What every connection shares.
     pub(crate) context: Arc<Context>,
+    /// This connection's releases not yet answered, so a save sent behind
+    /// one is refused rather than applied ahead of it.
+    pub(crate) releasing: Releasing,
 }
 
 /// The socket after the handshake, and what else may end or feed it.

@@ -5,7 +5,9 @@
 //! either answers at once, returns a future that answers when its work is
 //! done, or is handed to the lease driver, which answers it itself.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -22,6 +24,25 @@ use crate::replies::{self, active_session, profile_meta};
 use crate::stats::Gauges;
 use crate::storage::{AdminAction, AdminDone, VersionFilter, WriteError};
 
+/// The releases a connection has sent and not yet had answered, each by
+/// profile and epoch.
+///
+/// A release reaches storage through the lease driver, so it can hand the
+/// profile straight to a waiting load, while a save goes to storage from
+/// the connection. A save sent behind a release of the same lease could
+/// therefore be applied first, and then be overwritten by the release it
+/// followed; instead it is refused as storage would refuse it after the
+/// release: `LeaseLost`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Releasing(Arc<Mutex<HashMap<(ProfileKey, u64), usize>>>);
+
+/// One release in flight; dropped when it is answered, or abandoned with
+/// its connection.
+struct ReleaseInFlight {
+    releasing: Releasing,
+    lease: (ProfileKey, u64),
+}
+
 /// How a request was started.
 pub(crate) enum Started {
     /// Answered at once.
@@ -37,7 +58,7 @@ impl Session {
     pub(crate) fn start(&self, request: Request) -> Started {
         let id = request.id;
         let limits = &self.context.limits;
-        let context = std::sync::Arc::clone(&self.context);
+        let context = Arc::clone(&self.context);
         match request.body {
             RequestBody::Ping => Started::Done(Ok(Reply::Pong)),
             RequestBody::Load {
@@ -65,6 +86,12 @@ impl Session {
                     Ok(key) => key,
                     Err(err) => return Started::Done(Err(err)),
                 };
+                if self.releasing.contains(&key, epoch) {
+                    return Started::Done(Err(replies::storage_error(
+                        WriteError::LeaseLost,
+                        Some(epoch),
+                    )));
+                }
                 let write = context
                     .storage
                     .save(key, self.session.clone(), epoch, data, changes);
@@ -91,11 +118,13 @@ impl Session {
                     Ok(key) => key,
                     Err(err) => return Started::Done(Err(err)),
                 };
+                let in_flight = self.releasing.start(key.clone(), epoch);
                 let write = context
                     .leases
                     .release(key, self.session.clone(), epoch, data, changes);
                 pending(id, async move {
                     let result = write.await;
+                    drop(in_flight);
                     count_write(&context, &result);
                     if result.is_ok() {
                         context.stats.released();
@@ -207,7 +236,7 @@ impl Session {
             )));
         }
         let limits = &self.context.limits;
-        let context = std::sync::Arc::clone(&self.context);
+        let context = Arc::clone(&self.context);
         let target = |store, key, action| match profile_key(store, key, limits) {
             Ok(key) => Ok((key, action)),
             Err(err) => Err(err),
@@ -427,6 +456,43 @@ pub(crate) fn check_name(what: &str, name: &str, max: usize) -> Result<(), Error
 }
 
 /// Wraps the work of a request into the future that answers it.
+impl Releasing {
+    /// Whether a release of `key` under `epoch` is in flight.
+    fn contains(&self, key: &ProfileKey, epoch: u64) -> bool {
+        let releases = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Most saves find nothing in flight; skip hashing the key then.
+        !releases.is_empty() && releases.contains_key(&(key.clone(), epoch))
+    }
+
+    /// Records a release of `key` under `epoch` until the returned guard is
+    /// dropped.
+    fn start(&self, key: ProfileKey, epoch: u64) -> ReleaseInFlight {
+        let lease = (key, epoch);
+        let mut releases = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        *releases.entry(lease.clone()).or_default() += 1;
+        ReleaseInFlight {
+            releasing: self.clone(),
+            lease,
+        }
+    }
+}
+
+impl Drop for ReleaseInFlight {
+    fn drop(&mut self) {
+        let mut releases = self
+            .releasing
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = releases.get_mut(&self.lease) {
+            *count -= 1;
+            if *count == 0 {
+                releases.remove(&self.lease);
+            }
+        }
+    }
+}
+
 fn pending(id: u64, work: impl Future<Output = Result<Reply, Error>> + Send + 'static) -> Started {
     Started::Pending(
         work.map(move |result| ServerFrame::Response(Response { id, result }))

@@ -121,6 +121,36 @@ async fn loading_a_profile_this_session_holds_is_already_loaded() {
     }
 }
 
+/// A save sent behind an unanswered release of the same lease must not be
+/// applied ahead of it (and then be overwritten by the release's data): it
+/// is refused, as it would be once the release is applied.
+#[tokio::test]
+async fn a_save_sent_behind_an_unanswered_release_is_refused() {
+    let daemon = Daemon::start();
+    let client = daemon.client("a").await;
+    for round in 0..20u32 {
+        let key = format!("pipelined-{round}");
+        let profile = client
+            .load(STORE, &key, LoadPolicy::Cancel)
+            .await
+            .expect("load");
+        let epoch = profile.epoch();
+        // `join!` polls the release first, so its frame is sent first.
+        let (released, saved) = tokio::join!(
+            client.release(STORE, &key, epoch, Some(b"final".to_vec())),
+            client.save(STORE, &key, epoch, b"late".to_vec()),
+        );
+        released.expect("release");
+        assert_eq!(code(saved), ErrorCode::LeaseLost, "round {round}");
+        let again = client
+            .load(STORE, &key, LoadPolicy::Cancel)
+            .await
+            .expect("load again");
+        assert_eq!(again.data(), Some(&b"final"[..]), "round {round}");
+        again.release(None).await.expect("release again");
+    }
+}
+
 #[tokio::test]
 async fn a_stale_epoch_is_refused_and_changes_nothing() {
     let daemon = Daemon::start();

@@ -159,10 +159,10 @@
 //! 2. The client sends requests, each with an id of its choosing. Every
 //!    request gets exactly one `Response` with that id. Responses may come
 //!    in any order: a load waiting in a queue does not hold up the saves
-//!    sent after it. Nor are requests in flight together applied in the
-//!    order sent: a client that needs one write to land before another
-//!    waits for its answer first (a save sent behind a release of the same
-//!    lease, unanswered, may be applied before that release).
+//!    sent after it. Writes under one lease sent on one connection take
+//!    effect in the order sent: a save sent behind a release of the same
+//!    lease, even before that release is answered, is refused with
+//!    `LeaseLost`, as it would be after the release.
 //! 3. The daemon may send an `Event` at any time after `Welcome`.
 //! 4. Either side may close the connection. The daemon cancels the
 //!    connection's queued loads and keeps its leases for the resume grace

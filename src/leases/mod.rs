@@ -485,7 +485,7 @@ impl Driver {
             } => {
                 // A load waiting for the profile has its grant written in
                 // one step with the release: one batch, one sync.
-                let (write, grant) = match self.table.releasing(&key, epoch) {
+                let (write, grant) = match self.table.releasing(&key, &owner, epoch) {
                     Some(HandOver { ticket, next }) => {
                         let (write, grant) =
                             self.storage

@@ -903,7 +903,9 @@ fn check(ops: &[Op], take_disconnected_at_once: bool) -> Result<(), TestCaseErro
                     // before it is written, which may start a waiter's
                     // grant to write with it, then of its success, then of
                     // that grant.
-                    let hand_over = real.table.releasing(&key_name(key), epoch);
+                    let hand_over =
+                        real.table
+                            .releasing(&key_name(key), &session_name(holder), epoch);
                     real.table.released(&key_name(key), epoch, now);
                     if let Some(HandOver { ticket, next }) = hand_over {
                         real.grant(&key_name(key), ticket, next, now);

@@ -6,7 +6,9 @@
 //! queued as an [`Effect`] for the driver to carry out (a storage write, an
 //! answer to a load, an event for a connection). The driver reports storage
 //! outcomes back through [`LeaseTable::grant_done`] and
-//! [`LeaseTable::release_done`]. That keeps the rules of DESIGN.md section 3
+//! [`LeaseTable::release_done`], and a holder's own release before it is
+//! written ([`LeaseTable::releasing`], which may hand the profile over in
+//! the same write) and once it is durable ([`LeaseTable::released`]). That keeps the rules of DESIGN.md section 3
 //! in one place, testable without sockets, disks or sleeps.
 //!
 //! The table decides who should hold a profile; storage enforces it. Every
@@ -273,8 +275,12 @@ enum Previous {
     /// The holder is releasing the lease, and the grant is written with
     /// that release so both share a sync. It becomes `None` when the
     /// release is durable; a grant that fails while it is still here means
-    /// the release failed too, and the holder keeps the lease.
-    Releasing(Held),
+    /// the release failed too: the holder keeps the lease, and the load
+    /// goes back to waiting, with the ForceLoad deadline it had.
+    Releasing {
+        held: Held,
+        force_deadline: Option<Instant>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -290,6 +296,9 @@ struct Waiter {
     session: SessionId,
     request_id: u64,
     policy: LoadPolicy,
+    /// The caller's deadline, kept to re-arm it if the waiter returns to
+    /// the queue after a failed hand-over.
+    deadline: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -446,6 +455,7 @@ impl LeaseTable {
             session,
             request_id: request.request_id,
             policy: request.policy,
+            deadline: request.deadline,
         };
         if matches!(request.policy, LoadPolicy::ForceLoad | LoadPolicy::Steal) {
             // The newest demand wins: older ForceLoads of this key give way.
@@ -503,15 +513,26 @@ impl LeaseTable {
     /// than two, and storage refuses the grant if the release fails. The
     /// release's outcome still comes through [`LeaseTable::released`], the
     /// grant's through [`LeaseTable::grant_done`].
-    pub fn releasing(&mut self, key: &ProfileKey, epoch: u64) -> Option<HandOver> {
+    /// Only the holder's own release under its current epoch counts: any
+    /// other would fail in storage, and must not take a waiter off the
+    /// queue.
+    pub fn releasing(
+        &mut self,
+        key: &ProfileKey,
+        owner: &SessionId,
+        epoch: u64,
+    ) -> Option<HandOver> {
         let state = self.keys.get_mut(key)?;
         let Holder::Held(held) = &state.holder else {
             return None;
         };
-        if held.epoch != epoch || state.queue.is_empty() {
+        if held.epoch != epoch || held.session != *owner || state.queue.is_empty() {
             return None;
         }
-        let previous = Previous::Releasing(held.clone());
+        let previous = Previous::Releasing {
+            held: held.clone(),
+            force_deadline: state.force_deadline,
+        };
         let (ticket, next) = self.begin_grant(key, Some(previous))?;
         Some(HandOver { ticket, next })
     }
@@ -584,8 +605,8 @@ impl LeaseTable {
                 }
                 // A holder that was releasing has released: storage only
                 // grants behind a release that happened.
-                if let Some(Previous::Releasing(previous)) = previous {
-                    self.forget_lease(&previous.session, key);
+                if let Some(Previous::Releasing { held, .. }) = previous {
+                    self.forget_lease(&held.session, key);
                 } else if let Some(Previous::Taken(previous, reason)) = previous {
                     self.effects.push(Effect::Taken { reason });
                     if let Some(conn) = self.conn_of(&previous.session) {
@@ -623,6 +644,18 @@ impl LeaseTable {
                     });
                 }
             }
+            // The holder's release failed, and the grant with it: nothing
+            // changed, so the holder keeps the lease and the load waits on.
+            Err(_) if matches!(previous, Some(Previous::Releasing { .. })) => {
+                if let Some(Previous::Releasing {
+                    held,
+                    force_deadline,
+                }) = previous
+                {
+                    self.reinstate(key, held);
+                    self.requeue(key, waiter, force_deadline);
+                }
+            }
             Err(err) => {
                 self.effects.push(Effect::Answer {
                     conn: waiter.conn,
@@ -630,10 +663,9 @@ impl LeaseTable {
                     result: Err(LoadError::Storage(err)),
                 });
                 // Nothing was written, so whoever held the lease still
-                // does: the holder this grant would have taken it from, or
-                // one whose release failed along with it.
+                // does.
                 match previous {
-                    Some(Previous::Taken(held, _) | Previous::Releasing(held)) => {
+                    Some(Previous::Taken(held, _) | Previous::Releasing { held, .. }) => {
                         self.reinstate(key, held);
                     }
                     None => state.holder = Holder::Free,
@@ -1093,6 +1125,62 @@ impl LeaseTable {
         }
     }
 
+    /// Puts back a waiter whose grant failed with its holder's release, at
+    /// the head of its kind (ForceLoads and Steals ahead of Repeats), with
+    /// its deadlines re-armed. A waiter whose connection has gone is
+    /// dropped; one that a newer ForceLoad or Steal arrived behind is
+    /// superseded, since the newest demand wins.
+    fn requeue(&mut self, key: &ProfileKey, waiter: Waiter, force_deadline: Option<Instant>) {
+        let answer = |result| Effect::Answer {
+            conn: waiter.conn,
+            request_id: waiter.request_id,
+            result,
+        };
+        if self.stopping {
+            self.effects.push(answer(Err(LoadError::ShuttingDown)));
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&waiter.conn) else {
+            return;
+        };
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        let demands = |w: &Waiter| matches!(w.policy, LoadPolicy::ForceLoad | LoadPolicy::Steal);
+        if waiter.policy == LoadPolicy::ForceLoad && state.queue.iter().any(demands) {
+            self.effects
+                .push(answer(Err(LoadError::Superseded(key.clone()))));
+            return;
+        }
+        conn.waiting.insert(key.clone());
+        let at = if demands(&waiter) {
+            0
+        } else {
+            state
+                .queue
+                .iter()
+                .position(|w| !demands(w))
+                .unwrap_or(state.queue.len())
+        };
+        if waiter.policy == LoadPolicy::ForceLoad {
+            state.force_deadline = force_deadline;
+        }
+        let deadline = waiter.deadline.map(|at| (at, waiter.id));
+        state.queue.insert(at, waiter);
+        if let Some(at) = force_deadline {
+            self.arm(at, Timer::Force { key: key.clone() });
+        }
+        if let Some((at, waiter)) = deadline {
+            self.arm(
+                at,
+                Timer::Deadline {
+                    key: key.clone(),
+                    waiter,
+                },
+            );
+        }
+    }
+
     /// Drops `key` from a session's leases, and the session itself once it
     /// is away and holds nothing.
     fn forget_lease(&mut self, session: &SessionId, key: &ProfileKey) {
@@ -1118,13 +1206,13 @@ impl LeaseTable {
 impl Previous {
     fn held(&self) -> &Held {
         match self {
-            Self::Taken(held, _) | Self::Releasing(held) => held,
+            Self::Taken(held, _) | Self::Releasing { held, .. } => held,
         }
     }
 
     fn into_held(self) -> Held {
         match self {
-            Self::Taken(held, _) | Self::Releasing(held) => held,
+            Self::Taken(held, _) | Self::Releasing { held, .. } => held,
         }
     }
 }
@@ -1429,7 +1517,7 @@ mod tests {
         let mut table = held_by_one(2, now);
         load(&mut table, 2, LoadPolicy::ForceLoad, now);
         table.take_effects();
-        let hand_over = table.releasing(&key(), 1);
+        let hand_over = table.releasing(&key(), &session("s1"), 1);
         let Some(HandOver { ticket, next }) = hand_over else {
             panic!("the waiter's grant starts before the release is durable");
         };
@@ -1456,7 +1544,7 @@ mod tests {
     fn a_release_nobody_waits_for_starts_nothing() {
         let now = Instant::now();
         let mut table = held_by_one(2, now);
-        assert_eq!(table.releasing(&key(), 1), None);
+        assert_eq!(table.releasing(&key(), &session("s1"), 1), None);
         assert!(table.take_effects().is_empty());
         assert_eq!(table.holder(&key()), Some((&session("s1"), 1)));
         table.released(&key(), 1, now);
@@ -1464,25 +1552,69 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_release_keeps_the_holder_and_fails_the_grant_behind_it() {
+    fn a_failed_release_keeps_the_holder_and_the_load_waiting() {
         let now = Instant::now();
         let mut table = held_by_one(2, now);
         load(&mut table, 2, LoadPolicy::Repeat, now);
-        let Some(HandOver { ticket, .. }) = table.releasing(&key(), 1) else {
+        let Some(HandOver { ticket, .. }) = table.releasing(&key(), &session("s1"), 1) else {
             panic!("expected a grant");
         };
-        // Storage refused the grant: the release before it failed.
+        // Storage refused the grant: the release with it failed.
         table.grant_done(&key(), ticket, Err(WriteError::Held), now);
         let effects = table.take_effects();
-        assert!(matches!(
-            answers(&effects).as_slice(),
-            [(2, Err(LoadError::Storage(WriteError::Held)))]
-        ));
+        assert!(
+            answers(&effects).is_empty(),
+            "the load waits on: {effects:?}"
+        );
         assert!(pushes(&effects).is_empty());
         assert_eq!(table.holder(&key()), Some((&session("s1"), 1)));
-        // The holder can still release it.
+        assert_eq!(table.queued(), 1);
+        // The holder releases again, and the load is granted.
         table.released(&key(), 1, now);
-        assert!(table.is_idle());
+        let effects = table.take_effects();
+        let done = complete_grant(&mut table, effects, 2, now);
+        assert_eq!(answers(&done), vec![(2, Ok(2))]);
+    }
+
+    #[test]
+    fn a_force_load_back_from_a_failed_release_keeps_its_deadline() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::ForceLoad, now);
+        table.take_effects();
+        let later = now + TIMEOUT / 2;
+        let Some(HandOver { ticket, .. }) = table.releasing(&key(), &session("s1"), 1) else {
+            panic!("expected a grant");
+        };
+        table.grant_done(&key(), ticket, Err(WriteError::Held), later);
+        assert!(answers(&table.take_effects()).is_empty());
+        // The patience that began at the load runs out as it would have.
+        table.fire_timers(now + TIMEOUT);
+        let effects = table.take_effects();
+        let done = complete_grant(&mut table, effects, 2, now + TIMEOUT);
+        assert_eq!(answers(&done), vec![(2, Ok(2))]);
+        assert!(matches!(
+            pushes(&done).as_slice(),
+            [(
+                1,
+                LeaseEvent::LeaseLost {
+                    reason: LossReason::ForceLoadTimeout,
+                    ..
+                }
+            )]
+        ));
+    }
+
+    #[test]
+    fn only_the_holder_s_own_release_hands_the_profile_over() {
+        let now = Instant::now();
+        let mut table = held_by_one(3, now);
+        load(&mut table, 2, LoadPolicy::ForceLoad, now);
+        table.take_effects();
+        assert_eq!(table.releasing(&key(), &session("s3"), 1), None);
+        assert_eq!(table.releasing(&key(), &session("s1"), 2), None);
+        assert_eq!(table.queued(), 1, "the waiter is still queued");
+        assert_eq!(table.holder(&key()), Some((&session("s1"), 1)));
     }
 
     #[test]
@@ -1837,10 +1969,8 @@ mod tests {
         let mut pending_grants: Vec<(ProfileKey, u64, SessionId, bool)> = Vec::new();
         let mut pending_releases: Vec<ProfileKey> = Vec::new();
         // Holders' own releases that storage applied but the table has not
-        // yet heard of, and profiles whose holder's release failed, so a
-        // grant written behind it must be refused as storage would.
+        // yet heard of.
         let mut pending_released: Vec<(ProfileKey, u64)> = Vec::new();
-        let mut release_failed: HashSet<ProfileKey> = HashSet::new();
         // Epochs come from one counter, so they rise per profile and also
         // tell which profile an answered grant was for.
         let mut last_epoch = 0u64;
@@ -1890,25 +2020,26 @@ mod tests {
                     if let Some((owner, epoch, false)) = granted.get(&key).cloned() {
                         let s: usize = owner.job_id[1..].parse().expect("session index");
                         if conn_of[s].is_some() {
-                            if let Some(HandOver { ticket, next }) = table.releasing(&key, epoch) {
-                                pending_grants.push((key.clone(), ticket, next, true));
+                            // Storage applies a hand-over's release and
+                            // grant together, so whether it refuses the
+                            // grant is decided now: when the release fails,
+                            // and the client still holds the lease.
+                            let outcome = next(4);
+                            if let Some(HandOver { ticket, next }) =
+                                table.releasing(&key, &owner, epoch)
+                            {
+                                pending_grants.push((key.clone(), ticket, next, outcome == 0));
                             }
-                            match next(4) {
-                                // The release fails; the client still
-                                // holds the lease.
-                                0 => {
-                                    release_failed.insert(key);
+                            if outcome != 0 {
+                                // The release succeeds; the table hears of
+                                // it now or later.
+                                if outcome == 1 {
+                                    pending_released.push((key.clone(), epoch));
+                                } else {
+                                    table.released(&key, epoch, now);
                                 }
-                                outcome => {
-                                    release_failed.remove(&key);
-                                    if outcome == 1 {
-                                        pending_released.push((key.clone(), epoch));
-                                    } else {
-                                        table.released(&key, epoch, now);
-                                    }
-                                    if let Some(entry) = granted.get_mut(&key) {
-                                        entry.2 = true;
-                                    }
+                                if let Some(entry) = granted.get_mut(&key) {
+                                    entry.2 = true;
                                 }
                             }
                         }
@@ -1931,13 +2062,12 @@ mod tests {
                 }
                 4 | 5 if !pending_grants.is_empty() => {
                     let at = next(pending_grants.len() as u64) as usize;
-                    let (key, ticket, owner, if_free) = pending_grants.remove(at);
-                    if if_free && release_failed.contains(&key) {
+                    let (key, ticket, owner, refused) = pending_grants.remove(at);
+                    if refused {
                         table.grant_done(&key, ticket, Err(WriteError::Held), now);
                     } else if next(10) == 0 {
                         table.grant_done(&key, ticket, Err(WriteError::Storage("x".into())), now);
                     } else {
-                        release_failed.remove(&key);
                         last_epoch += 1;
                         key_of_epoch.insert(last_epoch, key.clone());
                         let granted_record = Granted {
@@ -1955,7 +2085,6 @@ mod tests {
                 }
                 6 if !pending_releases.is_empty() => {
                     let key = pending_releases.remove(0);
-                    release_failed.remove(&key);
                     table.release_done(&key, now);
                 }
                 7 if !pending_released.is_empty() => {

@@ -265,9 +265,9 @@ impl Storage {
     /// Ends `owner`'s lease on `key` under `epoch` as [`Storage::release`]
     /// does, and grants `next` a lease right behind it, in the same batch
     /// and so the same sync. The grant is refused with
-    /// [`WriteError::Held`] if the release fails: it never takes the
-    /// profile from a holder. Resolves to both outcomes, the release's
-    /// first.
+    /// [`WriteError::Held`] if the profile is still leased once the release
+    /// has been applied (the release failed): it never takes the profile
+    /// from a holder. Resolves to both outcomes, the release's first.
     pub fn hand_over(
         &self,
         key: ProfileKey,
