@@ -234,6 +234,7 @@ async fn force_load_with_a_cooperative_owner_hands_over_the_saved_data() {
         }
     );
     let held_epoch = held.epoch();
+    let syncs = wal_syncs(&a).await;
     held.release(Some(b"v2".to_vec()))
         .await
         .expect("cooperative release");
@@ -241,6 +242,20 @@ async fn force_load_with_a_cooperative_owner_hands_over_the_saved_data() {
     let taken = taking.await.expect("task").expect("force load");
     assert_eq!(taken.data(), Some(&b"v2"[..]));
     assert!(taken.epoch() > held_epoch);
+    // The release and the grant were written together: one WAL sync.
+    assert_eq!(wal_syncs(&a).await - syncs, 1.0);
+}
+
+/// The daemon's count of WAL syncs made for acknowledgements.
+async fn wal_syncs(client: &Client) -> f64 {
+    client
+        .stats()
+        .await
+        .expect("stats")
+        .iter()
+        .find(|metric| metric.name == "profiled_wal_syncs_total")
+        .map(|metric| metric.value)
+        .expect("the daemon reports its WAL syncs")
 }
 
 #[tokio::test]

@@ -1618,6 +1618,38 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_hand_over_of_a_holder_gone_meanwhile_is_released_for_the_waiter() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::Repeat, now);
+        let Some(HandOver { ticket, .. }) = table.releasing(&key(), &session("s1"), 1) else {
+            panic!("expected a grant");
+        };
+        // The holder leaves and its grace runs out while its release is
+        // being written; then the release, and the grant with it, fail.
+        table.disconnect(1, now);
+        table.fire_timers(now + GRACE);
+        assert!(
+            table.take_effects().is_empty(),
+            "the lease was being handed over"
+        );
+        table.grant_done(&key(), ticket, Err(WriteError::Held), now + GRACE);
+        let effects = table.take_effects();
+        assert!(
+            answers(&effects).is_empty(),
+            "the load waits on: {effects:?}"
+        );
+        assert!(
+            matches!(effects.as_slice(), [Effect::Release { epoch: 1, .. }]),
+            "nobody else would release the lease: {effects:?}"
+        );
+        table.release_done(&key(), now + GRACE);
+        let effects = table.take_effects();
+        let done = complete_grant(&mut table, effects, 2, now + GRACE);
+        assert_eq!(answers(&done), vec![(2, Ok(2))]);
+    }
+
+    #[test]
     fn a_failed_grant_gives_back_to_a_session_gone_meanwhile_by_releasing() {
         let now = Instant::now();
         let mut table = held_by_one(2, now);
