@@ -455,7 +455,6 @@ pub(crate) fn check_name(what: &str, name: &str, max: usize) -> Result<(), Error
     Ok(())
 }
 
-/// Wraps the work of a request into the future that answers it.
 impl Releasing {
     /// Whether a release of `key` under `epoch` is in flight.
     fn contains(&self, key: &ProfileKey, epoch: u64) -> bool {
@@ -493,6 +492,7 @@ impl Drop for ReleaseInFlight {
     }
 }
 
+/// Wraps the work of a request into the future that answers it.
 fn pending(id: u64, work: impl Future<Output = Result<Reply, Error>> + Send + 'static) -> Started {
     Started::Pending(
         work.map(move |result| ServerFrame::Response(Response { id, result }))

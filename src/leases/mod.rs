@@ -273,6 +273,7 @@ impl Leases {
     /// given, and resolves to the profile's version once that is durable.
     /// A load waiting for the profile has its grant written right behind
     /// the release, so the two share one sync.
+    ///
     /// The command is sent before this returns, so the driver sees it in
     /// the order the connection read it.
     pub fn release(

@@ -8,8 +8,9 @@
 //! outcomes back through [`LeaseTable::grant_done`] and
 //! [`LeaseTable::release_done`], and a holder's own release before it is
 //! written ([`LeaseTable::releasing`], which may hand the profile over in
-//! the same write) and once it is durable ([`LeaseTable::released`]). That keeps the rules of DESIGN.md section 3
-//! in one place, testable without sockets, disks or sleeps.
+//! the same write) and once it is durable ([`LeaseTable::released`]). That
+//! keeps the rules of DESIGN.md section 3 in one place, testable without
+//! sockets, disks or sleeps.
 //!
 //! The table decides who should hold a profile; storage enforces it. Every
 //! grant writes a new epoch, and storage refuses writes under any other, so
@@ -513,6 +514,7 @@ impl LeaseTable {
     /// than two, and storage refuses the grant if the release fails. The
     /// release's outcome still comes through [`LeaseTable::released`], the
     /// grant's through [`LeaseTable::grant_done`].
+    ///
     /// Only the holder's own release under its current epoch counts: any
     /// other would fail in storage, and must not take a waiter off the
     /// queue.
@@ -1162,9 +1164,9 @@ impl LeaseTable {
                 .position(|w| !demands(w))
                 .unwrap_or(state.queue.len())
         };
-        if waiter.policy == LoadPolicy::ForceLoad {
-            state.force_deadline = force_deadline;
-        }
+        // Only a heading ForceLoad has a holder's patience to keep.
+        let force_deadline = force_deadline.filter(|_| waiter.policy == LoadPolicy::ForceLoad);
+        state.force_deadline = force_deadline;
         let deadline = waiter.deadline.map(|at| (at, waiter.id));
         state.queue.insert(at, waiter);
         if let Some(at) = force_deadline {
