@@ -14,8 +14,9 @@
 //!
 //! Both sides use instant storage: the test drives the table through a
 //! harness that completes every [`Effect::Grant`] and [`Effect::Release`] as
-//! soon as it appears, giving each grant the profile's next epoch as storage
-//! would. Like the driver, the harness wakes at each timer's own time; timers
+//! soon as it appears, and the grant of a hand-over right after the release
+//! it was written with, giving each grant the profile's next epoch as
+//! storage would. Like the driver, the harness wakes at each timer's own time; timers
 //! due at the same instant fire together, and the writes they start finish
 //! after all of them, which the model copies. Random sequences of connects,
 //! disconnects, loads, releases, revocations and the passage of time then go
