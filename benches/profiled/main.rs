@@ -79,8 +79,9 @@
 //! PROFILED_BENCH_RESTART_PROFILES=10000 PROFILED_BENCH_RESTART_LEASES=100`.
 //!
 //! Every system is a child process on its own temporary directory and
-//! Unix socket; the bench's clients share one tokio runtime. A peer that is
-//! not installed is skipped with a note. The last lines are JSON, one
+//! Unix socket; the bench's clients share one tokio runtime, with
+//! `PROFILED_BENCH_CLIENT_WORKERS` worker threads (default: one per core).
+//! A peer that is not installed is skipped with a note. The last lines are JSON, one
 //! object per figure, for scripts.
 
 #[path = "../common/mod.rs"]
@@ -118,10 +119,14 @@ fn main() {
         profiles: env_or("PROFILED_BENCH_PROFILES", 10_000u64).max(1),
         leases: env_or("PROFILED_BENCH_LEASES", 100usize).max(1),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Ok(workers) = std::env::var("PROFILED_BENCH_CLIENT_WORKERS") {
+        let workers = workers
+            .parse()
+            .expect("PROFILED_BENCH_CLIENT_WORKERS is a count");
+        runtime.worker_threads(workers);
+    }
+    let runtime = runtime.enable_all().build().expect("runtime");
     let mut report = Report::new();
     println!(
         "profiled bench: {} cores, {} GiB memory, TMPDIR on {}",
