@@ -512,15 +512,7 @@ impl Driver {
                         .boxed(),
                 );
                 if let Some((ticket, grant)) = grant {
-                    self.writes.push_back(
-                        grant
-                            .map(move |result| Completion::Grant {
-                                key,
-                                ticket,
-                                result,
-                            })
-                            .boxed(),
-                    );
+                    self.track_grant(key, ticket, grant);
                 }
             }
             Command::StopLoads { grace } => {
@@ -666,15 +658,7 @@ impl Driver {
             match effect {
                 Effect::Grant { key, ticket, owner } => {
                     let write = self.storage.grant(key.clone(), owner);
-                    self.writes.push_back(
-                        write
-                            .map(move |result| Completion::Grant {
-                                key,
-                                ticket,
-                                result,
-                            })
-                            .boxed(),
-                    );
+                    self.track_grant(key, ticket, write);
                 }
                 Effect::Release { key, owner, epoch } => {
                     let write = self.storage.release(
@@ -727,6 +711,25 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Queues a grant's write among the writes under way, so its outcome
+    /// reaches the table as ticket `ticket`, in submission order.
+    fn track_grant(
+        &mut self,
+        key: ProfileKey,
+        ticket: u64,
+        write: impl Future<Output = Result<Granted, WriteError>> + Send + 'static,
+    ) {
+        self.writes.push_back(
+            write
+                .map(move |result| Completion::Grant {
+                    key,
+                    ticket,
+                    result,
+                })
+                .boxed(),
+        );
     }
 
     /// Counts a load's outcome, and the handoff time of a ForceLoad that

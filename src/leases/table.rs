@@ -646,33 +646,34 @@ impl LeaseTable {
                     });
                 }
             }
-            // The holder's release failed, and the grant with it: nothing
-            // changed, so the holder keeps the lease and the load waits on.
-            Err(_) if matches!(previous, Some(Previous::Releasing { .. })) => {
-                if let Some(Previous::Releasing {
+            // Nothing was written, so whoever held the lease still does.
+            Err(err) => match previous {
+                // The holder's release failed, and the grant with it:
+                // nothing changed, so the load waits on.
+                Some(Previous::Releasing {
                     held,
                     force_deadline,
-                }) = previous
-                {
+                }) => {
                     self.reinstate(key, held);
                     self.requeue(key, waiter, force_deadline);
                 }
-            }
-            Err(err) => {
-                self.effects.push(Effect::Answer {
-                    conn: waiter.conn,
-                    request_id: waiter.request_id,
-                    result: Err(LoadError::Storage(err)),
-                });
-                // Nothing was written, so whoever held the lease still
-                // does.
-                match previous {
-                    Some(Previous::Taken(held, _) | Previous::Releasing { held, .. }) => {
-                        self.reinstate(key, held);
-                    }
-                    None => state.holder = Holder::Free,
+                Some(Previous::Taken(held, _)) => {
+                    self.effects.push(Effect::Answer {
+                        conn: waiter.conn,
+                        request_id: waiter.request_id,
+                        result: Err(LoadError::Storage(err)),
+                    });
+                    self.reinstate(key, held);
                 }
-            }
+                None => {
+                    self.effects.push(Effect::Answer {
+                        conn: waiter.conn,
+                        request_id: waiter.request_id,
+                        result: Err(LoadError::Storage(err)),
+                    });
+                    state.holder = Holder::Free;
+                }
+            },
         }
         self.pump(key, now);
     }
