@@ -12,6 +12,11 @@ pub const LENGTH_PREFIX: usize = 4;
 /// The largest frame any configuration may allow: 1 GiB.
 pub const MAX_FRAME_CEILING: u32 = 1 << 30;
 
+/// The room a reader keeps for the next read once it has taken a frame:
+/// the initial size of tokio-util's read buffer, so a connection's buffer
+/// never grows for it.
+const READ_WINDOW: usize = 8 * 1024;
+
 /// The only bincode configuration the protocol uses: big-endian fixed-width
 /// integers, so every field has the size the crate docs give it.
 pub const CONFIG: bincode::config::Configuration<
@@ -89,7 +94,18 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
         }
         src.advance(LENGTH_PREFIX);
         let payload = src.split_to(len as usize);
-        decode_payload(&payload).map(Some)
+        let decoded = decode_payload(&payload);
+        // FramedRead reads only into the buffer's spare capacity, which
+        // every frame taken from its front uses up: a nearly used buffer
+        // would take the next frame in two reads. With the payload gone,
+        // reserving moves what is left of the buffer to the front of its
+        // allocation instead of allocating, so each read again has room
+        // for a whole frame of up to `READ_WINDOW` bytes.
+        drop(payload);
+        if src.capacity() - src.len() < READ_WINDOW {
+            src.reserve(READ_WINDOW);
+        }
+        decoded.map(Some)
     }
 }
 
@@ -283,5 +299,68 @@ mod tests {
             decode_payload::<ClientFrame>(&payload),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    /// A socket that holds whole frames, each sent by one write, and hands
+    /// out at most what one read asks for, as a Unix socket does.
+    struct Frames {
+        sent: std::collections::VecDeque<Vec<u8>>,
+        reads: usize,
+    }
+
+    impl tokio::io::AsyncRead for Frames {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.reads += 1;
+            if let Some(front) = self.sent.front_mut() {
+                let n = front.len().min(buf.remaining());
+                buf.put_slice(&front[..n]);
+                front.drain(..n);
+                if front.is_empty() {
+                    self.sent.pop_front();
+                }
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn each_save_sized_frame_takes_one_read() {
+        use futures::StreamExt;
+
+        let save = ClientFrame::Request(crate::Request {
+            id: 1,
+            body: RequestBody::Save {
+                store: "s".into(),
+                key: "k".into(),
+                epoch: 1,
+                data: vec![7; 2048],
+                changes: Default::default(),
+            },
+        });
+        let frame = crate::encode_frame(&save).expect("encode");
+        let count = 40;
+        let socket = Frames {
+            sent: std::iter::repeat_n(frame, count).collect(),
+            reads: 0,
+        };
+        let mut reader = tokio_util::codec::FramedRead::new(
+            socket,
+            FrameCodec::<ClientFrame, ClientFrame>::new(1 << 20),
+        );
+        let read = futures::executor::block_on(async {
+            let mut read = 0;
+            while let Some(frame) = reader.next().await {
+                frame.expect("decode");
+                read += 1;
+            }
+            read
+        });
+        assert_eq!(read, count);
+        // One read per frame, and one more that finds the end.
+        assert_eq!(reader.get_ref().reads, count + 1);
     }
 }
