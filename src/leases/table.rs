@@ -784,8 +784,12 @@ impl LeaseTable {
                     .held
                     .iter()
                     .filter_map(|key| {
-                        let (_, epoch) = self.holder(key)?;
-                        Some((key.clone(), epoch))
+                        // The held sets and the holders agree (the model
+                        // test checks it at every step); asking for the
+                        // holder as well keeps this listing true even if a
+                        // later change let them drift.
+                        let (holder, epoch) = self.holder(key)?;
+                        (holder == id).then(|| (key.clone(), epoch))
                     })
                     .collect();
                 leases.sort();
