@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use profiled_client::{Client, ErrorCode, LoadPolicy, Profile, SessionId};
 
 use crate::common::{ChildDaemon, ProcessTree};
-use crate::workload::{self, Durability, Leases, Outcome, Params};
+use crate::workload::{self, Durability, Leases, Outcome, Params, Server};
 
 /// Starts the daemon at `durability` and waits until it answers.
 pub async fn start(durability: Durability) -> ChildDaemon {
@@ -31,19 +31,46 @@ pub async fn start(durability: Durability) -> ChildDaemon {
 /// of `saves`, the number of sessions) on a fresh daemon.
 pub async fn run(durability: Durability, params: Params, saves: &[usize]) -> Vec<Outcome> {
     let mut daemon = start(durability).await;
-    let tree = ProcessTree::new(daemon.pid());
+    let server = Probe {
+        tree: ProcessTree::new(daemon.pid()),
+        stats: connect(&daemon.socket, "bench-stats".to_owned())
+            .await
+            .expect("connect for stats"),
+    };
     let outcomes = workload::run(
         "profiled",
         durability,
         params,
         saves,
-        || tree.cpu_time(),
+        &server,
         async |name| connect(&daemon.socket, name).await.expect("connect"),
     )
     .await;
+    server.stats.close().await;
     let (status, _) = daemon.terminate();
     assert!(status.success(), "profiled exited with {status}");
     outcomes
+}
+
+/// What the workloads read of the daemon: its process's CPU time, and its
+/// WAL syncs through a connection of its own that the workloads never use.
+struct Probe {
+    tree: ProcessTree,
+    stats: Client,
+}
+
+impl Server for Probe {
+    fn cpu_time(&self) -> Option<Duration> {
+        self.tree.cpu_time()
+    }
+
+    async fn syncs(&self) -> Option<f64> {
+        let metrics = self.stats.stats().await.ok()?;
+        metrics
+            .iter()
+            .find(|metric| metric.name == "profiled_wal_syncs_total")
+            .map(|metric| metric.value)
+    }
 }
 
 /// A session of profiled is one client connection, named for the session;

@@ -46,9 +46,15 @@
 //!   `client CPU per op` is the same for the bench process itself (its own
 //!   threads, not the servers it spawned): the client library or wire code
 //!   that drives each system, which shares the cores with the server
-//!   (`...client_cpu_us_per_op.<system>`). The figures are left out where procfs cannot be read. CPU times come in
-//!   clock ticks (`getconf CLK_TCK`, usually 10 ms), so a short run makes
-//!   it coarse.
+//!   (`...client_cpu_us_per_op.<system>`). The figures are left out where
+//!   procfs cannot be read. CPU times come in clock ticks (`getconf
+//!   CLK_TCK`, usually 10 ms), so a short run makes it coarse.
+//!
+//!   `WAL syncs per op` (profiled at fsync; the peers do not count theirs)
+//!   is the daemon's `profiled_wal_syncs_total` over the same window, read
+//!   through a connection of the bench's own, divided by the operations:
+//!   its inverse is how many acknowledgements one sync carried
+//!   (`...wal_syncs_per_op.profiled`).
 //!
 //!   `PROFILED_BENCH_PEERS` (comma-separated, default `redis,postgres`;
 //!   empty for none) picks the peers, for comparing two builds of profiled

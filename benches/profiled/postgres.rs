@@ -40,14 +40,9 @@ pub async fn run(durability: Durability, params: Params, saves: &[usize]) -> Vec
     // The postmaster: every backend, and the WAL writer, checkpointer and
     // other helpers, are its children.
     let tree = ProcessTree::new(server.child.id());
-    workload::run(
-        "postgres",
-        durability,
-        params,
-        saves,
-        || tree.cpu_time(),
-        async |name| Session::connect(&server.socket, name).await,
-    )
+    workload::run("postgres", durability, params, saves, &tree, async |name| {
+        Session::connect(&server.socket, name).await
+    })
     .await
 }
 

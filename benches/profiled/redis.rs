@@ -28,14 +28,9 @@ pub async fn run(durability: Durability, params: Params, saves: &[usize]) -> Vec
     let server = RedisServer::start(durability).await;
     let shas = server.load_scripts().await;
     let tree = ProcessTree::new(server.child.id());
-    workload::run(
-        "redis",
-        durability,
-        params,
-        saves,
-        || tree.cpu_time(),
-        async |name| Session::connect(&server.socket, &shas, name).await,
-    )
+    workload::run("redis", durability, params, saves, &tree, async |name| {
+        Session::connect(&server.socket, &shas, name).await
+    })
     .await
 }
 

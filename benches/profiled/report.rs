@@ -116,6 +116,26 @@ impl Report {
         let client = format!("{base}.client_cpu_us_per_op");
         self.cpu_per_op(&server, "server", outcomes, Outcome::cpu_us_per_op);
         self.cpu_per_op(&client, "client", outcomes, Outcome::client_cpu_us_per_op);
+        self.syncs_per_op(&format!("{base}.wal_syncs_per_op"), outcomes);
+    }
+
+    /// Prints the log syncs per operation of each system that counts them
+    /// and made any (profiled at fsync), with the operations each sync
+    /// carried, and records each as `<figure>.<system>`.
+    fn syncs_per_op(&mut self, figure: &str, outcomes: &[(&'static str, &Outcome)]) {
+        let mut parts = Vec::new();
+        for (system, outcome) in outcomes {
+            if let Some(per_op) = outcome.syncs_per_op() {
+                parts.push(format!(
+                    "{system} {per_op:.3} ({:.1} ops per sync)",
+                    1.0 / per_op.max(1e-9)
+                ));
+                self.figure(&format!("{figure}.{system}"), per_op, "syncs");
+            }
+        }
+        if !parts.is_empty() {
+            println!("WAL syncs per op: {}", parts.join(", "));
+        }
     }
 
     /// Prints the `side`'s (server or client) CPU time per operation of

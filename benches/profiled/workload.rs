@@ -102,6 +102,29 @@ pub trait Leases: Sized + Send + 'static {
     }
 }
 
+/// What the workloads read of a running server at each end of a measured
+/// window.
+pub trait Server {
+    /// The server's CPU time so far (all its processes and threads), or
+    /// `None` if it cannot be read.
+    fn cpu_time(&self) -> Option<Duration>;
+
+    /// How many times the server has synced its log to disk so far, for a
+    /// server that counts them (profiled's `profiled_wal_syncs_total`);
+    /// over a window it tells how many acknowledgements each sync carried.
+    /// The default, `None`, is for a server that does not say.
+    fn syncs(&self) -> impl Future<Output = Option<f64>> {
+        async { None }
+    }
+}
+
+/// A peer's server is its process tree, which counts no syncs.
+impl Server for ProcessTree {
+    fn cpu_time(&self) -> Option<Duration> {
+        ProcessTree::cpu_time(self)
+    }
+}
+
 /// One operation's figures within one workload, in operations per second
 /// and microseconds.
 #[derive(Clone, Debug, Default)]
@@ -147,6 +170,8 @@ pub struct Outcome {
     /// (the profiled client library, or the bench's RESP or PostgreSQL wire
     /// code) share the machine's cores with the server.
     pub client_cpu: Option<Duration>,
+    /// The server's log syncs over the measured window, if it counts them.
+    pub syncs: Option<f64>,
     /// The operations completed in the measured window: every granted
     /// load, save and release (refused loads are not counted, though the
     /// server's work on them is in [`Self::server_cpu`]).
@@ -172,6 +197,13 @@ impl Outcome {
         self.per_op(self.client_cpu)
     }
 
+    /// Log syncs per completed operation, where the server made any: below
+    /// one when a sync carries several acknowledgements.
+    pub fn syncs_per_op(&self) -> Option<f64> {
+        let syncs = self.syncs.filter(|&syncs| syncs > 0.0)?;
+        (self.ops > 0).then(|| syncs / self.ops as f64)
+    }
+
     fn per_op(&self, cpu: Option<Duration>) -> Option<f64> {
         // No CPU at all means a window shorter than a clock tick, which
         // measures nothing.
@@ -180,24 +212,32 @@ impl Outcome {
     }
 
     /// A workload of one operation, `op`: saves or pings.
-    pub fn single(op: &'static str, samples: Vec<Duration>, elapsed: Duration, cpu: Cpu) -> Self {
+    pub fn single(
+        op: &'static str,
+        samples: Vec<Duration>,
+        elapsed: Duration,
+        usage: Usage,
+    ) -> Self {
         Self {
             ops: samples.len(),
             rows: vec![(op, Stat::new(samples, elapsed))],
             taken: 0,
-            server_cpu: cpu.server,
-            client_cpu: cpu.client,
+            server_cpu: usage.server,
+            client_cpu: usage.client,
+            syncs: usage.syncs,
         }
     }
 }
 
-/// CPU time over one measured window.
+/// What the server and the bench used over one measured window.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu {
-    /// The server's.
+pub struct Usage {
+    /// The server's CPU time.
     pub server: Option<Duration>,
-    /// The bench process's own.
+    /// The bench process's own CPU time.
     pub client: Option<Duration>,
+    /// The server's log syncs, if it counts them.
+    pub syncs: Option<f64>,
 }
 
 /// Latency samples from the sessions workload.
@@ -219,11 +259,12 @@ impl SessionSamples {
         self.taken += other.taken;
     }
 
-    pub fn outcome(self, elapsed: Duration, cpu: Cpu) -> Outcome {
+    pub fn outcome(self, elapsed: Duration, usage: Usage) -> Outcome {
         Outcome {
             ops: self.load.len() + self.save.len() + self.release.len(),
-            server_cpu: cpu.server,
-            client_cpu: cpu.client,
+            server_cpu: usage.server,
+            client_cpu: usage.client,
+            syncs: usage.syncs,
             rows: vec![
                 ("session", Stat::new(self.session, elapsed)),
                 ("load", Stat::new(self.load, elapsed)),
@@ -240,9 +281,9 @@ impl SessionSamples {
 /// running. `connect` opens one session's connection under the given
 /// session name, which the system may use as the lease owner.
 ///
-/// `server_cpu` reads the server's CPU time so far (all its processes and
-/// threads), or `None` if it cannot; each workload records the difference
-/// over its measured window in [`Outcome::server_cpu`]. The window opens
+/// `server` reads the server's CPU time (and log syncs, if it counts them)
+/// so far; each workload records the differences over its measured window
+/// in [`Outcome::server_cpu`] and [`Outcome::syncs`]. The window opens
 /// at the common start (every session connected and, for saves, holding
 /// its leases) and closes once every session has had its last measured
 /// operation acknowledged, before any session releases its leases or
@@ -255,21 +296,21 @@ pub async fn run<C: Leases>(
     durability: Durability,
     params: Params,
     saves: &[usize],
-    server_cpu: impl Fn() -> Option<Duration>,
+    server: &impl Server,
     connect: impl AsyncFn(String) -> C,
 ) -> Vec<Outcome> {
     eprintln!("{system} {} sessions ...", durability.name());
-    let mut outcomes = vec![sessions(params, &server_cpu, &connect).await];
+    let mut outcomes = vec![sessions(params, server, &connect).await];
     for &w in saves {
         eprintln!("{system} {} saves W={w} ...", durability.name());
-        outcomes.push(saves_workload(params, w, &server_cpu, &connect).await);
+        outcomes.push(saves_workload(params, w, server, &connect).await);
     }
     eprintln!(
         "{system} {} pings W={} ...",
         durability.name(),
         params.sessions
     );
-    outcomes.push(pings_workload(params, params.sessions, &server_cpu, &connect).await);
+    outcomes.push(pings_workload(params, params.sessions, server, &connect).await);
     outcomes
 }
 
@@ -310,10 +351,11 @@ impl Window {
         }
     }
 
-    /// Samples `server_cpu` at the start, then again once every guard has
-    /// passed or been dropped, and lets the sessions go on: the server's
-    /// CPU time over the window, if both samples were read.
-    async fn measure(self, server_cpu: &impl Fn() -> Option<Duration>) -> Cpu {
+    /// Samples `server` and the bench's own CPU time at the start, then
+    /// again once every guard has passed or been dropped, and lets the
+    /// sessions go on: what each used over the window, where both samples
+    /// were read.
+    async fn measure(self, server: &impl Server) -> Usage {
         let Self {
             start,
             finished,
@@ -324,14 +366,19 @@ impl Window {
         // Made before the start, since it asks `getconf` for the tick rate.
         let bench = ProcessTree::new(std::process::id());
         tokio::time::sleep_until(start.into()).await;
-        let before = (server_cpu(), bench.main_cpu_time());
+        // The syncs are asked for first and answered before the clocks
+        // are read, so that round trip is in neither window.
+        let syncs_before = server.syncs().await;
+        let before = (server.cpu_time(), bench.main_cpu_time());
         // Never sent to: `None` once every guard is gone.
         while finished_rx.recv().await.is_some() {}
-        let after = (server_cpu(), bench.main_cpu_time());
+        let after = (server.cpu_time(), bench.main_cpu_time());
+        let syncs_after = server.syncs().await;
         sampled.send_replace(true);
-        Cpu {
+        Usage {
             server: after.0.zip(before.0).and_then(|(a, b)| a.checked_sub(b)),
             client: after.1.zip(before.1).and_then(|(a, b)| a.checked_sub(b)),
+            syncs: syncs_after.zip(syncs_before).map(|(a, b)| a - b),
         }
     }
 }
@@ -354,8 +401,8 @@ impl WindowGuard {
 struct Measured<T> {
     /// What each session's body returned.
     results: Vec<T>,
-    /// CPU time over the measured window.
-    cpu: Cpu,
+    /// What the server and the bench used over the measured window.
+    usage: Usage,
     start: Instant,
     end: Instant,
 }
@@ -370,7 +417,7 @@ struct Measured<T> {
 /// sampled over that window.
 async fn measured<S, T, Fut>(
     run_for: Duration,
-    server_cpu: &impl Fn() -> Option<Duration>,
+    server: &impl Server,
     sessions: Vec<S>,
     body: impl Fn(S, Instant, WindowGuard) -> Fut,
 ) -> Measured<T>
@@ -392,14 +439,14 @@ where
             })
         })
         .collect();
-    let cpu = window.measure(server_cpu).await;
+    let usage = window.measure(server).await;
     let mut results = Vec::with_capacity(tasks.len());
     for task in tasks {
         results.push(task.await.expect("session task"));
     }
     Measured {
         results,
-        cpu,
+        usage,
         start,
         end,
     }
@@ -443,7 +490,7 @@ impl Rng {
 /// connecting is not measured.
 async fn sessions<C: Leases>(
     params: Params,
-    server_cpu: &impl Fn() -> Option<Duration>,
+    server: &impl Server,
     connect: &impl AsyncFn(String) -> C,
 ) -> Outcome {
     let mut ready = Vec::with_capacity(params.sessions);
@@ -455,7 +502,7 @@ async fn sessions<C: Leases>(
     }
     let run = measured(
         params.run_for,
-        server_cpu,
+        server,
         ready,
         |(mut conn, mut rng, data), end, guard| async move {
             let mut samples = SessionSamples::default();
@@ -495,7 +542,7 @@ async fn sessions<C: Leases>(
     for samples in run.results {
         all.merge(samples);
     }
-    all.outcome(run.start.elapsed(), run.cpu)
+    all.outcome(run.start.elapsed(), run.usage)
 }
 
 /// `sessions` sessions each take L fresh profiles before the common start
@@ -504,7 +551,7 @@ async fn sessions<C: Leases>(
 async fn saves_workload<C: Leases>(
     params: Params,
     sessions: usize,
-    server_cpu: &impl Fn() -> Option<Duration>,
+    server: &impl Server,
     connect: &impl AsyncFn(String) -> C,
 ) -> Outcome {
     let mut ready = Vec::with_capacity(sessions);
@@ -521,7 +568,7 @@ async fn saves_workload<C: Leases>(
     }
     let run = measured(
         params.run_for,
-        server_cpu,
+        server,
         ready,
         |(mut conn, leases, data), end, guard| async move {
             let mut samples = Vec::new();
@@ -542,7 +589,7 @@ async fn saves_workload<C: Leases>(
         },
     )
     .await;
-    Outcome::single("save", run.results.concat(), run.end - run.start, run.cpu)
+    Outcome::single("save", run.results.concat(), run.end - run.start, run.usage)
 }
 
 /// `sessions` sessions each ping the server in a loop until the end; the
@@ -550,7 +597,7 @@ async fn saves_workload<C: Leases>(
 async fn pings_workload<C: Leases>(
     params: Params,
     sessions: usize,
-    server_cpu: &impl Fn() -> Option<Duration>,
+    server: &impl Server,
     connect: &impl AsyncFn(String) -> C,
 ) -> Outcome {
     let mut ready = Vec::with_capacity(sessions);
@@ -559,7 +606,7 @@ async fn pings_workload<C: Leases>(
     }
     let run = measured(
         params.run_for,
-        server_cpu,
+        server,
         ready,
         |mut conn, end, guard| async move {
             let mut samples = Vec::new();
@@ -574,5 +621,5 @@ async fn pings_workload<C: Leases>(
         },
     )
     .await;
-    Outcome::single("ping", run.results.concat(), run.end - run.start, run.cpu)
+    Outcome::single("ping", run.results.concat(), run.end - run.start, run.usage)
 }
