@@ -100,10 +100,12 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
         // would take the next frame in two reads. With the payload gone,
         // reserving moves what is left of the buffer to the front of its
         // allocation instead of allocating, so each read again has room
-        // for a whole frame of up to `READ_WINDOW` bytes.
+        // for a whole frame of up to `READ_WINDOW` bytes (or the limit, if
+        // that is smaller: no frame is longer).
         drop(payload);
-        if src.capacity() - src.len() < READ_WINDOW {
-            src.reserve(READ_WINDOW);
+        let window = READ_WINDOW.min(LENGTH_PREFIX + self.max_frame as usize);
+        if src.capacity() - src.len() < window {
+            src.reserve(window);
         }
         decoded.map(Some)
     }
