@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The least memory either of RocksDB's budgets may be given: below it
+/// RocksDB would flush or evict on almost every write.
+const MIN_STORAGE_MEMORY: usize = 1 << 20;
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -62,6 +66,14 @@ pub struct StorageConfig {
     /// Leases beyond it still work; their writes read the records. 0 turns
     /// the cache off.
     pub lease_cache: usize,
+    /// The memory, in bytes, that RocksDB's memtables (writes not yet
+    /// flushed to table files, across every column family) may use
+    /// together. Past it the largest is flushed, and writes wait for the
+    /// flush rather than let the daemon grow.
+    pub memtable_bytes: usize,
+    /// The memory, in bytes, of the cache of table blocks that every column
+    /// family shares, their index and filter blocks included.
+    pub block_cache_bytes: usize,
 }
 
 /// Lease rules.
@@ -350,6 +362,18 @@ impl Config {
         if self.storage.max_batch == 0 {
             return Err(invalid("storage.max_batch", "must be above zero"));
         }
+        if self.storage.memtable_bytes < MIN_STORAGE_MEMORY {
+            return Err(invalid(
+                "storage.memtable_bytes",
+                "must be at least 1 MiB (1048576)",
+            ));
+        }
+        if self.storage.block_cache_bytes < MIN_STORAGE_MEMORY {
+            return Err(invalid(
+                "storage.block_cache_bytes",
+                "must be at least 1 MiB (1048576)",
+            ));
+        }
         if self.listen.socket.as_os_str().is_empty() {
             return Err(invalid("listen.socket", "must not be empty"));
         }
@@ -412,6 +436,8 @@ impl Default for StorageConfig {
             sync: true,
             max_batch: 1024,
             lease_cache: 16_384,
+            memtable_bytes: 256 << 20,
+            block_cache_bytes: 64 << 20,
         }
     }
 }
@@ -513,6 +539,17 @@ mod tests {
     fn a_bad_value_names_the_key() {
         let err = Config::parse("[limits]\nmax_name = 0\n", Path::new("p.toml")).expect_err("zero");
         assert!(err.to_string().contains("limits.max_name"), "{err}");
+    }
+
+    #[test]
+    fn a_storage_memory_budget_below_1_mib_names_its_key() {
+        for key in ["memtable_bytes", "block_cache_bytes"] {
+            let text = format!("[storage]\n{key} = 1000\n");
+            let err = Config::parse(&text, Path::new("p.toml")).expect_err("too small");
+            assert!(err.to_string().contains(&format!("storage.{key}")), "{err}");
+            let text = format!("[storage]\n{key} = 1048576\n");
+            Config::parse(&text, Path::new("p.toml")).expect("1 MiB is enough");
+        }
     }
 
     #[test]

@@ -590,6 +590,7 @@ fn count_write<T>(context: &crate::connection::Context, result: &Result<T, Write
 pub(crate) async fn gauges(context: &crate::connection::Context) -> Gauges {
     let counts = context.leases.counts().await;
     let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    let memory = context.storage.memory_use();
     Gauges {
         leases_held: as_u64(counts.held),
         queued_loads: as_u64(counts.queued),
@@ -597,5 +598,7 @@ pub(crate) async fn gauges(context: &crate::connection::Context) -> Gauges {
         storage_bytes: context.storage.size_on_disk().await,
         storage_degraded: context.storage.is_degraded(),
         wal_syncs: context.storage.wal_syncs(),
+        memtable_bytes: memory.memtables,
+        block_cache_bytes: memory.block_cache,
     }
 }

@@ -87,6 +87,10 @@ pub struct Gauges {
     /// WAL syncs since the start. Against the count of writes it shows how
     /// many writes each sync carries.
     pub wal_syncs: u64,
+    /// RocksDB's memtables in use, against `storage.memtable_bytes`.
+    pub memtable_bytes: u64,
+    /// RocksDB's block cache in use, against `storage.block_cache_bytes`.
+    pub block_cache_bytes: u64,
 }
 
 /// A latency histogram with fixed buckets, in the Prometheus shape.
@@ -339,6 +343,12 @@ impl Stats {
             if gauges.storage_degraded { 1.0 } else { 0.0 },
         );
         add("profiled_wal_syncs_total", &[], gauges.wal_syncs as f64);
+        add("profiled_memtable_bytes", &[], gauges.memtable_bytes as f64);
+        add(
+            "profiled_block_cache_bytes",
+            &[],
+            gauges.block_cache_bytes as f64,
+        );
         out
     }
 }

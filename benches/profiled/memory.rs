@@ -36,12 +36,15 @@ pub async fn run(leases: usize, report: &mut Report) {
     let pid = daemon.pid();
     let clients = connect(&daemon.socket, "holder", SESSIONS, Role::Game).await;
     let idle_kib = settled_rss_kib(pid).await;
+    let idle_memtables = memtable_bytes(&clients[0]).await;
     let started = Instant::now();
     let held = hold(&clients, "Memory", leases, |i| format!("k{i}")).await;
     let fill = started.elapsed();
     let loaded_kib = settled_rss_kib(pid).await;
+    let loaded_memtables = memtable_bytes(&clients[0]).await;
     let count = held.len();
     let per_lease = (loaded_kib as f64 - idle_kib as f64) * 1024.0 / count.max(1) as f64;
+    let memtables_per_lease = (loaded_memtables - idle_memtables) / count.max(1) as f64;
     let (status, _) = daemon.terminate();
     assert!(status.success(), "profiled exited with {status}");
     drop(held);
@@ -53,16 +56,28 @@ pub async fn run(leases: usize, report: &mut Report) {
     report.figure("memory.idle_mib", mib(idle_kib), "MiB");
     report.figure("memory.loaded_mib", mib(loaded_kib), "MiB");
     report.figure("memory.per_lease_bytes", per_lease, "B");
+    report.figure("memory.memtable_per_lease_bytes", memtables_per_lease, "B");
     println!(
-        "{:>10} {:>10} {:>10} {:>12} {:>16}",
-        "leases", "fill secs", "idle MiB", "loaded MiB", "bytes per lease"
+        "{:>10} {:>10} {:>10} {:>12} {:>16} {:>20}",
+        "leases", "fill secs", "idle MiB", "loaded MiB", "bytes per lease", "of which memtables"
     );
     println!(
-        "{count:>10} {:>10.2} {:>10.1} {:>12.1} {per_lease:>16.0}",
+        "{count:>10} {:>10.2} {:>10.1} {:>12.1} {per_lease:>16.0} {memtables_per_lease:>20.0}",
         fill.as_secs_f64(),
         mib(idle_kib),
         mib(loaded_kib)
     );
+}
+
+/// The daemon's RocksDB memtables in use, in bytes (its
+/// `profiled_memtable_bytes`): the lease records a grant writes sit there
+/// until a flush.
+async fn memtable_bytes(client: &profiled_client::Client) -> f64 {
+    let metrics = client.stats().await.expect("stats");
+    metrics
+        .iter()
+        .find(|metric| metric.name == "profiled_memtable_bytes")
+        .map_or(0.0, |metric| metric.value)
 }
 
 /// The daemon's RSS after it settles: the smallest of a few samples.

@@ -41,7 +41,9 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use profiled_protocol::{Changes, Message, SessionId};
-use rocksdb::{BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, Options};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, Options, WriteBufferManager,
+};
 use tokio::sync::oneshot;
 
 use crate::ProfileKey;
@@ -186,6 +188,26 @@ struct Shared {
     committer: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// What RocksDB may use of memory; a reopen after a failed write gets the
+/// same.
+#[derive(Clone, Copy, Debug)]
+struct Memory {
+    /// Every column family's memtables together (`storage.memtable_bytes`).
+    memtables: usize,
+    /// The table block cache that every family shares
+    /// (`storage.block_cache_bytes`).
+    block_cache: usize,
+}
+
+/// RocksDB's memory in use now, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// Memtables of every column family, those being flushed included.
+    pub memtables: u64,
+    /// The shared table block cache.
+    pub block_cache: u64,
+}
+
 /// The column families, looked up once per use.
 struct Families<'a> {
     meta: &'a ColumnFamily,
@@ -198,6 +220,10 @@ struct Families<'a> {
 /// The most WAL kept before the oldest is flushed away; it bounds how much a
 /// start after a crash replays.
 const MAX_WAL_BYTES: u64 = 128 << 20;
+
+/// The largest memtable of one column family: RocksDB's default, which a
+/// generous `storage.memtable_bytes` keeps.
+const MAX_FAMILY_MEMTABLE: usize = 64 << 20;
 
 const CF_META: &str = "meta";
 const CF_DATA: &str = "data";
@@ -213,7 +239,11 @@ impl Storage {
         history: &HistoryConfig,
     ) -> Result<(Self, Recovery), StorageError> {
         let path = &config.path;
-        let db = open_db(path)?;
+        let memory = Memory {
+            memtables: config.memtable_bytes,
+            block_cache: config.block_cache_bytes,
+        };
+        let db = open_db(path, memory)?;
         let recovery = Recovery {
             leases: read_leases(&db, path)?,
         };
@@ -235,7 +265,7 @@ impl Storage {
             .name("profiled-commit".to_owned())
             .spawn(move || {
                 let mut queue = commit::Queue::new(receiver);
-                recovery::run_committer(committer, &mut queue, &thread_slot, &thread_path);
+                recovery::run_committer(committer, &mut queue, &thread_slot, &thread_path, memory);
             })
             .map_err(|err| StorageError::Committer(err.to_string()))?;
         let shared = Arc::new(Shared {
@@ -377,6 +407,34 @@ impl Storage {
         self.shared.db.is_degraded()
     }
 
+    /// RocksDB's memtables and block cache in use now; zeros while the
+    /// database is being reopened.
+    pub fn memory_use(&self) -> MemoryUse {
+        let Ok(db) = self.shared.db.get() else {
+            return MemoryUse::default();
+        };
+        let Some(families) = Families::of(&db) else {
+            return MemoryUse::default();
+        };
+        let property = |family: &ColumnFamily, name: &str| {
+            db.property_int_value_cf(family, name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        let memtables = families
+            .all()
+            .into_iter()
+            .map(|family| property(family, "rocksdb.cur-size-all-mem-tables"))
+            .sum();
+        // Every family shares the one cache, so any family reports it.
+        let block_cache = property(families.meta, "rocksdb.block-cache-usage");
+        MemoryUse {
+            memtables,
+            block_cache,
+        }
+    }
+
     /// How many WAL syncs acknowledgements have waited for since the open.
     pub fn wal_syncs(&self) -> u64 {
         self.shared.wal_syncs.load(Ordering::Relaxed)
@@ -428,6 +486,17 @@ impl<'a> Families<'a> {
             history: db.cf_handle(CF_HISTORY)?,
         })
     }
+
+    /// Every family.
+    fn all(&self) -> [&'a ColumnFamily; 5] {
+        [
+            self.meta,
+            self.data,
+            self.leases,
+            self.messages,
+            self.history,
+        ]
+    }
 }
 
 /// Wall-clock time for the records' timestamps.
@@ -443,7 +512,7 @@ fn duration_ms(duration: std::time::Duration) -> u64 {
 }
 
 /// Opens the database with the column families and tuning profiled uses.
-fn open_db(path: &Path) -> Result<DB, StorageError> {
+fn open_db(path: &Path, memory: Memory) -> Result<DB, StorageError> {
     let db_err = |err: rocksdb::Error| StorageError::Db {
         path: path.display().to_string(),
         message: err.into_string(),
@@ -464,11 +533,27 @@ fn open_db(path: &Path) -> Result<DB, StorageError> {
     // pin the oldest WAL file.
     options.set_max_total_wal_size(MAX_WAL_BYTES);
 
-    // Point lookups dominate, so every family gets a bloom filter.
+    // Every family's memtables share one budget. Past it RocksDB flushes
+    // the largest, and with stalls allowed a write waits for that flush
+    // rather than let memory grow on a host the daemon shares with games.
+    let write_buffers = WriteBufferManager::new_write_buffer_manager(memory.memtables, true);
+    options.set_write_buffer_manager(&write_buffers);
+
+    // Point lookups dominate, so every family gets a bloom filter. Every
+    // family shares one block cache, and index and filter blocks are kept
+    // in it too, so the cache's size bounds them; level 0's, which every
+    // lookup reads, stay pinned there.
+    let cache = Cache::new_lru_cache(memory.block_cache);
     let mut table = BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
+    table.set_block_cache(&cache);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     let mut small = Options::default();
     small.set_block_based_table_factory(&table);
+    // No one family may fill the budget, so flushing the largest always
+    // frees a good part of it.
+    small.set_write_buffer_size((memory.memtables / 4).min(MAX_FAMILY_MEMTABLE));
     let mut data = small.clone();
     data.set_compression_type(rocksdb::DBCompressionType::Lz4);
 
@@ -1104,5 +1189,57 @@ mod tests {
             }
         }
         answers
+    }
+
+    #[tokio::test]
+    async fn memtables_and_the_block_cache_stay_within_their_budgets() {
+        const BUDGET: usize = 1 << 20;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StorageConfig {
+            path: dir.path().join("db"),
+            sync: false,
+            memtable_bytes: BUDGET,
+            block_cache_bytes: BUDGET,
+            ..StorageConfig::default()
+        };
+        let (storage, _) = Storage::open(&config, &HistoryConfig::default()).expect("open");
+        // 8 MiB of incompressible data over 2,000 profiles: eight times
+        // either budget.
+        let keys: Vec<ProfileKey> = (0..2000)
+            .map(|i| ProfileKey::new("s", format!("k{i}")))
+            .collect();
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut peak = 0;
+        for key in &keys {
+            let epoch = grant_epoch(&storage, key, "a").await;
+            let data = (0..4096)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state.to_le_bytes()[0]
+                })
+                .collect();
+            storage
+                .save(key.clone(), session("a"), epoch, data, Changes::default())
+                .await
+                .expect("save");
+            peak = peak.max(storage.memory_use().memtables);
+        }
+        let budget = BUDGET as u64;
+        assert!(
+            peak <= 2 * budget,
+            "memtables reached {peak} bytes on a budget of {budget}"
+        );
+        // Reading it all back goes through the block cache.
+        for key in &keys {
+            let view = storage.view(key.clone(), None).await.expect("view");
+            assert_eq!(view.data.map(|data| data.len()), Some(4096));
+        }
+        let cache = storage.memory_use().block_cache;
+        assert!(
+            cache > 0 && cache <= 2 * budget,
+            "the block cache holds {cache} bytes on a budget of {budget}"
+        );
     }
 }

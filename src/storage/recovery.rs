@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rocksdb::DB;
 
 use super::commit::{self, Committer, Ended, Queue};
-use super::{WriteError, open_db};
+use super::{Memory, WriteError, open_db};
 
 /// The open database, shared by the committer thread and the readers.
 #[derive(Debug)]
@@ -70,7 +70,13 @@ impl DbSlot {
 
 /// The committer thread: commits until closed, reopening the database
 /// whenever a write fails.
-pub(super) fn run_committer(mut committer: Committer, ops: &mut Queue, slot: &DbSlot, path: &Path) {
+pub(super) fn run_committer(
+    mut committer: Committer,
+    ops: &mut Queue,
+    slot: &DbSlot,
+    path: &Path,
+    memory: Memory,
+) {
     // Reopens are at least `RETRY` apart, also across failures: on a disk
     // with room to open but not to write, each reopen would otherwise
     // follow the next failed batch at once and use up what space is left.
@@ -86,7 +92,7 @@ pub(super) fn run_committer(mut committer: Committer, ops: &mut Queue, slot: &Db
         let committer_syncs = committer.sync_counter();
         drop(committer);
         let not_before = last_reopen.map_or_else(Instant::now, |at| at + RETRY);
-        let Some(db) = reopen(slot, ops, path, &failure, not_before) else {
+        let Some(db) = reopen(slot, ops, path, memory, &failure, not_before) else {
             return;
         };
         last_reopen = Some(Instant::now());
@@ -104,6 +110,7 @@ fn reopen(
     slot: &DbSlot,
     ops: &mut Queue,
     path: &Path,
+    memory: Memory,
     failure: &str,
     not_before: Instant,
 ) -> Option<Arc<DB>> {
@@ -121,7 +128,7 @@ fn reopen(
             }
         }
         if held.is_none() && Instant::now() >= next_attempt {
-            match open_db(path) {
+            match open_db(path, memory) {
                 Ok(db) => return Some(Arc::new(db)),
                 Err(err) => tracing::warn!(error = %err, "reopening storage failed; retrying"),
             }
