@@ -30,8 +30,8 @@ pub fn active_session(lease: LeaseRecord) -> ActiveSession {
 /// A session's lease as listed in `Welcome` and `Sessions`.
 pub fn held_lease((key, epoch): (ProfileKey, u64)) -> HeldLease {
     HeldLease {
-        store: key.store,
-        key: key.key,
+        store: key.store().to_owned(),
+        key: key.key().to_owned(),
         epoch,
     }
 }

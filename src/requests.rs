@@ -504,7 +504,7 @@ fn pending(id: u64, work: impl Future<Output = Result<Reply, Error>> + Send + 's
 fn profile_key(store: String, key: String, limits: &LimitsConfig) -> Result<ProfileKey, Error> {
     check_name("store", &store, limits.max_name)?;
     check_name("key", &key, limits.max_name)?;
-    Ok(ProfileKey { store, key })
+    Ok(ProfileKey::new(store, key))
 }
 
 /// Checks the names, data size and changes of a save or release.

@@ -617,8 +617,8 @@ impl Driver {
                     // it; a grant after it returns it with the data instead.
                     if let Some(conn) = self.table.holder_conn(&key, &lease.session, lease.epoch) {
                         let event = Event::Message {
-                            store: key.store.clone(),
-                            key: key.key.clone(),
+                            store: key.store().to_owned(),
+                            key: key.key().to_owned(),
                             epoch: lease.epoch,
                             message: message.clone(),
                         };
@@ -834,8 +834,8 @@ fn wire_event(event: LeaseEvent) -> Event {
             epoch,
             requester,
         } => Event::ReleaseRequested {
-            store: key.store,
-            key: key.key,
+            store: key.store().to_owned(),
+            key: key.key().to_owned(),
             epoch,
             requester,
         },
@@ -845,8 +845,8 @@ fn wire_event(event: LeaseEvent) -> Event {
             reason,
             new_owner,
         } => Event::LeaseLost {
-            store: key.store,
-            key: key.key,
+            store: key.store().to_owned(),
+            key: key.key().to_owned(),
             epoch,
             reason,
             new_owner,

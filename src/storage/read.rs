@@ -272,7 +272,7 @@ fn export(
             .saturating_add(data.as_ref().map_or(0, Vec::len))
             .saturating_add(tags);
         found.push(ExportedRecord {
-            key: key.key,
+            key: key.key().to_owned(),
             meta,
             data,
         });

@@ -92,12 +92,12 @@ pub struct LeaseRecord {
 
 /// The database key of a profile.
 pub fn encode_key(key: &ProfileKey) -> Vec<u8> {
-    let store = key.store.as_bytes();
+    let store = key.store().as_bytes();
     let len = u16::try_from(store.len()).unwrap_or(u16::MAX);
-    let mut out = Vec::with_capacity(2 + store.len() + key.key.len());
+    let mut out = Vec::with_capacity(2 + store.len() + key.key().len());
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(store.get(..usize::from(len)).unwrap_or(store));
-    out.extend_from_slice(key.key.as_bytes());
+    out.extend_from_slice(key.key().as_bytes());
     out
 }
 
@@ -120,8 +120,8 @@ pub fn item_key(key: &ProfileKey, id: u64) -> Vec<u8> {
 
 /// The prefix shared by every item of a profile, and only by them.
 pub fn item_prefix(key: &ProfileKey) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + key.store.len() + key.key.len() + 8);
-    for part in [key.store.as_bytes(), key.key.as_bytes()] {
+    let mut out = Vec::with_capacity(4 + key.store().len() + key.key().len() + 8);
+    for part in [key.store().as_bytes(), key.key().as_bytes()] {
         let len = u16::try_from(part.len()).unwrap_or(u16::MAX);
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(part.get(..usize::from(len)).unwrap_or(part));
