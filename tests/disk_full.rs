@@ -48,6 +48,18 @@ fn free_bytes(path: &Path) -> u64 {
 
 #[tokio::test]
 async fn a_full_disk_fails_saves_clearly_loses_nothing_and_recovers_by_itself() {
+    full_disk("").await;
+}
+
+/// Buffered, no save waits for a sync, so the failure comes from the
+/// write itself; the same promises hold.
+#[tokio::test]
+async fn a_full_disk_with_buffered_writes_also_recovers_by_itself() {
+    full_disk("sync = false").await;
+}
+
+/// Fills the disk under a daemon started with `extra` storage settings.
+async fn full_disk(extra: &str) {
     let root = std::fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
@@ -59,7 +71,7 @@ async fn a_full_disk_fails_saves_clearly_loses_nothing_and_recovers_by_itself() 
         return;
     }
     let mut mount = None;
-    let daemon = Daemon::start_prepared("", |data| {
+    let daemon = Daemon::start_prepared(extra, |data| {
         std::fs::create_dir_all(data).expect("create the mount point");
         let status = Command::new("mount")
             .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
