@@ -68,8 +68,10 @@ pub struct StorageConfig {
     pub lease_cache: usize,
     /// The memory, in bytes, that RocksDB's memtables (writes not yet
     /// flushed to table files, across every column family) may use
-    /// together. Past it the largest is flushed, and writes wait for the
-    /// flush rather than let the daemon grow.
+    /// together. Past it the largest is flushed. Each family's memtable is
+    /// at most a quarter of it (and 64 MiB), two per family at most while
+    /// one flushes, so a burst that outruns the disk can take up to two
+    /// and a half times this before writes wait.
     pub memtable_bytes: usize,
     /// The memory, in bytes, of the cache of table blocks that every column
     /// family shares, their index and filter blocks included.

@@ -58,6 +58,19 @@ async fn a_full_disk_with_buffered_writes_also_recovers_by_itself() {
     full_disk("sync = false").await;
 }
 
+/// With a memtable budget smaller than a few saves, the full disk also
+/// fails RocksDB's flushes. The writes must still fail with a storage
+/// error, not wait forever for memory that a failed flush never frees.
+#[tokio::test]
+async fn a_full_disk_under_a_small_memtable_budget_fails_writes_instead_of_hanging() {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        full_disk("memtable_bytes = 1048576"),
+    )
+    .await
+    .expect("the full-disk test finished rather than hung");
+}
+
 /// Fills the disk under a daemon started with `extra` storage settings.
 async fn full_disk(extra: &str) {
     let root = std::fs::read_to_string("/proc/self/status")

@@ -533,10 +533,16 @@ fn open_db(path: &Path, memory: Memory) -> Result<DB, StorageError> {
     // pin the oldest WAL file.
     options.set_max_total_wal_size(MAX_WAL_BYTES);
 
-    // Every family's memtables share one budget. Past it RocksDB flushes
-    // the largest, and with stalls allowed a write waits for that flush
-    // rather than let memory grow on a host the daemon shares with games.
-    let write_buffers = WriteBufferManager::new_write_buffer_manager(memory.memtables, true);
+    // Every family's memtables share one budget, past which RocksDB
+    // flushes the largest. Its stall (a write waits until a flush frees
+    // memory) stays off, as a precaution: a stalled writer waits only for
+    // memory to be freed, and a flush that keeps failing (a full disk)
+    // frees none, where the committer must fail the write and reopen the
+    // database. RocksDB's own limit of two memtables per
+    // family, each a quarter of the budget, still makes writes wait for a
+    // flush, and fails them on a background error; so memtables stay under
+    // two and a half times the budget, and near it while flushes keep up.
+    let write_buffers = WriteBufferManager::new_write_buffer_manager(memory.memtables, false);
     options.set_write_buffer_manager(&write_buffers);
 
     // Point lookups dominate, so every family gets a bloom filter. Every
@@ -552,7 +558,7 @@ fn open_db(path: &Path, memory: Memory) -> Result<DB, StorageError> {
     let mut small = Options::default();
     small.set_block_based_table_factory(&table);
     // No one family may fill the budget, so flushing the largest always
-    // frees a good part of it.
+    // frees a good part of it (see the write buffer manager above).
     small.set_write_buffer_size((memory.memtables / 4).min(MAX_FAMILY_MEMTABLE));
     let mut data = small.clone();
     data.set_compression_type(rocksdb::DBCompressionType::Lz4);
@@ -1226,9 +1232,11 @@ mod tests {
                 .expect("save");
             peak = peak.max(storage.memory_use().memtables);
         }
+        // Two memtables of a quarter of the budget per family, at most, with
+        // an arena block's rounding.
         let budget = BUDGET as u64;
         assert!(
-            peak <= 2 * budget,
+            peak <= 3 * budget,
             "memtables reached {peak} bytes on a budget of {budget}"
         );
         // Reading it all back goes through the block cache.
