@@ -10,8 +10,8 @@ use std::sync::Arc;
 /// Both live in one shared allocation, so a copy costs a pointer rather
 /// than two strings. The lease table keeps two copies of every held
 /// profile's key (by profile, and in its holder's set), and timers and
-/// queued loads keep more; with two strings each, a held lease cost about a
-/// hundred bytes more (docs/PERFORMANCE.md, memory).
+/// queued loads keep more; with two strings each, a held lease cost about
+/// 160 bytes more (docs/PERFORMANCE.md, fourth round).
 #[derive(Clone)]
 pub struct ProfileKey {
     /// The store followed by the key.
