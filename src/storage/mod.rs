@@ -188,6 +188,15 @@ struct Shared {
     committer: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// RocksDB's memory in use now, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// Memtables of every column family, those being flushed included.
+    pub memtables: u64,
+    /// The shared table block cache.
+    pub block_cache: u64,
+}
+
 /// What RocksDB may use of memory; a reopen after a failed write gets the
 /// same.
 #[derive(Clone, Copy, Debug)]
@@ -197,15 +206,6 @@ struct Memory {
     /// The table block cache that every family shares
     /// (`storage.block_cache_bytes`).
     block_cache: usize,
-}
-
-/// RocksDB's memory in use now, in bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MemoryUse {
-    /// Memtables of every column family, those being flushed included.
-    pub memtables: u64,
-    /// The shared table block cache.
-    pub block_cache: u64,
 }
 
 /// The column families, looked up once per use.
@@ -538,10 +538,10 @@ fn open_db(path: &Path, memory: Memory) -> Result<DB, StorageError> {
     // memory) stays off, as a precaution: a stalled writer waits only for
     // memory to be freed, and a flush that keeps failing (a full disk)
     // frees none, where the committer must fail the write and reopen the
-    // database. RocksDB's own limit of two memtables per
-    // family, each a quarter of the budget, still makes writes wait for a
-    // flush, and fails them on a background error; so memtables stay under
-    // two and a half times the budget, and near it while flushes keep up.
+    // database. RocksDB's own limit of two memtables per family, each a
+    // quarter of the budget, still makes writes wait for a flush, and
+    // gives up on a background error; so memtables stay under two and a
+    // half times the budget, and near it while flushes keep up.
     let write_buffers = WriteBufferManager::new_write_buffer_manager(memory.memtables, false);
     options.set_write_buffer_manager(&write_buffers);
 
