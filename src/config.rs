@@ -68,10 +68,11 @@ pub struct StorageConfig {
     pub lease_cache: usize,
     /// The memory, in bytes, that RocksDB's memtables (writes not yet
     /// flushed to table files, across every column family) may use
-    /// together. Past it the largest is flushed. Each family's memtable is
+    /// together. Past it the oldest is flushed. Each family's memtable is
     /// at most a quarter of it (and 64 MiB), two per family at most while
-    /// one flushes, so a burst that outruns the disk can take up to two
-    /// and a half times this before writes wait.
+    /// one flushes, so a burst that outruns the disk can take about two
+    /// and a half times this (plus the batch being written) before writes
+    /// wait.
     pub memtable_bytes: usize,
     /// The memory, in bytes, of the cache of table blocks that every column
     /// family shares, their index and filter blocks included.

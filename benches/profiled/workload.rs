@@ -365,10 +365,12 @@ impl Window {
         drop(finished);
         // Made before the start, since it asks `getconf` for the tick rate.
         let bench = ProcessTree::new(std::process::id());
-        tokio::time::sleep_until(start.into()).await;
-        // The syncs are asked for first and answered before the clocks
-        // are read, so that round trip is in neither window.
+        // The syncs are asked for before the start, while every session
+        // waits for it, so that round trip is in neither window and no
+        // operation is missed; at the end they are asked for after the
+        // clocks are read.
         let syncs_before = server.syncs().await;
+        tokio::time::sleep_until(start.into()).await;
         let before = (server.cpu_time(), bench.main_cpu_time());
         // Never sent to: `None` once every guard is gone.
         while finished_rx.recv().await.is_some() {}

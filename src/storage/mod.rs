@@ -534,21 +534,24 @@ fn open_db(path: &Path, memory: Memory) -> Result<DB, StorageError> {
     options.set_max_total_wal_size(MAX_WAL_BYTES);
 
     // Every family's memtables share one budget, past which RocksDB
-    // flushes the largest. Its stall (a write waits until a flush frees
+    // flushes the family whose memtable is oldest. Its stall (a write waits until a flush frees
     // memory) stays off, as a precaution: a stalled writer waits only for
     // memory to be freed, and a flush that keeps failing (a full disk)
     // frees none, where the committer must fail the write and reopen the
     // database. RocksDB's own limit of two memtables per family, each a
     // quarter of the budget, still makes writes wait for a flush, and
-    // gives up on a background error; so memtables stay under two and a
-    // half times the budget, and near it while flushes keep up.
+    // gives up on a background error; so memtables stay under about two
+    // and a half times the budget (plus the batch being written), and near
+    // it while flushes keep up.
     let write_buffers = WriteBufferManager::new_write_buffer_manager(memory.memtables, false);
     options.set_write_buffer_manager(&write_buffers);
 
     // Point lookups dominate, so every family gets a bloom filter. Every
     // family shares one block cache, and index and filter blocks are kept
     // in it too, so the cache's size bounds them; level 0's, which every
-    // lookup reads, stay pinned there.
+    // lookup reads, stay pinned there. The price: a database whose index
+    // and filter blocks outgrow the cache reads some of them from disk
+    // again, where they used to stay in memory however large.
     let cache = Cache::new_lru_cache(memory.block_cache);
     let mut table = BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
@@ -557,8 +560,8 @@ fn open_db(path: &Path, memory: Memory) -> Result<DB, StorageError> {
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     let mut small = Options::default();
     small.set_block_based_table_factory(&table);
-    // No one family may fill the budget, so flushing the largest always
-    // frees a good part of it (see the write buffer manager above).
+    // No one family may hold the whole budget: each flushes on its own at
+    // a quarter of it (see the write buffer manager above).
     small.set_write_buffer_size((memory.memtables / 4).min(MAX_FAMILY_MEMTABLE));
     let mut data = small.clone();
     data.set_compression_type(rocksdb::DBCompressionType::Lz4);
