@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use profiled_client::{Client, ErrorCode, LoadPolicy, Profile, SessionId};
+use profiled_client::{Client, ErrorCode, LoadPolicy, Metric, Profile, SessionId};
 
 use crate::common::{ChildDaemon, ProcessTree};
 use crate::workload::{self, Durability, Leases, Outcome, Params, Server};
@@ -66,11 +66,24 @@ impl Server for Probe {
 
     async fn syncs(&self) -> Option<f64> {
         let metrics = self.stats.stats().await.ok()?;
-        metrics
-            .iter()
-            .find(|metric| metric.name == "profiled_wal_syncs_total")
-            .map(|metric| metric.value)
+        metric(&metrics, "profiled_wal_syncs_total")
     }
+}
+
+/// The daemon's metric `name` as `client` reads it now; 0 if the daemon
+/// does not report it. Panics if the stats cannot be read: the bench
+/// itself is then broken.
+pub async fn read_metric(client: &Client, name: &str) -> f64 {
+    let metrics = client.stats().await.expect("stats");
+    metric(&metrics, name).unwrap_or(0.0)
+}
+
+/// The value of metric `name` among `metrics`, if it is there.
+fn metric(metrics: &[Metric], name: &str) -> Option<f64> {
+    metrics
+        .iter()
+        .find(|metric| metric.name == name)
+        .map(|metric| metric.value)
 }
 
 /// A session of profiled is one client connection, named for the session;

@@ -159,11 +159,7 @@ async fn measure(durability: Durability, handoffs: usize) -> Row {
 
 /// The daemon's count of WAL syncs made for acknowledgements.
 async fn wal_syncs(client: &Client) -> f64 {
-    let metrics = client.stats().await.expect("stats");
-    metrics
-        .iter()
-        .find(|metric| metric.name == "profiled_wal_syncs_total")
-        .map_or(0.0, |metric| metric.value)
+    daemon::read_metric(client, "profiled_wal_syncs_total").await
 }
 
 /// The holder's side: waits for the daemon's release request, then releases

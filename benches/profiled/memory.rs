@@ -73,11 +73,7 @@ pub async fn run(leases: usize, report: &mut Report) {
 /// `profiled_memtable_bytes`): the lease records a grant writes sit there
 /// until a flush.
 async fn memtable_bytes(client: &profiled_client::Client) -> f64 {
-    let metrics = client.stats().await.expect("stats");
-    metrics
-        .iter()
-        .find(|metric| metric.name == "profiled_memtable_bytes")
-        .map_or(0.0, |metric| metric.value)
+    crate::daemon::read_metric(client, "profiled_memtable_bytes").await
 }
 
 /// The daemon's RSS after it settles: the smallest of a few samples.
