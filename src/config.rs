@@ -110,7 +110,9 @@ pub struct SessionConfig {
 pub struct LimitsConfig {
     /// The largest frame payload, in bytes, in either direction.
     pub max_frame: u32,
-    /// The largest profile data, in bytes.
+    /// The largest profile data, in bytes. With the largest meta tags,
+    /// user ids and names ([`LimitsConfig::profile_bound`]) it must stay
+    /// 1 KiB below `max_frame`, so a loaded profile fits in one frame.
     pub max_data: usize,
     /// The longest store name or key, in bytes.
     pub max_name: usize,
@@ -322,6 +324,19 @@ impl Config {
         if limits.max_page == 0 {
             return Err(invalid("limits.max_page", "must be above zero"));
         }
+        let bound = limits.profile_bound();
+        if bound.saturating_add(1024) > u64::from(limits.max_frame) {
+            return Err(invalid(
+                "limits.max_data",
+                &format!(
+                    "with the largest meta tags (limits.max_meta_tags, max_meta_tag_size, \
+                     max_name) and user ids (limits.max_user_ids), a profile may take \
+                     {bound} bytes, which must be at least 1 KiB below limits.max_frame \
+                     ({}) so that a loaded profile fits in one frame",
+                    limits.max_frame
+                ),
+            ));
+        }
         let history = &self.history;
         if history.retention < history.interval {
             return Err(invalid(
@@ -462,11 +477,36 @@ impl Default for SessionConfig {
     }
 }
 
+impl LimitsConfig {
+    /// The most bytes a profile's data and metadata can take, encoded, in
+    /// a `Loaded` or `Viewed` answer under these limits, pending messages
+    /// aside (those that do not fit follow a `Loaded` as events). Every
+    /// bincode varint is counted at its largest, nine bytes.
+    pub fn profile_bound(&self) -> u64 {
+        const VARINT: u64 = 9;
+        let name = self.max_name as u64 + VARINT;
+        let tag = name
+            .saturating_add(self.max_meta_tag_size as u64)
+            .saturating_add(VARINT);
+        let tags = (self.max_meta_tags as u64).saturating_mul(tag);
+        let user_ids = (self.max_user_ids as u64).saturating_mul(VARINT);
+        // The store, key and holder's job id, and some twenty numbers,
+        // lengths and tags around them.
+        let around = 3 * name + 20 * VARINT;
+        (self.max_data as u64)
+            .saturating_add(tags)
+            .saturating_add(user_ids)
+            .saturating_add(around)
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_frame: profiled_protocol::DEFAULT_MAX_FRAME,
-            max_data: profiled_protocol::DEFAULT_MAX_FRAME as usize - 64 * 1024,
+            // 128 KiB of the frame are left for the meta tags, user ids
+            // and names (see `profile_bound`).
+            max_data: profiled_protocol::DEFAULT_MAX_FRAME as usize - 128 * 1024,
             max_name: 200,
             max_in_flight: 256,
             max_connections: 4096,
@@ -475,7 +515,7 @@ impl Default for LimitsConfig {
             max_message: 64 * 1024,
             max_pending_messages: 1000,
             max_meta_tags: 64,
-            max_meta_tag_size: 4096,
+            max_meta_tag_size: 1024,
             max_user_ids: 64,
             max_page: 1000,
         }
@@ -553,6 +593,81 @@ mod tests {
             let text = format!("[storage]\n{key} = 1048576\n");
             Config::parse(&text, Path::new("p.toml")).expect("1 MiB is enough");
         }
+    }
+
+    #[test]
+    fn limits_under_which_a_profile_outgrows_the_frame_name_max_data() {
+        // 64 meta tags of 1 KiB do not fit in a 64 KiB frame with the data.
+        let text = "[limits]\nmax_frame = 65536\nmax_data = 1024\nmax_message = 1024\n";
+        let err = Config::parse(text, Path::new("p.toml")).expect_err("too large");
+        assert!(err.to_string().contains("limits.max_data"), "{err}");
+        let text =
+            "[limits]\nmax_frame = 65536\nmax_data = 1024\nmax_message = 1024\nmax_meta_tags = 8\n";
+        Config::parse(text, Path::new("p.toml")).expect("eight tags fit");
+    }
+
+    /// `profile_bound` must bound the real encoding, or a `Loaded` answer
+    /// could outgrow its frame while the config check passes.
+    #[test]
+    fn the_profile_bound_covers_the_largest_answers() {
+        use profiled_protocol::{
+            ActiveSession, Loaded, ProfileMeta, ProfileView, Reply, Response, ServerFrame,
+            SessionId, payload_len,
+        };
+        let limits = LimitsConfig::default();
+        let name = |c: char| c.to_string().repeat(limits.max_name);
+        let meta = ProfileMeta {
+            created_at_ms: u64::MAX,
+            updated_at_ms: u64::MAX,
+            load_count: u64::MAX,
+            version: u64::MAX,
+            active: Some(ActiveSession {
+                session: SessionId {
+                    place_id: u64::MAX,
+                    job_id: name('j'),
+                },
+                epoch: u64::MAX,
+                since_ms: u64::MAX,
+            }),
+            meta_tags: (0..limits.max_meta_tags)
+                .map(|i| {
+                    let mut tag = name('t');
+                    tag.replace_range(..8, &format!("{i:08}"));
+                    (tag, vec![0xff; limits.max_meta_tag_size])
+                })
+                .collect(),
+            user_ids: vec![u64::MAX; limits.max_user_ids],
+        };
+        let data = Some(vec![0xff; limits.max_data]);
+        let answers = [
+            Reply::Loaded(Loaded {
+                epoch: u64::MAX,
+                data: data.clone(),
+                meta: meta.clone(),
+                messages: Vec::new(),
+            }),
+            Reply::Viewed(ProfileView {
+                version: u64::MAX,
+                saved_at_ms: u64::MAX,
+                data,
+                meta,
+                messages: Vec::new(),
+            }),
+        ];
+        for answer in answers {
+            let frame = ServerFrame::Response(Response {
+                id: u64::MAX,
+                result: Ok(answer),
+            });
+            let len = payload_len(&frame).expect("encodes") as u64;
+            assert!(
+                len <= limits.profile_bound(),
+                "{len} > {}",
+                limits.profile_bound()
+            );
+        }
+        // And the defaults pass their own check.
+        assert!(limits.profile_bound() + 1024 <= u64::from(limits.max_frame));
     }
 
     #[test]

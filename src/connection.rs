@@ -50,8 +50,14 @@ pub struct Context {
 
 type Transport = Framed<UnixStream, FrameCodec<ClientFrame, ServerFrame>>;
 
-/// Outbound frames queued beyond the in-flight requests, for events.
+/// Outbound frames queued beyond the in-flight requests and a load's
+/// pending messages, for events.
 const EVENT_SLACK: usize = 1024;
+
+/// The most frames an outbound queue holds, however large the limits: a
+/// bounded channel allocates only for what is queued, but its capacity must
+/// stay well below `usize::MAX`.
+const MAX_QUEUE: usize = 1 << 24;
 
 /// The most frames written in one burst before the task reads again, so a
 /// steady stream of events cannot keep requests unread.
@@ -83,7 +89,17 @@ pub async fn serve(
     let Some((session, role)) = handshake(&mut transport, &context, &peer, &stop).await else {
         return;
     };
-    let (outbound, queue) = mpsc::channel(context.limits.max_in_flight + EVENT_SLACK);
+    // A grant's pending messages that do not fit in its answer are queued
+    // right behind it, up to `max_pending_messages` of them, and must not
+    // find the queue full: a full queue closes the connection.
+    let limits = &context.limits;
+    let pending = usize::try_from(limits.max_pending_messages).unwrap_or(usize::MAX);
+    let capacity = limits
+        .max_in_flight
+        .saturating_add(pending)
+        .saturating_add(EVENT_SLACK)
+        .min(MAX_QUEUE);
+    let (outbound, queue) = mpsc::channel(capacity);
     // `kill` drops the connection at once (the driver uses it on a client
     // that stopped reading, or whose session reconnected elsewhere);
     // `stop` lets it finish the requests in flight first.
@@ -332,16 +348,41 @@ impl Link {
         self.flush().await
     }
 
-    /// Queues one frame for the socket. A frame too large to send (a
-    /// profile that grew past `max_frame` under an older limit) is logged
-    /// and skipped, not treated as a broken connection. A `Refused` frame
-    /// is the last: it is flushed and the connection is closed.
+    /// Queues one frame for the socket. A `Refused` frame is the last: it
+    /// is flushed and the connection is closed.
+    ///
+    /// A frame too large to send is not treated as a broken connection.
+    /// An answer is replaced by a `TooLarge` error to the same request, so
+    /// every request is still answered exactly once; an event is logged
+    /// and skipped.
     async fn write(&mut self, frame: ServerFrame) -> Written {
         let last = matches!(frame, ServerFrame::Refused(_));
+        let answers = match &frame {
+            ServerFrame::Response(response) => Some(response.id),
+            _ => None,
+        };
         match self.unless_killed(|transport| transport.feed(frame)).await {
             Some(Ok(())) => {}
             Some(Err(err @ FrameError::TooLarge { .. })) => {
-                tracing::error!(error = %err, "dropped an outbound frame over the frame limit");
+                let Some(id) = answers else {
+                    tracing::error!(error = %err, "dropped an outbound frame over the frame limit");
+                    return Written::Open;
+                };
+                tracing::error!(error = %err, request = id, "an answer is over the frame limit");
+                let refusal = ServerFrame::Response(Response {
+                    id,
+                    result: Err(Error::new(
+                        ErrorCode::TooLarge,
+                        format!("the answer is over the frame limit: {err}"),
+                    )),
+                });
+                match self
+                    .unless_killed(|transport| transport.feed(refusal))
+                    .await
+                {
+                    Some(Ok(())) => {}
+                    Some(Err(_)) | None => return Written::Closed,
+                }
             }
             Some(Err(_)) | None => return Written::Closed,
         }

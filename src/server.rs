@@ -231,7 +231,13 @@ pub async fn run_with(
     let access =
         AccessPolicy::new(&config.access).map_err(|err| ServerError::Access(err.to_string()))?;
     let stats = Arc::new(Stats::new());
-    let leases = Leases::start(storage.clone(), rules, recovered, Arc::clone(&stats));
+    let leases = Leases::start(
+        storage.clone(),
+        rules,
+        recovered,
+        Arc::clone(&stats),
+        config.limits.max_frame,
+    );
     let context = Arc::new(Context {
         leases: leases.clone(),
         storage: storage.clone(),

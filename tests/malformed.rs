@@ -348,8 +348,9 @@ async fn a_bad_job_id_in_hello_is_refused() {
 
 #[tokio::test]
 async fn a_save_over_max_data_is_refused_and_the_connection_stays_usable() {
-    let daemon =
-        Daemon::start_with("[limits]\nmax_frame = 65536\nmax_data = 1024\nmax_message = 1024\n");
+    let daemon = Daemon::start_with(
+        "[limits]\nmax_frame = 65536\nmax_data = 1024\nmax_message = 1024\nmax_meta_tags = 8\n",
+    );
     let client = daemon.client("big-saver").await;
     assert_eq!(client.welcome().max_frame, 65536);
     let profile = client

@@ -233,3 +233,62 @@ async fn sends_over_the_limits_fail_and_drop_nothing() {
         .await
         .expect("room again");
 }
+
+/// Up to `max_pending_messages` may be pending, more than one frame holds:
+/// the load's answer carries the oldest that fit and the rest follow it as
+/// events, so the holder gets every one, in order, and the load succeeds.
+/// A view cannot be split that way; it is refused with `TooLarge`, and the
+/// connection stays usable.
+#[tokio::test]
+async fn messages_that_do_not_fit_in_the_load_answer_follow_it_as_events() {
+    let daemon = Daemon::start_with(
+        "[limits]\nmax_frame = 65536\nmax_data = 1024\nmax_meta_tags = 8\n\
+         max_message = 16000\nmax_pending_messages = 16\n",
+    );
+    let sender = daemon.client("sender").await;
+    let mut sent = Vec::new();
+    for i in 0..10u8 {
+        let payload = vec![i; 16000];
+        let id = sender
+            .send_message(STORE, "full", payload.clone())
+            .await
+            .expect("send");
+        sent.push((id, payload));
+    }
+
+    let err = tokio::time::timeout(PROMPTLY, sender.view(STORE, "full", None))
+        .await
+        .expect("the view is answered")
+        .expect_err("160 KB of messages do not fit in a 64 KiB frame");
+    assert_eq!(err.code(), Some(&ErrorCode::TooLarge), "{err}");
+    sender.ping().await.expect("the connection is still usable");
+
+    let game = daemon.client("game").await;
+    let mut profile =
+        tokio::time::timeout(PROMPTLY, game.load(STORE, "full", LoadPolicy::ForceLoad))
+            .await
+            .expect("the load is answered")
+            .expect("load");
+    let mut received: Vec<Message> = profile.messages().to_vec();
+    assert!(
+        (1..sent.len()).contains(&received.len()),
+        "some, not all, fit in the answer: {}",
+        received.len()
+    );
+    while received.len() < sent.len() {
+        match next_event(&mut profile).await {
+            ProfileEvent::Message(message) => received.push(message),
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    let received: Vec<(u64, Vec<u8>)> = received.into_iter().map(|m| (m.id, m.payload)).collect();
+    assert_eq!(received, sent, "every message, once, oldest first");
+
+    let ids: Vec<u64> = sent.iter().map(|(id, _)| *id).collect();
+    profile
+        .save_with(b"applied".to_vec(), consumed(&ids))
+        .await
+        .expect("save");
+    let view = sender.view(STORE, "full", None).await.expect("view");
+    assert!(view.messages.is_empty());
+}

@@ -182,7 +182,8 @@ impl Profile {
     }
 
     /// The messages that were pending when the profile was loaded, oldest
-    /// first. Later ones arrive as [`ProfileEvent::Message`].
+    /// first, as many as fit in the load's answer. The rest, and later
+    /// ones, arrive as [`ProfileEvent::Message`], in order.
     ///
     /// ```no_run
     /// use profiled_client::Changes;

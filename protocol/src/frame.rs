@@ -119,6 +119,17 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
     }
 }
 
+/// The length of the payload that holds `item`, without encoding it.
+///
+/// Senders use it to fit a message into a frame before they send it; it
+/// fails with [`FrameError::Malformed`] when `item` cannot be encoded.
+pub fn payload_len<T: Serialize>(item: &T) -> Result<usize, FrameError> {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(item, &mut size, CONFIG)
+        .map_err(|err| FrameError::Malformed(err.to_string()))?;
+    Ok(size.bytes_written)
+}
+
 /// Appends one frame (prefix and payload) holding `item` to `dst`.
 ///
 /// Fails with [`FrameError::TooLarge`], leaving `dst` as it was, when the

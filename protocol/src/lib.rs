@@ -157,7 +157,10 @@
 //!    `UnsupportedVersion` naming both versions). A client that sends
 //!    anything else first is disconnected.
 //! 2. The client sends requests, each with an id of its choosing. Every
-//!    request gets exactly one `Response` with that id. Responses may come
+//!    request gets exactly one `Response` with that id; an answer that
+//!    would not fit in a frame is replaced by a `TooLarge` error to the
+//!    same request (a `View` of a profile whose pending messages outgrew
+//!    the frame, for example). Responses may come
 //!    in any order: a load waiting in a queue does not hold up the saves
 //!    sent after it. Writes under one lease sent on one connection take
 //!    effect in the order sent: a save sent behind a release of the same
@@ -191,7 +194,9 @@
 //!
 //! `SendMessage` stores a message durably and answers with its id. If the
 //! profile is held, its holder is sent `Event::Message` at once; whoever
-//! loads it next finds every pending message in `Loaded::messages`. A
+//! loads it next finds the pending messages in `Loaded::messages`, oldest
+//! first, as many as fit in the frame with the data; the rest follow the
+//! `Loaded` answer at once as `Event::Message`s, in order. A
 //! message stays pending until a `Save` or `Release` under the current epoch
 //! lists its id in `Changes::consumed_messages`; the removal is part of that
 //! write's atomic step, so a message is applied exactly once even if the
@@ -210,7 +215,7 @@ mod wire;
 
 pub use frame::{
     CONFIG, FrameCodec, FrameError, LENGTH_PREFIX, MAX_FRAME_CEILING, decode_payload, encode_frame,
-    encode_frame_into, encode_payload,
+    encode_frame_into, encode_payload, payload_len,
 };
 pub use wire::{
     ActiveSession, Changes, ClientFrame, DaemonStatus, Error, ErrorCode, Event, ExportPage,

@@ -384,7 +384,9 @@ pub struct Loaded {
     pub data: Option<Vec<u8>>,
     /// What the daemon knows about the profile.
     pub meta: ProfileMeta,
-    /// Messages waiting to be applied, oldest first.
+    /// Messages waiting to be applied, oldest first: as many as fit in
+    /// the frame with the rest of this answer. The others follow it at
+    /// once as [`Event::Message`]s, in order.
     pub messages: Vec<Message>,
 }
 

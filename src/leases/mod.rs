@@ -181,9 +181,11 @@ struct Driver {
     /// every earlier write's outcome already known: a message's holder, or
     /// the lease an admin action ended, is judged against the right state.
     writes: FuturesOrdered<BoxFuture<'static, Completion>>,
-    /// Loads waiting for an answer: when each arrived, its policy, and
-    /// whether the profile was held then, for the load and handoff stats.
-    loads: HashMap<(ConnId, u64), (Instant, LoadPolicy, bool)>,
+    /// Loads waiting for an answer, by connection and request id.
+    loads: HashMap<(ConnId, u64), PendingLoad>,
+    /// The largest frame a connection sends (`limits.max_frame`): a grant's
+    /// pending messages that do not fit in its answer follow it as events.
+    max_frame: u32,
     /// The daemon's counters.
     stats: Arc<Stats>,
     /// The uid each live session was connected by.
@@ -192,16 +194,30 @@ struct Driver {
     idle_waiters: Vec<(oneshot::Sender<usize>, usize)>,
 }
 
+/// A load waiting for its answer.
+struct PendingLoad {
+    /// The profile, to address the messages that follow a grant.
+    key: ProfileKey,
+    /// When it arrived, for the handoff time.
+    at: Instant,
+    /// Its policy, for the load stats.
+    policy: LoadPolicy,
+    /// Whether the profile was held when it arrived, for the handoff stats.
+    held: bool,
+}
+
 impl Leases {
     /// Starts the driver on the current runtime, holding the leases
     /// `recovered` from storage until their sessions resume them or their
     /// grace runs out. It runs until every handle is dropped and its last
-    /// writes have finished.
+    /// writes have finished. `max_frame` is the largest frame connections
+    /// send.
     pub fn start(
         storage: Storage,
         rules: LeaseRules,
         recovered: Vec<(ProfileKey, SessionId, u64)>,
         stats: Arc<Stats>,
+        max_frame: u32,
     ) -> Self {
         let (commands, receiver) = mpsc::unbounded_channel();
         let mut table = LeaseTable::new(rules);
@@ -213,6 +229,7 @@ impl Leases {
             links: HashMap::new(),
             writes: FuturesOrdered::new(),
             loads: HashMap::new(),
+            max_frame,
             stats,
             session_uids: HashMap::new(),
             idle_waiters: Vec::new(),
@@ -464,7 +481,13 @@ impl Driver {
                 wait,
             } => {
                 let held = self.table.holder(&key).is_some();
-                self.loads.insert((conn, request_id), (now, policy, held));
+                let pending = PendingLoad {
+                    key: key.clone(),
+                    at: now,
+                    policy,
+                    held,
+                };
+                self.loads.insert((conn, request_id), pending);
                 self.table.load(
                     LoadRequest {
                         conn,
@@ -679,12 +702,41 @@ impl Driver {
                     request_id,
                     result,
                 } => {
-                    self.count_load(conn, request_id, &result);
-                    let frame = ServerFrame::Response(Response {
+                    let load = self.loads.remove(&(conn, request_id));
+                    if let Some(load) = &load {
+                        self.count_load(load, &result);
+                    }
+                    let mut response = Response {
                         id: request_id,
                         result: result.map(loaded).map_err(load_error),
-                    });
-                    self.send(conn, frame);
+                    };
+                    // Without the load's key the rest could not be
+                    // addressed, so the answer keeps them all and, if that
+                    // is too large, is refused with `TooLarge`.
+                    let overflow = match (&mut response.result, &load) {
+                        (Ok(Reply::Loaded(granted)), Some(_)) => {
+                            fit_messages(request_id, granted, self.max_frame)
+                        }
+                        _ => Vec::new(),
+                    };
+                    let epoch = match &response.result {
+                        Ok(Reply::Loaded(granted)) => granted.epoch,
+                        _ => 0,
+                    };
+                    self.send(conn, ServerFrame::Response(response));
+                    // After the answer, so the client knows the lease they
+                    // are about.
+                    if let Some(load) = load {
+                        for message in overflow {
+                            let event = Event::Message {
+                                store: load.key.store().to_owned(),
+                                key: load.key.key().to_owned(),
+                                epoch,
+                                message,
+                            };
+                            self.send(conn, ServerFrame::Event(event));
+                        }
+                    }
                 }
                 Effect::Taken { reason } => match reason {
                     LossReason::Stolen => self.stats.stolen(),
@@ -734,14 +786,11 @@ impl Driver {
 
     /// Counts a load's outcome, and the handoff time of a ForceLoad that
     /// took a held profile.
-    fn count_load(&mut self, conn: ConnId, request_id: u64, result: &Result<Granted, LoadError>) {
-        let Some((started, policy, held)) = self.loads.remove(&(conn, request_id)) else {
-            return;
-        };
+    fn count_load(&self, load: &PendingLoad, result: &Result<Granted, LoadError>) {
         let outcome = match result {
             Ok(_) => {
-                if held && policy == LoadPolicy::ForceLoad {
-                    self.stats.handoff(started.elapsed());
+                if load.held && load.policy == LoadPolicy::ForceLoad {
+                    self.stats.handoff(load.at.elapsed());
                 }
                 LoadOutcome::Granted
             }
@@ -757,7 +806,7 @@ impl Driver {
                 LoadOutcome::StorageError
             }
         };
-        self.stats.load(policy, outcome);
+        self.stats.load(load.policy, outcome);
     }
 
     /// Queues a frame for a connection without waiting. A connection whose
@@ -805,6 +854,44 @@ fn loaded(granted: Granted) -> Reply {
         meta: replies::profile_meta(meta, Some(lease)),
         messages,
     })
+}
+
+/// Keeps in a grant's answer (request `id`) as many of its pending
+/// messages, oldest first, as fit in a frame of `max_frame` bytes, and
+/// returns the rest, in order, to be sent after it as events.
+///
+/// The profile's data and metadata always fit with room to spare
+/// (`Config::validate` bounds them below the frame), and so does each
+/// message on its own; their total does not, since up to
+/// `limits.max_pending_messages` may be pending.
+fn fit_messages(id: u64, granted: &mut protocol::Loaded, max_frame: u32) -> Vec<protocol::Message> {
+    if granted.messages.is_empty() {
+        return Vec::new();
+    }
+    let mut messages = std::mem::take(&mut granted.messages);
+    // The answer around the `Loaded`: the frame's variant, the request id,
+    // the result's and the reply's variants (at most 16 bytes as varints),
+    // and the message list's length grown from one byte to at most nine.
+    const AROUND: usize = 16 + 8;
+    let (Ok(bare), Ok(id_len)) = (protocol::payload_len(&*granted), protocol::payload_len(&id))
+    else {
+        granted.messages = messages;
+        return Vec::new();
+    };
+    let mut room = (max_frame as usize).saturating_sub(bare + id_len + AROUND);
+    let fit = messages
+        .iter()
+        .take_while(|message| match protocol::payload_len(message) {
+            Ok(len) if len <= room => {
+                room -= len;
+                true
+            }
+            _ => false,
+        })
+        .count();
+    let overflow = messages.split_off(fit);
+    granted.messages = messages;
+    overflow
 }
 
 /// The wire form of a failed load.
