@@ -238,13 +238,35 @@ fn run(shared: &Shared, work: &Receiver<Work>) {
 }
 
 /// The outcome to report once the batch's fate is known: a failed batch
-/// turns every success into that failure.
+/// turns every outcome into that failure, refusals too. A refusal may
+/// rest on an earlier operation of the same batch (a release refused with
+/// `LeaseLost` behind a steal that the failure undid), and a client takes
+/// `LeaseLost` as final where it retries a storage error; the retry then
+/// gets whatever refusal is still true.
 fn fail_if<T>(
     outcome: Result<T, WriteError>,
     failure: Option<&WriteError>,
 ) -> Result<T, WriteError> {
     match failure {
-        Some(err) if outcome.is_ok() => Err(err.clone()),
-        _ => outcome,
+        Some(err) => Err(err.clone()),
+        None => outcome,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_batch_fails_its_refusals_too() {
+        let failure = WriteError::Storage("no space left on device".to_owned());
+        for outcome in [Ok(7), Err(WriteError::LeaseLost), Err(WriteError::Held)] {
+            assert_eq!(fail_if(outcome, Some(&failure)), Err(failure.clone()));
+        }
+        assert_eq!(
+            fail_if(Err::<u64, _>(WriteError::LeaseLost), None),
+            Err(WriteError::LeaseLost)
+        );
+        assert_eq!(fail_if(Ok(7), None), Ok(7));
     }
 }

@@ -29,6 +29,19 @@ const ITEM_FORMAT: u8 = 1;
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();
 
+/// The largest total of lengths a decoded record may claim. No record is
+/// larger than a frame (the limits keep a profile's metadata within one),
+/// and a frame is at most 1 GiB; a damaged length beyond that is an error
+/// rather than an allocation the process cannot survive.
+const RECORD_LIMIT: usize = profiled_protocol::MAX_FRAME_CEILING as usize;
+
+/// [`CONFIG`] for decoding, with [`RECORD_LIMIT`].
+const DECODE: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<RECORD_LIMIT>,
+> = CONFIG.with_limit::<RECORD_LIMIT>();
+
 /// The per-profile bookkeeping kept in the `meta` column family.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaRecord {
@@ -169,7 +182,7 @@ pub fn item_time(value: &[u8]) -> Option<u64> {
 /// Decodes a meta record of this or an earlier format.
 pub fn decode_meta(bytes: &[u8]) -> Result<MetaRecord, String> {
     match bytes.split_first() {
-        Some((1, rest)) => bincode::serde::decode_from_slice::<MetaRecordV1, _>(rest, CONFIG)
+        Some((1, rest)) => bincode::serde::decode_from_slice::<MetaRecordV1, _>(rest, DECODE)
             .map(|(old, _)| MetaRecord {
                 created_at_ms: old.created_at_ms,
                 updated_at_ms: old.updated_at_ms,
@@ -206,7 +219,7 @@ pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
 /// meta records have the same layout as this format's.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     match bytes.split_first() {
-        Some((1 | 2, rest)) => bincode::serde::decode_from_slice(rest, CONFIG)
+        Some((1 | 2, rest)) => bincode::serde::decode_from_slice(rest, DECODE)
             .map(|(record, _)| record)
             .map_err(|err| err.to_string()),
         Some((format, _)) => Err(format!("unknown record format {format}")),
@@ -217,6 +230,22 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A damaged length must not become an allocation: one near
+    /// `usize::MAX` panicked ("capacity overflow") on the committer thread.
+    #[test]
+    fn a_record_with_a_damaged_length_is_an_error() {
+        // Format 2, then a lease record: place id 0, and a job id whose
+        // length is u64::MAX (a varint: 0xfd and eight bytes).
+        let mut bytes = vec![2, 0, 0xfd];
+        bytes.extend_from_slice(&[0xff; 8]);
+        assert!(decode::<LeaseRecord>(&bytes).is_err());
+        // A length just past the limit, which would otherwise allocate
+        // over a gigabyte before finding the record too short.
+        let mut bytes = vec![2, 0, 0xfd];
+        bytes.extend_from_slice(&(RECORD_LIMIT as u64 + 1).to_le_bytes());
+        assert!(decode::<LeaseRecord>(&bytes).is_err());
+    }
 
     #[test]
     fn keys_are_prefixed_by_their_store() {
