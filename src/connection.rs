@@ -229,6 +229,10 @@ impl Session {
             FuturesUnordered::new();
         // The driver drops its sender when it lets go of the connection.
         let mut driver_open = true;
+        // Loads waiting in the driver for an answer: the connection is not
+        // idle while one waits, though nothing is in flight here. Every
+        // answer the driver queues is a load's.
+        let mut queued_loads: usize = 0;
         // The cancellation and idle futures are made once, not once per
         // request: each new one registers a waiter, which costs more than
         // the select itself on the save path.
@@ -240,7 +244,7 @@ impl Session {
         loop {
             let answer = tokio::select! {
                 () = &mut killed => return false,
-                () = &mut idle, if !idle_timeout.is_zero() && in_flight.is_empty() => {
+                () = &mut idle, if !idle_timeout.is_zero() && in_flight.is_empty() && queued_loads == 0 => {
                     tracing::info!(conn = self.conn, ?idle_timeout, "closing an idle connection");
                     let message = format!("no request for {}s", idle_timeout.as_secs_f64());
                     link.close_with(ErrorCode::Timeout, message).await;
@@ -259,7 +263,12 @@ impl Session {
                 }
                 Some(frame) = in_flight.next(), if !in_flight.is_empty() => frame,
                 frame = link.queue.recv(), if driver_open => match frame {
-                    Some(frame) => frame,
+                    Some(frame) => {
+                        if matches!(frame, ServerFrame::Response(_)) {
+                            queued_loads = queued_loads.saturating_sub(1);
+                        }
+                        frame
+                    }
                     None => {
                         driver_open = false;
                         continue;
@@ -286,7 +295,10 @@ impl Session {
                             in_flight.push(future);
                             continue;
                         }
-                        Started::Queued => continue,
+                        Started::Queued => {
+                            queued_loads += 1;
+                            continue;
+                        }
                     }
                 }
             };

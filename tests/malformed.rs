@@ -632,3 +632,37 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout() {
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
 }
+
+/// A load waiting in a queue is a request in flight: its connection is not
+/// idle, however long the holder takes.
+#[tokio::test]
+async fn a_connection_with_a_load_waiting_is_not_idle() {
+    let daemon = Daemon::start_with("[limits]\nidle_timeout = \"300ms\"\n");
+    let holder = daemon.client("holder").await;
+    let held = holder
+        .load("PlayerData", "wanted", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    let mut waiter = raw(&daemon).await;
+    handshake(&mut waiter, "waiter").await;
+    let load = encode_frame(&ClientFrame::Request(Request {
+        id: 7,
+        body: RequestBody::Load {
+            store: "PlayerData".to_owned(),
+            key: "wanted".to_owned(),
+            policy: LoadPolicy::Repeat,
+            deadline_ms: None,
+        },
+    }))
+    .expect("encode load");
+    send(&mut waiter, &load).await;
+    // Three idle timeouts pass with the load waiting and nothing sent.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    held.release(None).await.expect("release");
+    match next(&mut waiter).await {
+        Next::Frame(ServerFrame::Response(Response { id: 7, result })) => {
+            assert!(matches!(result, Ok(Reply::Loaded(_))), "{result:?}");
+        }
+        other => panic!("expected the load's grant, got {other:?}"),
+    }
+}
