@@ -284,6 +284,17 @@ impl Session {
                             return false;
                         }
                         Some(Err(err)) => {
+                            // The requests before the bad frame were fine:
+                            // what they started is answered before the
+                            // refusal, so a save that committed is not left
+                            // in doubt. A broken socket takes no answers.
+                            if !matches!(err, FrameError::Io(_)) {
+                                while let Some(frame) = in_flight.next().await {
+                                    if let Written::Closed = link.write(frame).await {
+                                        return false;
+                                    }
+                                }
+                            }
                             self.frame_error(link, err).await;
                             return false;
                         }

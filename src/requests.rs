@@ -373,9 +373,13 @@ impl Session {
                     return Started::Done(Err(err));
                 }
                 let limit = page_limit(limit, limits);
-                // A page must fit in a frame; profiles are cut off once the
-                // page's data reaches half of it, and at least one is sent.
-                let budget = usize::try_from(limits.max_frame / 2).unwrap_or(usize::MAX);
+                // A page must fit in a frame: profiles are added while the
+                // page stays within this, and a page always has at least
+                // one (which fits on its own, by `profile_bound`). 1 KiB
+                // is left for the page's own fields.
+                let budget = usize::try_from(limits.max_frame)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(1024 + limits.max_name);
                 return pending(id, async move {
                     let result = context.storage.export(store, after, limit, budget).await;
                     count_write(&context, &result);

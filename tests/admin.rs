@@ -331,3 +331,49 @@ async fn a_backup_taken_while_serving_starts_a_second_daemon() {
         .expect("load from the backup");
     assert_eq!(restored.data(), Some(&b"before the backup"[..]));
 }
+
+/// A page is cut before the profile that would take it past the frame,
+/// not after: a large profile behind a mid-sized one goes to the next page
+/// instead of making this one too large to send.
+#[tokio::test]
+async fn an_export_page_never_outgrows_the_frame() {
+    let daemon = Daemon::start_with(
+        "[limits]\nmax_frame = 65536\nmax_data = 60000\nmax_meta_tags = 1\nmax_message = 1024\n",
+    );
+    let game = daemon.client("game").await;
+    let sizes = [("a", 32_000), ("b", 60_000), ("c", 10)];
+    for (key, size) in sizes {
+        let profile = game
+            .load(STORE, key, LoadPolicy::ForceLoad)
+            .await
+            .expect("load");
+        profile.release(Some(vec![7; size])).await.expect("release");
+    }
+    let admin = daemon.admin("ops").await;
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = admin
+            .export_page(STORE, after.clone(), 100)
+            .await
+            .expect("every page fits in a frame");
+        pages.push(
+            page.profiles
+                .iter()
+                .map(|p| (p.key.clone(), p.data.as_ref().map_or(0, Vec::len)))
+                .collect::<Vec<_>>(),
+        );
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let exported: Vec<(String, usize)> = pages.concat();
+    let expected: Vec<(String, usize)> = sizes.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+    assert_eq!(exported, expected);
+    assert_eq!(
+        pages[0].len(),
+        1,
+        "the 60 KB profile is not added to a page that holds 32 KB"
+    );
+}

@@ -267,6 +267,60 @@ async fn garbage_after_the_handshake_is_refused_and_closes_the_connection() {
     assert_serves(&daemon, "after-garbage-later").await;
 }
 
+/// A save read before a malformed frame is answered before the refusal:
+/// it may have committed, and its sender must not be left in doubt.
+#[tokio::test]
+async fn requests_before_a_malformed_frame_are_answered_before_the_refusal() {
+    let daemon = Daemon::start();
+    let mut stream = raw(&daemon).await;
+    handshake(&mut stream, "before-garbage").await;
+    let request =
+        |id, body| encode_frame(&ClientFrame::Request(Request { id, body })).expect("encode");
+    send(
+        &mut stream,
+        &request(
+            1,
+            RequestBody::Load {
+                store: "PlayerData".to_owned(),
+                key: "doubt".to_owned(),
+                policy: LoadPolicy::ForceLoad,
+                deadline_ms: None,
+            },
+        ),
+    )
+    .await;
+    let epoch = match next(&mut stream).await {
+        Next::Frame(ServerFrame::Response(Response {
+            id: 1,
+            result: Ok(Reply::Loaded(loaded)),
+        })) => loaded.epoch,
+        other => panic!("expected the grant, got {other:?}"),
+    };
+    let mut bytes = request(
+        2,
+        RequestBody::Save {
+            store: "PlayerData".to_owned(),
+            key: "doubt".to_owned(),
+            epoch,
+            data: b"kept".to_vec(),
+            changes: Default::default(),
+        },
+    );
+    bytes.extend_from_slice(&garbage_frame(3));
+    send(&mut stream, &bytes).await;
+    match next(&mut stream).await {
+        Next::Frame(ServerFrame::Response(Response {
+            id: 2,
+            result: Ok(Reply::Saved { .. }),
+        })) => {}
+        other => panic!("expected the save's answer first, got {other:?}"),
+    }
+    assert_eq!(
+        expect_refused_then_closed(&mut stream).await,
+        ErrorCode::InvalidRequest
+    );
+}
+
 #[tokio::test]
 async fn trailing_bytes_after_a_valid_request_are_refused() {
     let daemon = Daemon::start();

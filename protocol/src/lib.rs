@@ -177,7 +177,8 @@
 //!    `Refused(Superseded)` and closed, and should not reconnect.
 //!
 //! `Refused` is always the last frame the daemon sends on a connection:
-//! after a failed handshake, a malformed or oversized frame, or a takeover.
+//! after a failed handshake, a malformed or oversized frame (requests read
+//! before it are answered first), or a takeover.
 //! 5. On shutdown the daemon sends `ShuttingDown { deadline_ms }`, refuses
 //!    new loads with `ShuttingDown`, accepts saves and releases until the
 //!    deadline, then releases what is left itself.

@@ -258,7 +258,7 @@ fn export(
         if !meta.exists() {
             continue;
         }
-        if found.len() >= limit || (!found.is_empty() && used >= budget) {
+        if found.len() >= limit {
             more = true;
             break;
         }
@@ -267,10 +267,14 @@ fn export(
         let data = snapshot
             .get_cf(families.data, &db_key)
             .map_err(storage_error)?;
-        let tags: usize = meta.meta_tags.values().map(Vec::len).sum();
-        used = used
-            .saturating_add(data.as_ref().map_or(0, Vec::len))
-            .saturating_add(tags);
+        // Checked before the profile is added, so that no page but one of a
+        // single profile passes the budget.
+        let cost = export_cost(key.key(), &meta, data.as_deref());
+        if !found.is_empty() && used.saturating_add(cost) > budget {
+            more = true;
+            break;
+        }
+        used = used.saturating_add(cost);
         found.push(ExportedRecord {
             key: key.key().to_owned(),
             meta,
@@ -281,6 +285,18 @@ fn export(
         .then(|| found.last().map(|record| record.key.clone()))
         .flatten();
     Ok((found, next))
+}
+
+/// At least the bytes a profile takes in an export page: every field, and
+/// every length and number counted at its largest varint (nine bytes).
+fn export_cost(key: &str, meta: &records::MetaRecord, data: Option<&[u8]>) -> usize {
+    const VARINT: usize = 9;
+    let tags: usize = meta
+        .meta_tags
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + 2 * VARINT)
+        .sum();
+    key.len() + data.map_or(0, <[u8]>::len) + tags + meta.user_ids.len() * VARINT + 8 * VARINT
 }
 
 /// Reads a profile's pending messages, oldest first, from `snapshot` if
