@@ -117,8 +117,15 @@ pub struct LimitsConfig {
     /// The longest store name or key, in bytes.
     pub max_name: usize,
     /// The most requests a connection may have in flight before the daemon
-    /// stops reading from it.
+    /// stops reading from it. Loads waiting in queues are counted apart
+    /// (`max_queued_loads`): a game server waiting for many profiles must
+    /// still be read, to save and release the ones it holds.
     pub max_in_flight: usize,
+    /// The most loads one connection may have waiting for their answers
+    /// (mostly in queues, for profiles other sessions hold); a load beyond
+    /// it is refused at once with `TooManyLoads`. Each waiting load takes
+    /// memory in the lease table until it is answered.
+    pub max_queued_loads: usize,
     /// The most client connections at once.
     pub max_connections: usize,
     /// How long a new connection has to send its `Hello`.
@@ -304,6 +311,9 @@ impl Config {
         }
         if limits.max_in_flight == 0 {
             return Err(invalid("limits.max_in_flight", "must be above zero"));
+        }
+        if limits.max_queued_loads == 0 {
+            return Err(invalid("limits.max_queued_loads", "must be above zero"));
         }
         if limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be above zero"));
@@ -509,6 +519,7 @@ impl Default for LimitsConfig {
             max_data: profiled_protocol::DEFAULT_MAX_FRAME as usize - 128 * 1024,
             max_name: 200,
             max_in_flight: 256,
+            max_queued_loads: 1024,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::ZERO,

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::{FutureExt, SinkExt, future::BoxFuture};
 use profiled_protocol::{
-    ClientFrame, Error, ErrorCode, FrameCodec, FrameError, Hello, PROTOCOL_VERSION, Response, Role,
-    ServerFrame, SessionId, Welcome,
+    ClientFrame, Error, ErrorCode, FrameCodec, FrameError, Hello, PROTOCOL_VERSION, RequestBody,
+    Response, Role, ServerFrame, SessionId, Welcome,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -62,6 +62,16 @@ const MAX_QUEUE: usize = 1 << 24;
 /// The most frames written in one burst before the task reads again, so a
 /// steady stream of events cannot keep requests unread.
 const MAX_BURST: usize = 64;
+
+/// The refusal of a load beyond `limits.max_queued_loads` (`limit`).
+fn too_many_loads(limit: usize) -> Error {
+    Error::new(
+        ErrorCode::TooManyLoads {
+            limit: limit as u64,
+        },
+        format!("{limit} loads already wait for an answer on this connection"),
+    )
+}
 
 /// How long a closing connection may take to write what the driver queued
 /// for it before it went away.
@@ -224,6 +234,7 @@ impl Session {
     /// whether the connection is still open for writing.
     async fn serve_requests(&self, link: &mut Link, stop: &CancellationToken) -> bool {
         let max_in_flight = self.context.limits.max_in_flight;
+        let max_queued_loads = self.context.limits.max_queued_loads;
         let idle_timeout = self.context.limits.idle_timeout;
         let mut in_flight: FuturesUnordered<BoxFuture<'static, ServerFrame>> =
             FuturesUnordered::new();
@@ -300,15 +311,21 @@ impl Session {
                         }
                     };
                     let id = request.id;
-                    match self.start(request) {
-                        Started::Done(result) => ServerFrame::Response(Response { id, result }),
-                        Started::Pending(future) => {
-                            in_flight.push(future);
-                            continue;
-                        }
-                        Started::Queued => {
-                            queued_loads += 1;
-                            continue;
+                    let too_many = matches!(request.body, RequestBody::Load { .. })
+                        && queued_loads >= max_queued_loads;
+                    if too_many {
+                        ServerFrame::Response(Response { id, result: Err(too_many_loads(max_queued_loads)) })
+                    } else {
+                        match self.start(request) {
+                            Started::Done(result) => ServerFrame::Response(Response { id, result }),
+                            Started::Pending(future) => {
+                                in_flight.push(future);
+                                continue;
+                            }
+                            Started::Queued => {
+                                queued_loads += 1;
+                                continue;
+                            }
                         }
                     }
                 }

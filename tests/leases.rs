@@ -549,3 +549,48 @@ async fn a_load_abandoned_by_its_caller_is_released_when_granted() {
         "b's grant happened and was released"
     );
 }
+
+/// Loads waiting on one connection are bounded: past
+/// `limits.max_queued_loads` a load is refused at once, and the connection
+/// may queue again once one is answered.
+#[tokio::test]
+async fn loads_waiting_on_one_connection_are_bounded() {
+    let daemon = Daemon::start_with("[limits]\nmax_queued_loads = 2\n");
+    let holder = daemon.client("holder").await;
+    let waiter = daemon.client("waiter").await;
+    let mut held = Vec::new();
+    for key in ["p1", "p2", "p3"] {
+        held.push(
+            holder
+                .load(STORE, key, LoadPolicy::ForceLoad)
+                .await
+                .expect("load"),
+        );
+    }
+    let first = queued_load(&waiter, "p1", policy(LoadPolicy::Repeat)).await;
+    let _second = queued_load(&waiter, "p2", policy(LoadPolicy::Repeat)).await;
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        waiter.load_with(STORE, "p3", policy(LoadPolicy::Repeat)),
+    )
+    .await
+    .expect("refused at once, not queued");
+    assert_eq!(code(refused), ErrorCode::TooManyLoads { limit: 2 });
+    // Other connections are not affected, nor are other requests.
+    let other = daemon.client("other").await;
+    let third = queued_load(&other, "p3", policy(LoadPolicy::Repeat)).await;
+    waiter.ping().await.expect("ping");
+
+    let p1 = held.remove(0);
+    p1.release(None).await.expect("release");
+    first.await.expect("task").expect("granted once p1 is free");
+    let again = queued_load(&waiter, "p3", policy(LoadPolicy::Cancel)).await;
+    assert_eq!(
+        code(again.await.expect("task")),
+        ErrorCode::Taken {
+            owner: holder.session().clone()
+        },
+        "room again: the load is judged on its merits"
+    );
+    drop(third);
+}

@@ -135,6 +135,7 @@
 //!              4 Taken { owner: SessionId }
 //!              5 LeaseLost   6 Superseded   7 Timeout   8 ShuttingDown   9 Storage
 //!             10 NotFound   11 Forbidden   12 TooManyMessages { limit: u64 }
+//!             13 TooManyLoads { limit: u64 }
 //! ```
 //!
 //! Times are milliseconds since the Unix epoch, by the daemon's clock.

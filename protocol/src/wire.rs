@@ -661,6 +661,14 @@ pub enum ErrorCode {
         /// The configured limit.
         limit: u64,
     },
+    /// The connection already has the most loads waiting in queues that
+    /// the daemon allows (`limits.max_queued_loads`); this one was not
+    /// queued. It may be sent again once one of them is answered.
+    #[error("too many loads waiting (limit {limit})")]
+    TooManyLoads {
+        /// The configured limit.
+        limit: u64,
+    },
 }
 
 impl Error {

@@ -352,6 +352,10 @@ fn error_codes() {
             ErrorCode::TooManyMessages { limit: 3 },
             "0000000c0000000000000003".into(),
         ),
+        (
+            ErrorCode::TooManyLoads { limit: 4 },
+            "0000000d0000000000000004".into(),
+        ),
     ];
     for (code, expected) in cases {
         let frame = ServerFrame::Response(Response {
