@@ -226,7 +226,7 @@ pub async fn run_with(
     let recovered = recovery
         .leases
         .into_iter()
-        .map(|(key, lease)| (key, lease.session, lease.epoch))
+        .map(|(key, lease)| (key, lease.session, lease.epoch, lease.uid))
         .collect();
     let access =
         AccessPolicy::new(&config.access).map_err(|err| ServerError::Access(err.to_string()))?;

@@ -232,3 +232,58 @@ fn an_unknown_user_name_in_the_config_stops_the_start_with_its_key() {
         "{said}"
     );
 }
+
+/// The uid a session was connected by is kept with its leases, so after a
+/// crash and restart the recovered session still belongs to it: another
+/// allowed user cannot resume it and take its epochs.
+#[tokio::test]
+async fn a_recovered_session_still_belongs_to_the_uid_that_connected_it() {
+    if !is_root() {
+        eprintln!("skipped: creating users and switching to them needs root");
+        return;
+    }
+    let _ = user(GAME_USER);
+    let mut daemon = Daemon::start_with(&format!(
+        "[access]\nsocket_mode = \"0666\"\ngame_users = [\"{GAME_USER}\"]\n\
+         [session]\nresume_grace = \"60s\"\n"
+    ));
+    std::fs::set_permissions(daemon.dir(), std::fs::Permissions::from_mode(0o755))
+        .expect("open the test directory");
+    let root_session = daemon.client("survives-restart").await;
+    let held = root_session
+        .load("PlayerData", "kept", LoadPolicy::ForceLoad)
+        .await
+        .expect("root holds a lease");
+    drop(held);
+    // Closing keeps the lease for the resume grace; the crash keeps it in
+    // storage for the next start to recover.
+    root_session.close().await;
+    daemon.kill();
+    daemon.restart();
+
+    let socket = daemon.socket();
+    let socket = socket.to_str().expect("utf-8 path");
+    let hijack = run_as(
+        GAME_USER,
+        "examples/game_server",
+        &[
+            "--socket",
+            socket,
+            "--server",
+            "survives-restart",
+            "--players",
+            "p1",
+            "--ticks",
+            "1",
+        ],
+    );
+    assert!(!hijack.status.success(), "{}", text(&hijack));
+    assert!(
+        text(&hijack).contains("in use by uid 0"),
+        "{}",
+        text(&hijack)
+    );
+    // Its own uid resumes it, with the lease.
+    let resumed = daemon.client("survives-restart").await;
+    assert_eq!(resumed.welcome().leases.len(), 1, "{:?}", resumed.welcome());
+}

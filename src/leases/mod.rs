@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ProfileKey;
 use crate::replies;
 use crate::stats::{LoadOutcome, Stats};
-use crate::storage::{AdminAction, AdminDone, Granted, Sent, Storage, WriteError};
+use crate::storage::{AdminAction, AdminDone, Granted, Grantee, Sent, Storage, WriteError};
 pub use table::{
     ConnId, Connected, Effect, HandOver, LeaseEvent, LeaseRules, LeaseTable, LoadError,
     LoadRequest, SessionSummary,
@@ -208,19 +208,31 @@ struct PendingLoad {
 
 impl Leases {
     /// Starts the driver on the current runtime, holding the leases
-    /// `recovered` from storage until their sessions resume them or their
-    /// grace runs out. It runs until every handle is dropped and its last
+    /// `recovered` from storage (each with its session, epoch, and the uid
+    /// that connected the session, if recorded) until their sessions
+    /// resume them or their grace runs out; only that uid, or root, may
+    /// resume one. It runs until every handle is dropped and its last
     /// writes have finished. `max_frame` is the largest frame connections
     /// send.
     pub fn start(
         storage: Storage,
         rules: LeaseRules,
-        recovered: Vec<(ProfileKey, SessionId, u64)>,
+        recovered: Vec<(ProfileKey, SessionId, u64, Option<u32>)>,
         stats: Arc<Stats>,
         max_frame: u32,
     ) -> Self {
         let (commands, receiver) = mpsc::unbounded_channel();
         let mut table = LeaseTable::new(rules);
+        let mut session_uids = HashMap::new();
+        let recovered = recovered
+            .into_iter()
+            .map(|(key, session, epoch, uid)| {
+                if let Some(uid) = uid {
+                    session_uids.insert(session.clone(), uid);
+                }
+                (key, session, epoch)
+            })
+            .collect();
         table.recover(recovered, Instant::now());
         let driver = Driver {
             table,
@@ -231,7 +243,7 @@ impl Leases {
             loads: HashMap::new(),
             max_frame,
             stats,
-            session_uids: HashMap::new(),
+            session_uids,
             idle_waiters: Vec::new(),
         };
         tokio::spawn(driver.run());
@@ -511,6 +523,7 @@ impl Driver {
                 // one step with the release: one batch, one sync.
                 let (write, grant) = match self.table.releasing(&key, &owner, epoch) {
                     Some(HandOver { ticket, next }) => {
+                        let next = self.grantee(next);
                         let (write, grant) =
                             self.storage
                                 .hand_over(key.clone(), owner, epoch, data, changes, next);
@@ -680,7 +693,7 @@ impl Driver {
         for effect in self.table.take_effects() {
             match effect {
                 Effect::Grant { key, ticket, owner } => {
-                    let write = self.storage.grant(key.clone(), owner);
+                    let write = self.storage.grant(key.clone(), self.grantee(owner));
                     self.track_grant(key, ticket, write);
                 }
                 Effect::Release { key, owner, epoch } => {
@@ -782,6 +795,12 @@ impl Driver {
                 })
                 .boxed(),
         );
+    }
+
+    /// A grant to `session`, with the uid that connected it.
+    fn grantee(&self, session: SessionId) -> Grantee {
+        let uid = self.session_uids.get(&session).copied();
+        Grantee { session, uid }
     }
 
     /// Counts a load's outcome, and the handoff time of a ForceLoad that

@@ -601,6 +601,7 @@ impl Harness {
                 session: owner,
                 epoch: self.stored_epoch[index],
                 since_ms: 0,
+                uid: None,
             },
             meta: MetaRecord::default(),
             data: None,

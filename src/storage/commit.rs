@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use super::durable::{self, Answer, Syncer};
 use super::records::{self, LeaseRecord, MetaRecord};
-use super::{AdminAction, AdminDone, Families, Granted, Sent, WriteError, unix_ms};
+use super::{AdminAction, AdminDone, Families, Granted, Grantee, Sent, WriteError, unix_ms};
 use crate::ProfileKey;
 
 /// A write waiting for the committer. Each carries the sender its caller
@@ -31,7 +31,7 @@ use crate::ProfileKey;
 pub(super) enum Op {
     Grant {
         key: ProfileKey,
-        owner: SessionId,
+        to: Grantee,
         reply: oneshot::Sender<Result<Granted, WriteError>>,
     },
     /// A save (`release: false`) or a release, checked against the lease.
@@ -45,7 +45,7 @@ pub(super) enum Op {
     HandOver {
         release: Write,
         released: oneshot::Sender<Result<u64, WriteError>>,
-        next: SessionId,
+        next: Grantee,
         granted: oneshot::Sender<Result<Granted, WriteError>>,
     },
     /// A message for a profile.
@@ -335,8 +335,8 @@ impl Committer {
                 continue;
             }
             match op {
-                Op::Grant { key, owner, reply } => {
-                    let outcome = self.grant(&mut batch, key, owner, false);
+                Op::Grant { key, to, reply } => {
+                    let outcome = self.grant(&mut batch, key, to, false);
                     answers.push(Answer::Granted(reply, outcome));
                 }
                 Op::HandOver {
@@ -410,7 +410,7 @@ impl Committer {
         &self,
         batch: &mut Batch<'_>,
         key: ProfileKey,
-        owner: SessionId,
+        to: Grantee,
         if_free: bool,
     ) -> Result<Granted, WriteError> {
         let db_key = records::encode_key(&key);
@@ -432,9 +432,10 @@ impl Committer {
         meta.epoch += 1;
         meta.load_count += 1;
         let lease = LeaseRecord {
-            session: owner,
+            session: to.session,
             epoch: meta.epoch,
             since_ms: now_ms,
+            uid: to.uid,
         };
         slot.meta = Some(meta.clone());
         slot.lease = Some(lease.clone());
@@ -875,7 +876,7 @@ fn slot_of<'s>(
             .transpose()
             .map_err(WriteError::Storage)?;
         let lease = read(families.leases)?
-            .map(|bytes| records::decode::<LeaseRecord>(&bytes))
+            .map(|bytes| records::decode_lease(&bytes))
             .transpose()
             .map_err(WriteError::Storage)?;
         slots.insert(db_key.to_vec(), Slot::read(meta, lease));

@@ -70,6 +70,17 @@ pub struct Granted {
     pub messages: Vec<Message>,
 }
 
+/// Who a grant is for: the session, and the uid that connected it, which
+/// is kept with the lease so that after a restart only that uid (or root)
+/// may resume the session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grantee {
+    /// The session that will hold the lease.
+    pub session: SessionId,
+    /// The uid that connected it; `None` if not known.
+    pub uid: Option<u32>,
+}
+
 /// A message that has been made durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sent {
@@ -285,10 +296,10 @@ impl Storage {
     pub fn grant(
         &self,
         key: ProfileKey,
-        owner: SessionId,
+        to: Grantee,
     ) -> impl Future<Output = Result<Granted, WriteError>> + Send + 'static {
         let (reply, done) = oneshot::channel();
-        self.submit(commit::Op::Grant { key, owner, reply });
+        self.submit(commit::Op::Grant { key, to, reply });
         async move { done.await.unwrap_or(Err(WriteError::Closed)) }
     }
 
@@ -305,7 +316,7 @@ impl Storage {
         epoch: u64,
         data: Option<Vec<u8>>,
         changes: Changes,
-        next: SessionId,
+        next: Grantee,
     ) -> (
         impl Future<Output = Result<u64, WriteError>> + Send + 'static,
         impl Future<Output = Result<Granted, WriteError>> + Send + 'static,
@@ -593,7 +604,7 @@ fn read_leases(db: &DB, path: &Path) -> Result<Vec<(ProfileKey, LeaseRecord)>, S
         })?;
         let key = records::decode_key(&key)
             .ok_or_else(|| corrupt("a lease has an undecodable key".to_owned()))?;
-        let lease = records::decode::<LeaseRecord>(&value)
+        let lease = records::decode_lease(&value)
             .map_err(|err| corrupt(format!("the lease of {key}: {err}")))?;
         found.push((key, lease));
     }
@@ -621,10 +632,18 @@ mod tests {
         }
     }
 
+    /// A grant to session `job`, with no uid recorded.
+    fn grantee(job: &str) -> Grantee {
+        Grantee {
+            session: session(job),
+            uid: None,
+        }
+    }
+
     /// Grants `key` to session `job` and returns the lease's epoch.
     async fn grant_epoch(storage: &Storage, key: &ProfileKey, job: &str) -> u64 {
         storage
-            .grant(key.clone(), session(job))
+            .grant(key.clone(), grantee(job))
             .await
             .expect("grant")
             .lease
@@ -637,7 +656,7 @@ mod tests {
         let (storage, _) = open(dir.path());
         let key = ProfileKey::new("s", "k");
         let first = storage
-            .grant(key.clone(), session("a"))
+            .grant(key.clone(), grantee("a"))
             .await
             .expect("grant");
         assert_eq!(first.lease.epoch, 1);
@@ -671,7 +690,7 @@ mod tests {
         assert_eq!(wrong_epoch.await, Err(WriteError::LeaseLost));
 
         let second = storage
-            .grant(key.clone(), session("b"))
+            .grant(key.clone(), grantee("b"))
             .await
             .expect("steal");
         assert_eq!(second.lease.epoch, 2);
@@ -694,11 +713,11 @@ mod tests {
         {
             let (storage, _) = open(dir.path());
             storage
-                .grant(key.clone(), session("a"))
+                .grant(key.clone(), grantee("a"))
                 .await
                 .expect("grant");
             storage
-                .grant(key.clone(), session("b"))
+                .grant(key.clone(), grantee("b"))
                 .await
                 .expect("grant");
             storage
@@ -719,7 +738,7 @@ mod tests {
         assert_eq!(recovered_key, &key);
         assert_eq!((lease.session.clone(), lease.epoch), (session("b"), 2));
         let granted = storage
-            .grant(key.clone(), session("c"))
+            .grant(key.clone(), grantee("c"))
             .await
             .expect("grant");
         assert_eq!(granted.lease.epoch, 3);
@@ -735,7 +754,7 @@ mod tests {
         let key = ProfileKey::new("s", "k");
         // Submitted back to back, these usually land in one batch; the
         // outcome must be the same either way.
-        let grant = storage.grant(key.clone(), session("a"));
+        let grant = storage.grant(key.clone(), grantee("a"));
         let save = storage.save(
             key.clone(),
             session("a"),
@@ -757,7 +776,7 @@ mod tests {
             b"v3".to_vec(),
             Changes::default(),
         );
-        let regrant = storage.grant(key.clone(), session("b"));
+        let regrant = storage.grant(key.clone(), grantee("b"));
         assert_eq!(grant.await.expect("grant").lease.epoch, 1);
         assert_eq!(save.await, Ok(1));
         assert_eq!(release.await, Ok(2));
@@ -789,7 +808,7 @@ mod tests {
             7,
             None,
             Changes::default(),
-            session("b"),
+            grantee("b"),
         );
         assert_eq!(released.await, Err(WriteError::LeaseLost));
         assert_eq!(granted.await.map(|g| g.lease.epoch), Err(WriteError::Held));
@@ -810,7 +829,7 @@ mod tests {
             1,
             Some(b"v2".to_vec()),
             Changes::default(),
-            session("b"),
+            grantee("b"),
         );
         assert_eq!(released.await, Ok(2));
         let granted = granted.await.expect("granted behind the release");
@@ -846,7 +865,7 @@ mod tests {
         let (storage, _) = Storage::open(&config, &keep_all()).expect("open");
         let key = ProfileKey::new("s", "k");
         storage
-            .grant(key.clone(), session("a"))
+            .grant(key.clone(), grantee("a"))
             .await
             .expect("grant");
         for data in [b"v1", b"v2", b"v3"] {
@@ -895,7 +914,7 @@ mod tests {
         // Submitted back to back, these usually share a batch; the outcome
         // must be the same either way.
         let first = storage.send_message(key.clone(), b"one".to_vec(), 10);
-        let grant = storage.grant(key.clone(), session("a"));
+        let grant = storage.grant(key.clone(), grantee("a"));
         let second = storage.send_message(key.clone(), b"two".to_vec(), 10);
         let consume = storage.save(
             key.clone(),
@@ -907,9 +926,9 @@ mod tests {
                 ..Changes::default()
             },
         );
-        let regrant = storage.grant(key.clone(), session("b"));
+        let regrant = storage.grant(key.clone(), grantee("b"));
         let wipe = storage.admin(key.clone(), AdminAction::Wipe);
-        let after_wipe = storage.grant(key.clone(), session("c"));
+        let after_wipe = storage.grant(key.clone(), grantee("c"));
 
         assert_eq!(first.await.expect("send").message.id, 1);
         let granted = grant.await.expect("grant");
@@ -988,7 +1007,7 @@ mod tests {
         // Each count is taken before the write is submitted: the committer
         // may sync and answer before the test looks again.
         let before = storage.wal_syncs();
-        let granted = storage.grant(key.clone(), session("a"));
+        let granted = storage.grant(key.clone(), grantee("a"));
         let epoch = granted.await.expect("grant").lease.epoch;
         assert!(
             storage.wal_syncs() > before,
@@ -1058,7 +1077,7 @@ mod tests {
         };
         let (buffered, _) = Storage::open(&config, &HistoryConfig::default()).expect("open");
         let granted = buffered
-            .grant(key.clone(), session("a"))
+            .grant(key.clone(), grantee("a"))
             .await
             .expect("grant");
         buffered
@@ -1138,7 +1157,13 @@ mod tests {
                 let owner = session(&format!("j{who}"));
                 pending.push(match next(16) {
                     0 | 1 => {
-                        let grant = storage.grant(key, owner);
+                        let grant = storage.grant(
+                            key,
+                            Grantee {
+                                session: owner,
+                                uid: None,
+                            },
+                        );
                         Box::pin(async move {
                             match grant.await {
                                 Ok(g) => (

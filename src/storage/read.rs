@@ -113,7 +113,7 @@ fn view(
     let lease = snapshot
         .get_cf(families.leases, &db_key)
         .map_err(storage_error)?
-        .map(|bytes| records::decode::<LeaseRecord>(&bytes))
+        .map(|bytes| records::decode_lease(&bytes))
         .transpose()
         .map_err(WriteError::Storage)?;
     let (version, saved_at_ms, data) = match version {

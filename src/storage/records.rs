@@ -19,10 +19,11 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::ProfileKey;
 
-/// The record format written by this build. Format 1 differs only in the
-/// meta record, which [`decode_meta`] still reads.
-const FORMAT: u8 = 2;
-const _: () = assert!(FORMAT == 2, "decode reads formats 1 and 2");
+/// The record format written by this build. Format 1 differs from it in
+/// the meta and lease records, format 2 in the lease record;
+/// [`decode_meta`] and [`decode_lease`] still read them.
+const FORMAT: u8 = 3;
+const _: () = assert!(FORMAT == 3, "decode reads formats 1 to 3");
 
 /// The format of message and version values.
 const ITEM_FORMAT: u8 = 1;
@@ -101,6 +102,18 @@ pub struct LeaseRecord {
     pub epoch: u64,
     /// When it was granted, in Unix milliseconds.
     pub since_ms: u64,
+    /// The uid that connected the holder's session, so that after a
+    /// restart only that uid (or root) may resume it. `None` in records
+    /// written before format 3.
+    pub uid: Option<u32>,
+}
+
+/// The lease record as formats 1 and 2 wrote it.
+#[derive(Deserialize)]
+struct LeaseRecordV2 {
+    session: SessionId,
+    epoch: u64,
+    since_ms: u64,
 }
 
 /// The database key of a profile.
@@ -205,6 +218,21 @@ impl MetaRecord {
     }
 }
 
+/// Decodes a lease record of any format this build knows.
+pub fn decode_lease(bytes: &[u8]) -> Result<LeaseRecord, String> {
+    match bytes.split_first() {
+        Some((1 | 2, rest)) => bincode::serde::decode_from_slice::<LeaseRecordV2, _>(rest, DECODE)
+            .map(|(old, _)| LeaseRecord {
+                session: old.session,
+                epoch: old.epoch,
+                since_ms: old.since_ms,
+                uid: None,
+            })
+            .map_err(|err| err.to_string()),
+        _ => decode(bytes),
+    }
+}
+
 /// Encodes a record with its format byte.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     let mut out = vec![FORMAT];
@@ -219,7 +247,7 @@ pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
 /// meta records have the same layout as this format's.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     match bytes.split_first() {
-        Some((1 | 2, rest)) => bincode::serde::decode_from_slice(rest, DECODE)
+        Some((1..=3, rest)) => bincode::serde::decode_from_slice(rest, DECODE)
             .map(|(record, _)| record)
             .map_err(|err| err.to_string()),
         Some((format, _)) => Err(format!("unknown record format {format}")),
@@ -239,7 +267,7 @@ mod tests {
         // length is u64::MAX (a varint: 0xfd and eight bytes).
         let mut bytes = vec![2, 0, 0xfd];
         bytes.extend_from_slice(&[0xff; 8]);
-        assert!(decode::<LeaseRecord>(&bytes).is_err());
+        assert!(decode_lease(&bytes).is_err());
         // A length just past the limit, which would otherwise allocate
         // over a gigabyte before finding the record too short.
         let mut bytes = vec![2, 0, 0xfd];
@@ -279,6 +307,36 @@ mod tests {
         assert_eq!(decode_meta(&encode(&meta)), Ok(meta));
         assert!(decode::<MetaRecord>(&[9, 0]).is_err());
         assert!(decode::<MetaRecord>(&[]).is_err());
+    }
+
+    #[test]
+    fn lease_records_keep_their_uid_and_older_formats_are_still_read() {
+        let lease = LeaseRecord {
+            session: SessionId {
+                place_id: 1,
+                job_id: "job".to_owned(),
+            },
+            epoch: 7,
+            since_ms: 9,
+            uid: Some(1000),
+        };
+        assert_eq!(decode_lease(&encode(&lease)), Ok(lease.clone()));
+        // Format 2 had no uid: such a lease may be resumed by any allowed
+        // uid, as before.
+        #[derive(Serialize)]
+        struct V2(SessionId, u64, u64);
+        let mut bytes = vec![2];
+        bincode::serde::encode_into_std_write(V2(lease.session.clone(), 7, 9), &mut bytes, CONFIG)
+            .expect("encode");
+        assert_eq!(decode_lease(&bytes), Ok(LeaseRecord { uid: None, ..lease }));
+        // Format 2 meta records are format 3's.
+        let meta = MetaRecord {
+            epoch: 3,
+            ..MetaRecord::default()
+        };
+        let mut bytes = encode(&meta);
+        bytes[0] = 2;
+        assert_eq!(decode_meta(&bytes), Ok(meta));
     }
 
     #[test]
