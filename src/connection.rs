@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessPolicy, Peer};
 use crate::config::LimitsConfig;
-use crate::leases::{ConnId, ConnLink, Leases};
+use crate::leases::{ConnId, ConnLink, Gate, Leases};
 use crate::requests::{Releasing, Started, check_name};
 use crate::stats::Stats;
 use crate::storage::Storage;
@@ -114,9 +114,11 @@ pub async fn serve(
     // that stopped reading, or whose session reconnected elsewhere);
     // `stop` lets it finish the requests in flight first.
     let kill = CancellationToken::new();
+    let gate = Gate::default();
     let link = ConnLink {
         outbound,
         kill: kill.clone(),
+        gate: gate.clone(),
     };
     let connected = match context
         .leases
@@ -167,6 +169,7 @@ pub async fn serve(
         transport,
         queue,
         kill,
+        gate,
         stop: stop.clone(),
     };
     let open = session.serve_requests(&mut link, &stop).await;
@@ -213,6 +216,9 @@ struct Link {
     queue: mpsc::Receiver<ServerFrame>,
     /// Cancelled by the driver to drop the connection at once.
     kill: CancellationToken,
+    /// Closed by the driver when a newer connection takes the session
+    /// over; no request is started once it is.
+    gate: Gate,
     /// Cancelled when the daemon stops; from then on a write that waits
     /// for the client gets [`CLOSING_WRITES`] more, so a client that stopped
     /// reading cannot hold the shutdown up.
@@ -285,7 +291,7 @@ impl Session {
                         continue;
                     }
                 },
-                next = link.transport.next(), if in_flight.len() < max_in_flight => {
+                next = link.transport.next(), if in_flight.len() < max_in_flight && !link.gate.is_closed() => {
                     rearm(idle.as_mut(), idle_timeout);
                     let request = match next {
                         None => return true,
@@ -316,7 +322,12 @@ impl Session {
                     if too_many {
                         ServerFrame::Response(Response { id, result: Err(too_many_loads(max_queued_loads)) })
                     } else {
-                        match self.start(request) {
+                        // Taken over since it was read: the refusal is
+                        // queued, and the request is not started.
+                        let Some(started) = link.gate.pass(|| self.start(request)) else {
+                            continue;
+                        };
+                        match started {
                             Started::Done(result) => ServerFrame::Response(Response { id, result }),
                             Started::Pending(future) => {
                                 in_flight.push(future);

@@ -594,3 +594,116 @@ async fn loads_waiting_on_one_connection_are_bounded() {
     );
     drop(third);
 }
+
+/// A session taken over by a newer connection is fenced on the older one
+/// at once: of the saves the older connection still has unread or unstarted
+/// when the newer one connects, none is applied behind the newer one's
+/// acknowledged save. Each round pipelines 2,000 saves on the older
+/// connection and takes the session over while they are being read.
+/// Without the driver's gate, four of five runs of this test failed.
+#[tokio::test]
+async fn a_taken_over_connection_starts_nothing_after_the_takeover() {
+    use profiled_protocol::{
+        ClientFrame, Hello, Reply, Request, RequestBody, Response, Role, ServerFrame,
+        decode_payload, encode_frame,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn read_frame(reader: &mut (impl AsyncReadExt + Unpin)) -> Option<ServerFrame> {
+        let mut prefix = [0u8; 4];
+        reader.read_exact(&mut prefix).await.ok()?;
+        let mut payload = vec![0; u32::from_be_bytes(prefix) as usize];
+        reader.read_exact(&mut payload).await.ok()?;
+        Some(decode_payload(&payload).expect("a frame from the daemon"))
+    }
+    fn request(id: u64, body: RequestBody) -> Vec<u8> {
+        encode_frame(&ClientFrame::Request(Request { id, body })).expect("encode")
+    }
+
+    let daemon = Daemon::start();
+    for round in 0..30 {
+        let job = format!("twin-{round}");
+        let key = format!("fenced-{round}");
+        let stream = tokio::net::UnixStream::connect(daemon.socket())
+            .await
+            .expect("connect");
+        let (mut reader, mut writer) = stream.into_split();
+        let hello = ClientFrame::Hello(Hello {
+            protocol_version: profiled_protocol::PROTOCOL_VERSION,
+            session: session(&job),
+            role: Role::Game,
+        });
+        writer
+            .write_all(&encode_frame(&hello).expect("encode"))
+            .await
+            .expect("hello");
+        assert!(matches!(
+            read_frame(&mut reader).await,
+            Some(ServerFrame::Welcome(_))
+        ));
+        let load = RequestBody::Load {
+            store: STORE.to_owned(),
+            key: key.clone(),
+            policy: LoadPolicy::ForceLoad,
+            deadline_ms: None,
+        };
+        writer.write_all(&request(1, load)).await.expect("load");
+        let epoch = match read_frame(&mut reader).await {
+            Some(ServerFrame::Response(Response {
+                result: Ok(Reply::Loaded(loaded)),
+                ..
+            })) => loaded.epoch,
+            other => panic!("expected the grant, got {other:?}"),
+        };
+        let saves: Vec<u8> = (0..2000)
+            .flat_map(|i| {
+                let save = RequestBody::Save {
+                    store: STORE.to_owned(),
+                    key: key.clone(),
+                    epoch,
+                    data: b"older".to_vec(),
+                    changes: Default::default(),
+                };
+                request(10 + i, save)
+            })
+            .collect();
+        let writing = tokio::spawn(async move {
+            let _ = writer.write_all(&saves).await;
+            writer
+        });
+        // Some of the saves have been applied: the daemon is reading them.
+        assert!(matches!(
+            read_frame(&mut reader).await,
+            Some(ServerFrame::Response(_))
+        ));
+
+        let newer = daemon.client(&job).await;
+        newer
+            .save(STORE, &key, epoch, b"newer".to_vec())
+            .await
+            .expect("the newer connection holds the lease");
+        // The older connection answers what it started, is refused, and
+        // closes.
+        let refused = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match read_frame(&mut reader).await {
+                    Some(ServerFrame::Response(_)) => {}
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the older connection closes");
+        assert!(
+            matches!(&refused, Some(ServerFrame::Refused(err)) if err.code == ErrorCode::Superseded),
+            "{refused:?}"
+        );
+        drop(writing.await);
+        let view = newer.view(STORE, &key, None).await.expect("view");
+        assert_eq!(
+            view.data.as_deref(),
+            Some(&b"newer"[..]),
+            "round {round}: a save of the older connection was applied after the takeover"
+        );
+    }
+}

@@ -61,6 +61,44 @@ pub struct ConnLink {
     /// Cancelled by the driver if the connection stops reading, so one
     /// stuck client cannot make the driver buffer without bound.
     pub kill: CancellationToken,
+    /// Closed by the driver when a newer connection takes the session
+    /// over, before that connection learns it has the session; the
+    /// connection starts no request once it is closed.
+    pub gate: Gate,
+}
+
+/// Whether a connection may still start requests. The connection starts
+/// each request while holding the gate's lock and the driver closes it
+/// under the same lock, so nothing the older of two connections of one
+/// session starts after a takeover can reach storage behind the newer
+/// one's writes.
+#[derive(Clone, Debug, Default)]
+pub struct Gate(Arc<std::sync::Mutex<bool>>);
+
+impl Gate {
+    /// Runs `start` unless the gate is closed, holding it open meanwhile.
+    pub fn pass<T>(&self, start: impl FnOnce() -> T) -> Option<T> {
+        let closed = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (!*closed).then(start)
+    }
+
+    /// Whether the gate is closed.
+    pub fn is_closed(&self) -> bool {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn close(&self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+    }
 }
 
 /// A session is live under another user.
@@ -478,6 +516,9 @@ impl Driver {
                 }
                 self.links.insert(conn, link);
                 let connected = self.table.connect(conn, session, now);
+                // An older connection of the session is closed (its gate
+                // first) before this one learns it has the session.
+                self.apply_effects();
                 let _ = reply.send(Ok(connected));
             }
             Command::Disconnect { conn } => {
@@ -761,6 +802,7 @@ impl Driver {
                 }
                 Effect::Kick { conn } => {
                     if let Some(link) = self.links.remove(&conn) {
+                        link.gate.close();
                         tracing::info!(conn, "closing a connection whose session reconnected");
                         // The client must not reconnect and take the session
                         // back, so it is told why; the writer closes the
