@@ -343,11 +343,14 @@ impl Shared {
             tracing::warn!(id, "ignoring a response to no request in flight");
             return;
         };
+        // A grant whose caller may still stop waiting before it takes it.
+        let mut granted = None;
         match (effect, &result) {
             (Effect::Subscribe { store, key, events }, Ok(Reply::Loaded(loaded)))
                 if !reply.is_closed() =>
             {
                 let epoch = loaded.epoch;
+                granted = Some((store.clone(), key.clone(), epoch));
                 state
                     .subscriptions
                     .insert((store, key), Subscription { epoch, events });
@@ -373,8 +376,24 @@ impl Shared {
             _ => {}
         }
         drop(state);
-        // The caller may have stopped waiting; its response has nowhere to go.
-        let _ = reply.send(result);
+        // The caller may have stopped waiting; its response has nowhere to
+        // go. A grant it gave up on after the check above is handed back
+        // like one it had given up on before.
+        if let (Err(Ok(Reply::Loaded(_))), Some((store, key, epoch))) =
+            (reply.send(result), granted)
+        {
+            let mut state = self.lock();
+            let slot = (store, key);
+            if state
+                .subscriptions
+                .get(&slot)
+                .is_some_and(|sub| sub.epoch == epoch)
+            {
+                state.subscriptions.remove(&slot);
+            }
+            let (store, key) = slot;
+            self.release_orphan(&mut state, store, key, epoch);
+        }
     }
 
     /// Sends a release for a lease granted to a load nobody waits for any
