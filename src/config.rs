@@ -182,7 +182,9 @@ pub struct HistoryConfig {
     /// version is at least this old. Every release is kept.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Versions older than this are pruned.
+    /// Versions older than this are pruned, except each profile's newest:
+    /// it may be the current data, which an admin overwrite relies on
+    /// finding in history.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
     /// How often the background sweep prunes expired versions.

@@ -53,17 +53,36 @@ impl Storage {
     }
 }
 
+/// Deletes the kept versions written before `cutoff_ms`, except each
+/// profile's newest. That one may be the profile's current data, which an
+/// admin overwrite relies on finding in history (it keeps the data it
+/// replaces only when the current version is not kept yet); pruning it
+/// would let an overwrite destroy the only copy. Versions are only ever
+/// added above a profile's newest, so one seen with a newer one behind it
+/// is never the newest again.
 fn prune(db: &DB, cutoff_ms: u64) -> Result<u64, WriteError> {
     const CHUNK: usize = 1024;
+    /// An item key is its profile's prefix and a `u64` id.
+    const ID: usize = 8;
     let families = Families::of(db)
         .ok_or_else(|| WriteError::Storage("a column family is missing".to_owned()))?;
     let mut batch = WriteBatch::default();
     let mut pruned = 0u64;
+    // The previous item, if it expired: deleted once an item of the same
+    // profile follows it.
+    let mut expired: Option<Box<[u8]>> = None;
     for entry in db.iterator_cf(families.history, IteratorMode::Start) {
         let (key, value) = entry.map_err(storage_error)?;
-        if records::item_time(&value).is_some_and(|at| at < cutoff_ms) {
-            batch.delete_cf(families.history, &key);
+        if let Some(previous) = expired.take()
+            && previous.len() == key.len()
+            && previous.get(..previous.len().saturating_sub(ID))
+                == key.get(..key.len().saturating_sub(ID))
+        {
+            batch.delete_cf(families.history, &previous);
             pruned += 1;
+        }
+        if records::item_time(&value).is_some_and(|at| at < cutoff_ms) {
+            expired = Some(key);
         }
         if batch.len() >= CHUNK {
             db.write(std::mem::take(&mut batch))

@@ -891,7 +891,10 @@ mod tests {
 
         assert_eq!(storage.prune_history(0).await.expect("prune"), 0);
         let pruned = storage.prune_history(u64::MAX).await.expect("prune");
-        assert_eq!(pruned, 3, "every kept version is older than the cutoff");
+        assert_eq!(
+            pruned, 2,
+            "every kept version is older than the cutoff, but the newest stays"
+        );
         let after = storage
             .list_versions(key.clone(), all_versions())
             .await
@@ -901,8 +904,29 @@ mod tests {
             storage.view(key.clone(), Some(1)).await,
             Err(WriteError::NotFound)
         );
-        let current = storage.view(key, Some(3)).await.expect("current");
+        let current = storage.view(key.clone(), Some(3)).await.expect("current");
         assert_eq!(current.data.as_deref(), Some(&b"v3"[..]));
+
+        // The overwrite keeps the data it replaces only if its version is not
+        // kept yet; pruning the newest kept version would have lost v3 here.
+        storage
+            .admin(key.clone(), AdminAction::Overwrite(b"admin".to_vec()))
+            .await
+            .expect("overwrite");
+        let restorable = storage.view(key.clone(), Some(3)).await.expect("v3 kept");
+        assert_eq!(restorable.data.as_deref(), Some(&b"v3"[..]));
+        // A second sweep leaves the newest kept version (the overwrite's) and
+        // prunes what is older.
+        storage.prune_history(u64::MAX).await.expect("prune");
+        assert_eq!(
+            listed(
+                storage
+                    .list_versions(key, all_versions())
+                    .await
+                    .expect("list")
+            ),
+            [4]
+        );
         storage.close().await.expect("close");
     }
 
