@@ -555,3 +555,30 @@ async fn a_lease_left_without_a_profile_by_a_lost_answer_is_adopted_by_the_next_
     assert_eq!(profile.data().coins, 7);
     assert!(profile.is_active());
 }
+
+/// A last save the daemon refuses for what it carries would be refused
+/// every time: the failure is reported, and the lease is still released
+/// (without the changes), not left held with nobody to release it.
+#[tokio::test]
+async fn a_refused_last_save_still_releases_the_lease() {
+    let daemon = Daemon::start_with("[limits]\nmax_meta_tag_size = 16\n");
+    let client = daemon.client("a").await;
+    let store = client.store::<V1>(STORE).with_autosave(None);
+    let profile = store.load("p", LoadPolicy::ForceLoad).await.expect("load");
+    profile.update(|d| d.coins = 5);
+    profile.set_meta_tag("note", vec![b'x'; 64]);
+    let err = profile
+        .release()
+        .await
+        .expect_err("the daemon refuses the tag");
+    assert!(err.to_string().contains("too large"), "{err}");
+    let other = daemon.client("b").await;
+    let next = tokio::time::timeout(
+        PROMPTLY,
+        other.store::<V1>(STORE).load("p", LoadPolicy::Cancel),
+    )
+    .await
+    .expect("answered in time")
+    .expect("the lease was released, so a Cancel load gets it");
+    assert_eq!(next.data().coins, 0, "the refused changes were not saved");
+}

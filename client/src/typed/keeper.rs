@@ -708,9 +708,25 @@ impl<T: ProfileData> Keeper<T> {
                         self.saved(reason, *version, covered, merged, &acked);
                         (result, EndReason::Released(why))
                     }
-                    Err(err) => {
+                    Err(err) if transient(err) || lost(err) => {
                         self.failed(reason, err);
                         let end = ended_by(err);
+                        (result, end)
+                    }
+                    Err(refused) => {
+                        // Refused for what it carries (data or tags over the
+                        // daemon's limits): the same release would always be
+                        // refused, and nobody else can release the lease. It
+                        // is handed back without the changes, as an invalid
+                        // profile's is, so the player can be loaded again.
+                        self.failed(reason, refused);
+                        let released = client
+                            .release_with(&store, &key, epoch, None, Changes::default())
+                            .await;
+                        let end = match &released {
+                            Ok(_) => EndReason::Released(why),
+                            Err(err) => ended_by(err),
+                        };
                         (result, end)
                     }
                 }
@@ -806,6 +822,11 @@ const LAST_SAVE_PATIENCE: Duration = Duration::from_secs(30);
 /// failed (it recovers by itself), or the reply was lost to a reconnect.
 fn transient(err: &ClientError) -> bool {
     matches!(err, ClientError::Disconnected) || err.code() == Some(&crate::ErrorCode::Storage)
+}
+
+/// Whether the lease is gone, so nothing more can be written under it.
+fn lost(err: &ClientError) -> bool {
+    err.code() == Some(&crate::ErrorCode::LeaseLost)
 }
 
 /// How a failed last save ended the session.

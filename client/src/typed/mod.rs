@@ -199,7 +199,9 @@ pub enum EndReason {
     /// The client was closed.
     ClientClosed,
     /// The final release failed; the daemon releases the lease itself once
-    /// the session's resume grace has passed.
+    /// the session's resume grace has passed after it disconnects. (A last
+    /// save the daemon refuses for its size or tags is reported as
+    /// `SaveFailed`, and the lease is released without it.)
     ReleaseFailed(String),
 }
 
