@@ -582,3 +582,47 @@ async fn a_refused_last_save_still_releases_the_lease() {
     .expect("the lease was released, so a Cancel load gets it");
     assert_eq!(next.data().coins, 0, "the refused changes were not saved");
 }
+
+/// `Client::close` lets every typed profile make its last save and release
+/// first: one still held, and one just dropped, whose keeper had not run
+/// yet when `close` was called.
+#[tokio::test]
+async fn closing_the_client_makes_the_last_saves_of_held_and_dropped_profiles() {
+    let daemon = Daemon::start();
+    let client = daemon.client("a").await;
+    let store = client.store::<V1>(STORE).with_autosave(None);
+    let mut held = store
+        .load("held", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    held.update(|d| d.coins = 7);
+    let dropped = store
+        .load("dropped", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    dropped.update(|d| d.coins = 8);
+    drop(dropped);
+    client.close().await;
+
+    let ended = until(&mut held, |e| {
+        matches!(e, LifecycleEvent::SessionEnded { .. })
+    })
+    .await;
+    assert_eq!(
+        ended,
+        LifecycleEvent::SessionEnded {
+            reason: EndReason::Released(LastSaveReason::ClientClosed)
+        }
+    );
+    let other = daemon.client("b").await;
+    for (key, coins) in [("held", 7), ("dropped", 8)] {
+        let profile = tokio::time::timeout(
+            PROMPTLY,
+            other.store::<V1>(STORE).load(key, LoadPolicy::Cancel),
+        )
+        .await
+        .expect("answered in time")
+        .expect("released before the client closed");
+        assert_eq!(profile.data().coins, coins, "{key} made its last save");
+    }
+}

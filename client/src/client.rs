@@ -12,10 +12,14 @@ use profiled_protocol::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::connection::{Effect, Link, Pending, Shared};
 use crate::reconnect::{self, Dialer, Running, encode};
 use crate::{ClientError, Profile};
+
+/// How long [`Client::close`] waits for typed profiles' last saves.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A session's link to the daemon, shared by cloning.
 ///
@@ -155,6 +159,12 @@ struct Inner {
     closing: CancellationToken,
     /// The supervisor task, taken by [`Client::close`] to wait for it.
     supervisor: Mutex<Option<JoinHandle<()>>>,
+    /// The typed layer's keeper tasks, one per held typed profile, so
+    /// [`Client::close`] can wait for their last saves.
+    keepers: TaskTracker,
+    /// Cancelled by [`Client::close`]: every keeper makes its profile's
+    /// last save and releases it.
+    keepers_stop: CancellationToken,
 }
 
 impl Default for ConnectOptions {
@@ -233,6 +243,8 @@ impl Client {
                 shared,
                 closing,
                 supervisor: Mutex::new(Some(supervisor)),
+                keepers: TaskTracker::new(),
+                keepers_stop: CancellationToken::new(),
             }),
         })
     }
@@ -516,7 +528,12 @@ impl Client {
     /// Closes the link for good; the daemon then releases this session's
     /// leases once its resume grace has passed.
     ///
-    /// This takes effect for every clone and [`Profile`] at once: requests
+    /// Typed profiles ([`crate::typed`]) go first: every one still held, or
+    /// dropped and not yet released, makes its last save and releases
+    /// ([`LastSaveReason::ClientClosed`](crate::typed::LastSaveReason::ClientClosed)),
+    /// for at most ten seconds in all. Raw [`Profile`]s are not released.
+    ///
+    /// Then it takes effect for every clone and [`Profile`] at once: requests
     /// in flight fail with [`ClientError::Disconnected`], later ones fail
     /// the same way without waiting, event streams end, and no reconnect is
     /// attempted, even if one was under way. It returns once the socket is
@@ -533,6 +550,16 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn close(self) {
+        // Typed profiles, held or just dropped, make their last saves and
+        // release before the connection goes, for at most CLOSE_PATIENCE.
+        self.inner.keepers_stop.cancel();
+        self.inner.keepers.close();
+        if tokio::time::timeout(CLOSE_PATIENCE, self.inner.keepers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing before every typed profile's last save was answered");
+        }
         self.inner.closing.cancel();
         let supervisor = self
             .inner
@@ -545,6 +572,21 @@ impl Client {
             // shutting down has nothing left to wait for.
             let _ = supervisor.await;
         }
+    }
+
+    /// Runs a typed profile's keeper task, which [`Client::close`] waits
+    /// for.
+    pub(crate) fn spawn_keeper<F>(&self, keeper: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.inner.keepers.spawn(keeper);
+    }
+
+    /// Cancelled once [`Client::close`] is called: keepers then make their
+    /// last saves.
+    pub(crate) fn keepers_stop(&self) -> CancellationToken {
+        self.inner.keepers_stop.clone()
     }
 
     /// The routing tables, for [`Profile`]'s drop.

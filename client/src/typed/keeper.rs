@@ -195,7 +195,8 @@ pub(super) async fn start<T: ProfileData>(
         failures: 0,
         fenced: false,
     };
-    tokio::spawn(keeper.run(requests));
+    let client = keeper.raw.client.clone();
+    client.spawn_keeper(keeper.run(requests));
     Ok(Profile {
         shared,
         commands,
@@ -524,22 +525,23 @@ impl<T: ProfileData> Keeper<T> {
         let _ = self
             .events
             .send(LifecycleEvent::SessionEnded { reason: end });
-        // The session is over; later requests fail without a round trip.
-        while let Some(command) = commands.recv().await {
-            match command {
-                Command::Save(reply) | Command::Release(reply) => {
-                    let _ = reply.send(Err(ClientError::Ended));
-                }
-            }
-        }
+        // The session is over. The task ends here, so `Client::close` need
+        // not wait for the game to drop the profile; later requests find
+        // the command queue closed and fail with `Ended`, without a round
+        // trip, as those already queued do when it is dropped.
     }
 
     /// Keeps the lease until the session ends, and says why it ended.
     async fn keep(&mut self, commands: &mut mpsc::UnboundedReceiver<Command>) -> EndReason {
         let mut next_autosave = self.first_autosave();
+        let closing = self.raw.client.keepers_stop();
         loop {
             let autosave_due = next_autosave.is_some();
             tokio::select! {
+                () = closing.cancelled() => {
+                    let (_, end) = self.last_save(LastSaveReason::ClientClosed).await;
+                    return end;
+                }
                 command = commands.recv() => match command {
                     Some(Command::Save(reply)) => {
                         let result = self.save(SaveReason::Manual).await;

@@ -161,6 +161,9 @@ pub enum LastSaveReason {
     Shutdown,
     /// The [`Profile`] was dropped while still held.
     Dropped,
+    /// Its client was closed with [`Client::close`](crate::Client::close),
+    /// which waits for every typed profile's last save.
+    ClientClosed,
 }
 
 /// Why a profile's session ended, carried by
