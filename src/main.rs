@@ -14,6 +14,10 @@ use profiled::Config;
 use profiled::daemonize::{daemonize, remove_pid_file};
 use profiled::signals::{Reloader, nth_stop, spawn_signal_thread};
 
+/// How long the stopped daemon waits for blocking work still running
+/// before it exits anyway.
+const LEFTOVER_WORK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The exit code for a bad configuration (EX_CONFIG from sysexits.h).
 const EXIT_CONFIG: u8 = 64;
 
@@ -53,7 +57,14 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
-        println!("profiled: {}: ok", args.config.display());
+        if args.config.exists() {
+            println!("profiled: {}: ok", args.config.display());
+        } else {
+            println!(
+                "profiled: {}: no such file; the built-in defaults apply, and they are ok",
+                args.config.display()
+            );
+        }
         return ExitCode::SUCCESS;
     }
     if args.daemonize
@@ -98,6 +109,9 @@ fn serve(args: &Args, config: Config) -> anyhow::Result<()> {
     // environment (see `profiled::activation::take_inherited`).
     let inherited = profiled::activation::take_inherited()?;
     let logging = profiled::logging::init(&config.log)?;
+    if !args.config.exists() {
+        tracing::warn!(config = %args.config.display(), "no config file there; running on the built-in defaults");
+    }
     let stops = spawn_signal_thread(Reloader::new(
         args.config.clone(),
         args.socket.clone(),
@@ -116,6 +130,12 @@ fn serve(args: &Args, config: Config) -> anyhow::Result<()> {
                     socket = ?listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_owned)),
                     "using the socket passed by the service manager; ignoring listen.socket"
                 );
+                let defaults = profiled::config::AccessConfig::default();
+                if config.access.socket_mode != defaults.socket_mode
+                    || config.access.socket_group.is_some()
+                {
+                    tracing::warn!("access.socket_mode and access.socket_group do not apply to a socket passed by the service manager; set SocketMode and SocketGroup in its socket unit");
+                }
                 profiled::Listener::inherited(profiled::activation::into_tokio(listener)?)
             }
             None => profiled::bind(&config.listen.socket, &config.access)?,
@@ -131,8 +151,10 @@ fn serve(args: &Args, config: Config) -> anyhow::Result<()> {
         tracing::error!("{err:#}");
     }
     // The runtime stops before the log writer's guard drops, so every line
-    // logged while stopping reaches the file.
-    drop(runtime);
+    // logged while stopping reaches the file. Blocking work still running
+    // (a pruning sweep or a backup that outlived its step's deadline) gets
+    // a bounded wait, not an unbounded one: storage is already closed.
+    runtime.shutdown_timeout(LEFTOVER_WORK);
     drop(logging);
     result
 }

@@ -78,6 +78,12 @@ impl Reloader {
     /// daemon: it keeps running on the previous config.
     pub fn reload(&mut self) {
         tracing::info!(config = %self.config_path.display(), "received SIGHUP; re-reading the config");
+        // A file deleted or renamed since the start is more likely a
+        // mistake than a wish for the built-in defaults.
+        if !self.config_path.exists() {
+            tracing::error!(config = %self.config_path.display(), "the config file is gone; still running on the previous config");
+            return;
+        }
         let mut new = match Config::load(&self.config_path) {
             Ok(config) => config,
             Err(err) => {

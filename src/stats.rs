@@ -395,10 +395,12 @@ impl Default for Histogram {
 
 impl Histogram {
     fn observe(&self, took: Duration) {
-        let ms = took.as_millis();
+        // Compared in microseconds: whole milliseconds would count 1.9 ms
+        // as at most 1 ms.
+        let us = took.as_micros();
         let slot = BUCKETS_MS
             .iter()
-            .position(|&bound| ms <= u128::from(bound))
+            .position(|&bound| us <= u128::from(bound) * 1000)
             .unwrap_or(BUCKETS_MS.len());
         if let Some(bucket) = self.buckets.get(slot) {
             bump(bucket);
@@ -517,5 +519,17 @@ mod tests {
         assert_eq!(value(&report, "profiled_handoff_seconds_count", &[]), 3.0);
         let sum = value(&report, "profiled_handoff_seconds_sum", &[]);
         assert!((sum - 60.0038).abs() < 1e-6, "{sum}");
+    }
+
+    /// A bucket's bound is exact: 1.9 ms is not at most 1 ms.
+    #[test]
+    fn a_handoff_just_over_a_bound_is_counted_above_it() {
+        let stats = Stats::new();
+        stats.handoff(Duration::from_micros(1900));
+        stats.handoff(Duration::from_micros(1000));
+        let report = stats.report(Gauges::default());
+        let bucket = "profiled_handoff_seconds_bucket";
+        assert_eq!(value(&report, bucket, &[("le", "0.001")]), 1.0);
+        assert_eq!(value(&report, bucket, &[("le", "0.002")]), 2.0);
     }
 }

@@ -442,6 +442,24 @@ fn check_config_accepts_a_good_file() {
     );
 }
 
+/// A path that does not exist means the defaults, but a check says so
+/// rather than "ok", so a mistyped path is noticed.
+#[test]
+fn check_config_names_a_missing_file() {
+    let dir = TempDir::new().expect("tempdir");
+    let missing = dir.path().join("cofnig.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_profiled"))
+        .arg("--config")
+        .arg(&missing)
+        .arg("--check-config")
+        .output()
+        .expect("run --check-config");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("no such file"), "{stdout}");
+    assert!(stdout.contains("defaults"), "{stdout}");
+}
+
 #[test]
 fn check_config_rejects_a_bad_file_with_exit_64() {
     let dir = TempDir::new().expect("tempdir");
