@@ -52,8 +52,10 @@ pub(crate) struct Shared {
     link: watch::Sender<Link>,
     /// When the daemon said it releases every lease, if it announced a
     /// shutdown. The game holds receivers from
-    /// [`Client::shutdown_notice`](crate::Client::shutdown_notice).
-    shutdown: watch::Sender<Option<Instant>>,
+    /// [`Client::shutdown_notice`](crate::Client::shutdown_notice). Taken
+    /// and dropped when the link ends for good, so waiting receivers fail
+    /// rather than wait forever.
+    shutdown: Mutex<Option<watch::Sender<Option<Instant>>>>,
 }
 
 /// The client's link to the daemon, as the callers see it.
@@ -179,7 +181,7 @@ impl Shared {
                 next_orphan_id: u64::MAX,
             }),
             link: watch::Sender::new(Link::Down),
-            shutdown: watch::Sender::new(None),
+            shutdown: Mutex::new(Some(watch::Sender::new(None))),
         }
     }
 
@@ -188,9 +190,25 @@ impl Shared {
         self.link.subscribe()
     }
 
-    /// A receiver of the daemon's shutdown deadline.
+    /// A receiver of the daemon's shutdown deadline; once the link has
+    /// ended, one whose sender is gone.
     pub(crate) fn shutdown(&self) -> watch::Receiver<Option<Instant>> {
-        self.shutdown.subscribe()
+        match &*self.shutdown_sender() {
+            Some(sender) => sender.subscribe(),
+            None => watch::channel(None).1,
+        }
+    }
+
+    /// Tells the shutdown notice's watchers `deadline`, unless the link
+    /// has ended.
+    fn announce_shutdown(&self, deadline: Option<Instant>) {
+        if let Some(sender) = &*self.shutdown_sender() {
+            sender.send_replace(deadline);
+        }
+    }
+
+    fn shutdown_sender(&self) -> std::sync::MutexGuard<'_, Option<watch::Sender<Option<Instant>>>> {
+        self.shutdown.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The latest handshake answer.
@@ -230,7 +248,7 @@ impl Shared {
         drop(held);
         state.welcome = welcome;
         state.live = Some(conn.generation);
-        self.shutdown.send_replace(None);
+        self.announce_shutdown(None);
         self.link.send_replace(Link::Up(conn));
     }
 
@@ -259,17 +277,17 @@ impl Shared {
 
     /// Removes the route of a lease whose [`Profile`](crate::Profile) is
     /// gone, unless a newer lease on the key has replaced it.
-    /// The epoch of a lease the daemon listed for this session at the last
-    /// handshake that no live profile holds: one whose load answer was
-    /// lost when a connection dropped.
+    /// The epoch of a lease this session holds that no live profile does:
+    /// one whose load answer was lost when a connection dropped (the daemon
+    /// listed it at the last handshake), or one whose answer reached a load
+    /// future that was then dropped unread (its route is there, with nobody
+    /// listening).
     pub(crate) fn orphaned_lease(&self, store: &str, key: &str) -> Option<u64> {
         let state = self.lock();
-        let live = state
-            .subscriptions
-            .get(&(store.to_owned(), key.to_owned()))
-            .is_some_and(|sub| !sub.events.is_closed());
-        if live {
-            return None;
+        match state.subscriptions.get(&(store.to_owned(), key.to_owned())) {
+            Some(sub) if sub.events.is_closed() => return Some(sub.epoch),
+            Some(_) => return None,
+            None => {}
         }
         state
             .welcome
@@ -317,6 +335,7 @@ impl Shared {
         self.link.send_replace(Link::Ended(why));
         drop(state);
         drop((pending, subscriptions));
+        drop(self.shutdown_sender().take());
     }
 
     /// Routes one frame read from the daemon.
@@ -521,7 +540,7 @@ impl Shared {
                 .send(ProfileEvent::ShuttingDown { deadline })
                 .is_ok()
         });
-        self.shutdown.send_replace(Some(deadline));
+        self.announce_shutdown(Some(deadline));
     }
 
     /// Locks the state. A panic elsewhere while holding the lock cannot

@@ -847,3 +847,106 @@ async fn a_connection_ended_for_a_bad_frame_is_reconnected() {
     let (ping, ()) = tokio::join!(client.ping(), serve_ping(&mut conn));
     ping.expect("ping after the reconnect");
 }
+
+/// The shutdown notice is a watch whose waiters learn that the client
+/// closed, instead of waiting for a notice that can no longer come.
+#[tokio::test]
+async fn the_shutdown_notice_fails_its_waiters_once_the_client_closes() {
+    let daemon = FakeDaemon::new();
+    let (client, _conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let mut before = client.shutdown_notice();
+    let waiter = tokio::spawn(async move { before.wait_for(Option::is_some).await.is_err() });
+    let keep = client.clone();
+    client.close().await;
+    let failed = tokio::time::timeout(PROMPTLY, waiter)
+        .await
+        .expect("the waiter is woken")
+        .expect("task");
+    assert!(failed, "the waiter learns that no notice will come");
+    let mut after = keep.shutdown_notice();
+    assert!(
+        tokio::time::timeout(PROMPTLY, after.wait_for(Option::is_some))
+            .await
+            .expect("answered at once")
+            .is_err()
+    );
+}
+
+/// A load future dropped after its answer arrived, but before it was read,
+/// leaves the session holding a lease with no profile. The typed store's
+/// next load of that key, refused `AlreadyLoaded`, gives it back and loads
+/// again, as it does for a lease whose answer a dropped connection lost.
+#[tokio::test]
+async fn a_lease_whose_answer_was_never_read_is_given_back_by_the_next_load() {
+    #[derive(Default, serde::Serialize, serde::Deserialize)]
+    struct Coins {
+        coins: u64,
+    }
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let mut load = Box::pin(client.load("s", "k", LoadPolicy::ForceLoad));
+    assert!(
+        futures::poll!(&mut load).is_pending(),
+        "the request is sent"
+    );
+    serve_load(&mut conn, 5).await;
+    // The answer is read once a later one is: the reader takes them in order.
+    let pong = async {
+        let Request { id, .. } = request(&mut conn).await;
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Ok(Reply::Pong),
+        }))
+        .await
+        .expect("send pong");
+    };
+    let (pinged, ()) = tokio::join!(client.ping(), pong);
+    pinged.expect("ping");
+    drop(load);
+
+    let store = client.store::<Coins>("s");
+    let script = async {
+        let Request { id, body } = request(&mut conn).await;
+        assert!(matches!(body, RequestBody::Load { .. }), "{body:?}");
+        let refusal = Error::new(ErrorCode::AlreadyLoaded, "already loaded");
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Err(refusal),
+        }))
+        .await
+        .expect("send refusal");
+        let Request { id, body } = request(&mut conn).await;
+        assert!(
+            matches!(
+                body,
+                RequestBody::Release {
+                    epoch: 5,
+                    data: None,
+                    ..
+                }
+            ),
+            "the orphaned lease is released: {body:?}"
+        );
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Ok(Reply::Released { version: 1 }),
+        }))
+        .await
+        .expect("send released");
+        let Request { id, body } = request(&mut conn).await;
+        assert!(matches!(body, RequestBody::Load { .. }), "{body:?}");
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Ok(Reply::Loaded(Loaded {
+                epoch: 6,
+                data: None,
+                meta: meta(),
+                messages: Vec::new(),
+            })),
+        }))
+        .await
+        .expect("send loaded");
+    };
+    let (loaded, ()) = tokio::join!(store.load("k", LoadPolicy::ForceLoad), script);
+    assert_eq!(loaded.expect("loaded again").epoch(), 6);
+}
