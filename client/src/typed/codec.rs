@@ -6,14 +6,22 @@
 //! decodes it to a [`Value`], runs the migrations it has not had yet, lays
 //! it over the encoding of `T::default()` (so a field missing from the
 //! stored data takes its default: ProfileService's Reconcile), and then
-//! decodes `T` from that. The decoded map is kept as the profile's *base*.
+//! decodes `T` from that. The stored top-level fields that `T` does not
+//! know (neither its default nor the loaded value encodes them) are kept as
+//! the profile's *base*.
 //!
 //! Saving encodes `T` to a map and lays it over the base: every field `T`
-//! knows is written whole, and every top-level field it does not know is
-//! kept as it was. An older server in a rolling deploy therefore never
-//! erases a field a newer server added. The merge is deliberately shallow:
-//! inside a field `T` knows, `T`'s value is the truth, so an entry removed
-//! from a map field stays removed.
+//! knows is written as `T` encodes it now, and every top-level field it
+//! does not know is kept as it was. An older server in a rolling deploy
+//! therefore never erases a field a newer server added, and a field `T`
+//! knows but leaves out (`skip_serializing_if`, or an entry removed from a
+//! `flatten`ed map) stays out. The merge is deliberately shallow: inside a
+//! field `T` knows, `T`'s value is the truth, so an entry removed from a
+//! map field stays removed.
+//!
+//! Rename a field with a [`Migration`], not with `#[serde(alias)]`: the
+//! defaults would add the new name beside the stored old one, and serde's
+//! derived deserializer refuses the pair as a duplicate field.
 
 use rmpv::Value;
 use serde::Serialize;
@@ -40,15 +48,16 @@ pub const SCHEMA_TAG: &str = "profiled.schema";
 /// One step that upgrades stored data by one schema version.
 pub type MigrationFn = dyn Fn(Value) -> Result<Value, String> + Send + Sync;
 
-/// Encodes `data` laid over `base`. Returns the merged value, which becomes
-/// the new base once the write is acknowledged, and its bytes.
+/// Encodes `data` laid over `base`, the unknown fields. Returns the base
+/// for the next save (the same unknown fields: what `T` knows is always
+/// written afresh) and the bytes.
 pub fn encode<T: Serialize>(data: &T, base: &Value) -> Result<(Value, Vec<u8>), ClientError> {
     let fresh = to_value(data)?;
     let merged = merge(base.clone(), fresh);
     let mut bytes = Vec::new();
     rmpv::encode::write_value(&mut bytes, &merged)
         .map_err(|err| ClientError::Encode(err.to_string()))?;
-    Ok((merged, bytes))
+    Ok((base.clone(), bytes))
 }
 
 /// Decodes stored bytes (`None` for a new profile) written at schema
@@ -63,7 +72,7 @@ pub fn decode<T: Serialize + DeserializeOwned + Default>(
     let defaults = to_value(&T::default())?;
     let Some(bytes) = bytes else {
         let data = from_value(&defaults)?;
-        return Ok((data, defaults));
+        return Ok((data, Value::Map(Vec::new())));
     };
     if stored_schema > supported {
         return Err(ClientError::SchemaTooNew {
@@ -83,9 +92,28 @@ pub fn decode<T: Serialize + DeserializeOwned + Default>(
         })?;
     }
     // Missing fields take their defaults; stored ones win.
-    let base = merge(defaults, value);
-    let data = from_value(&base)?;
-    Ok((data, base))
+    let known_by_default = keys(&defaults);
+    let merged = merge(defaults, value);
+    let data = from_value(&merged)?;
+    let known_now = keys(&to_value(&data)?);
+    let unknown = match merged {
+        Value::Map(entries) => Value::Map(
+            entries
+                .into_iter()
+                .filter(|(key, _)| !known_by_default.contains(key) && !known_now.contains(key))
+                .collect(),
+        ),
+        _ => Value::Map(Vec::new()),
+    };
+    Ok((data, unknown))
+}
+
+/// The keys of a map, or none.
+fn keys(value: &Value) -> Vec<Value> {
+    match value {
+        Value::Map(entries) => entries.iter().map(|(key, _)| key.clone()).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Reads the schema version from a profile's meta tags; 0 if untagged.
@@ -236,6 +264,40 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// A field the type knows but leaves out when empty stays out once
+    /// the game empties it; only fields the type does not know are kept.
+    #[test]
+    fn a_field_skipped_when_empty_is_cleared_by_a_save() {
+        #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+        struct Trading {
+            coins: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pending_trade: Option<u32>,
+        }
+        let stored = Value::Map(vec![
+            (Value::from("coins"), Value::from(1)),
+            (Value::from("pending_trade"), Value::from(5)),
+            (Value::from("from_a_newer_server"), Value::from(true)),
+        ]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &stored).expect("write");
+        let (mut data, base) = decode::<Trading>(Some(&bytes), 0, &[]).expect("decode");
+        assert_eq!(data.pending_trade, Some(5));
+        data.pending_trade = None;
+        let (base, saved) = encode(&data, &base).expect("encode");
+        let (reloaded, _) = decode::<Trading>(Some(&saved), 0, &[]).expect("decode");
+        assert_eq!(reloaded.pending_trade, None, "the trade does not come back");
+        let saved = rmpv::decode::read_value(&mut &saved[..]).expect("read");
+        assert!(
+            keys(&saved).contains(&Value::from("from_a_newer_server")),
+            "an unknown field is kept: {saved}"
+        );
+        // And a second save over the returned base keeps it cleared.
+        let (_, again) = encode(&data, &base).expect("encode");
+        let (reloaded, _) = decode::<Trading>(Some(&again), 0, &[]).expect("decode");
+        assert_eq!(reloaded.pending_trade, None);
     }
 
     #[test]
