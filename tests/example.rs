@@ -250,3 +250,35 @@ async fn a_player_hops_servers_with_every_coin() {
     bob.release().await.expect("release bob");
     client.close().await;
 }
+
+/// With no ticks to play (and no `--hold`), a player joins and leaves at
+/// once, and the server exits.
+#[test]
+fn a_server_with_no_ticks_lets_its_player_leave_at_once() {
+    let daemon = Daemon::start();
+    let mut child = Command::new(game_server())
+        .arg("--socket")
+        .arg(daemon.socket())
+        .args(["--server", "idle", "--players", "p0", "--ticks", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn game_server");
+    let until = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("game_server --ticks 0 did not exit within {PATIENCE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut output = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut output)
+        .expect("read stdout");
+    assert!(status.success(), "{status}: {output}");
+    assert!(output.contains("p0 left with 0 coins"), "{output}");
+}

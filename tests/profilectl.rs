@@ -981,19 +981,40 @@ impl Parser {
 #[tokio::test]
 async fn a_reader_that_goes_away_ends_the_output_quietly() {
     let daemon = Daemon::start();
-    let mut child = std::process::Command::new(profilectl())
-        .arg("--socket")
-        .arg(daemon.socket())
-        .arg("stats")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn profilectl");
-    // Close the reading end before profilectl has connected and printed,
-    // as `profilectl stats | head -1` does once head has its line.
-    drop(child.stdout.take());
-    let output = child.wait_with_output().expect("wait");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{}: {stderr}", output.status);
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    let game = daemon.client("game").await;
+    let profile = game
+        .load("PlayerData", "p", profiled_client::LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    profile
+        .release(Some(b"data".to_vec()))
+        .await
+        .expect("release");
+    // The table output, the raw bytes of a view, and an export's lines.
+    let commands: [&[&str]; 3] = [
+        &["stats"],
+        &["view", "PlayerData", "p", "--raw"],
+        &["export", "PlayerData"],
+    ];
+    for args in commands {
+        let mut child = std::process::Command::new(profilectl())
+            .arg("--socket")
+            .arg(daemon.socket())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn profilectl");
+        // Close the reading end before profilectl has connected and printed,
+        // as `profilectl stats | head -1` does once head has its line.
+        drop(child.stdout.take());
+        let output = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}: {stderr}",
+            output.status
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
 }

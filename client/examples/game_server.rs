@@ -22,7 +22,7 @@ use std::error::Error;
 use std::time::Duration;
 
 use profiled_client::typed::{EndReason, LastSaveReason, LifecycleEvent, ProfileStore, SaveReason};
-use profiled_client::{Client, LoadPolicy, SessionId};
+use profiled_client::{Client, ClientError, LoadPolicy, SessionId};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
@@ -122,65 +122,75 @@ async fn play(store: ProfileStore<PlayerData>, args: Args, player: String) -> Re
     // a full tick.
     ticks.tick().await;
     let mut played = 0;
-    loop {
-        tokio::select! {
-            _ = ticks.tick(), if played < args.ticks => {
-                played += 1;
-                let coins = profile.update(|data| {
-                    data.coins += COINS_PER_TICK;
-                    data.coins
-                });
-                println!("[{server}] {player} earned {COINS_PER_TICK} coins, now {coins}");
-                if played == args.ticks {
-                    if !args.hold {
-                        break;
+    // With no ticks to play the player leaves at once, unless held.
+    if args.ticks > 0 || args.hold {
+        loop {
+            tokio::select! {
+                _ = ticks.tick(), if played < args.ticks => {
+                    played += 1;
+                    let coins = profile.update(|data| {
+                        data.coins += COINS_PER_TICK;
+                        data.coins
+                    });
+                    println!("[{server}] {player} earned {COINS_PER_TICK} coins, now {coins}");
+                    if played == args.ticks {
+                        if !args.hold {
+                            break;
+                        }
+                        println!("[{server}] {player} is idle, holding until another server takes them");
                     }
-                    println!("[{server}] {player} is idle, holding until another server takes them");
                 }
+                event = profile.next_event() => match event {
+                    Some(LifecycleEvent::Message(message)) => {
+                        // This game has no use for messages; acknowledging one
+                        // lets the next save remove it.
+                        println!("[{server}] {player} got message {}", message.id);
+                        profile.ack(message.id);
+                    }
+                    Some(LifecycleEvent::Saved { reason, version }) => {
+                        println!("[{server}] {player} saved at version {version} ({})", why(reason));
+                    }
+                    Some(LifecycleEvent::SaveFailed { reason, error, attempt }) => {
+                        println!(
+                            "[{server}] {player} could not be saved ({}, attempt {attempt}): {error}",
+                            why(reason)
+                        );
+                    }
+                    Some(LifecycleEvent::ReleaseRequested { requester }) => {
+                        // The typed layer saves and releases on its own; this
+                        // only says who asked.
+                        println!("[{server}] {player} is wanted by server {}", requester.job_id);
+                    }
+                    Some(LifecycleEvent::SessionEnded {
+                        reason: EndReason::Released(LastSaveReason::ReleaseRequested),
+                    }) => {
+                        // The typed layer has already made the last save and
+                        // released; the player is on another server now.
+                        println!("[{server}] released {player} on request");
+                        return Ok(());
+                    }
+                    Some(LifecycleEvent::SessionEnded { reason }) => {
+                        println!("[{server}] {player}'s session ended: {reason:?}");
+                        return Ok(());
+                    }
+                    Some(other) => println!("[{server}] {player}: {other:?}"),
+                    None => return Ok(()),
+                },
             }
-            event = profile.next_event() => match event {
-                Some(LifecycleEvent::Message(message)) => {
-                    // This game has no use for messages; acknowledging one
-                    // lets the next save remove it.
-                    println!("[{server}] {player} got message {}", message.id);
-                    profile.ack(message.id);
-                }
-                Some(LifecycleEvent::Saved { reason, version }) => {
-                    println!("[{server}] {player} saved at version {version} ({})", why(reason));
-                }
-                Some(LifecycleEvent::SaveFailed { reason, error, attempt }) => {
-                    println!(
-                        "[{server}] {player} could not be saved ({}, attempt {attempt}): {error}",
-                        why(reason)
-                    );
-                }
-                Some(LifecycleEvent::ReleaseRequested { requester }) => {
-                    // The typed layer saves and releases on its own; this
-                    // only says who asked.
-                    println!("[{server}] {player} is wanted by server {}", requester.job_id);
-                }
-                Some(LifecycleEvent::SessionEnded {
-                    reason: EndReason::Released(LastSaveReason::ReleaseRequested),
-                }) => {
-                    // The typed layer has already made the last save and
-                    // released; the player is on another server now.
-                    println!("[{server}] released {player} on request");
-                    return Ok(());
-                }
-                Some(LifecycleEvent::SessionEnded { reason }) => {
-                    println!("[{server}] {player}'s session ended: {reason:?}");
-                    return Ok(());
-                }
-                Some(other) => println!("[{server}] {player}: {other:?}"),
-                None => return Ok(()),
-            },
         }
     }
 
     // The player leaves: the last save and the release, in one step.
     let coins = profile.data().coins;
-    let version = profile.release().await?;
-    println!("[{server}] {player} left with {coins} coins (version {version})");
+    match profile.release().await {
+        Ok(version) => {
+            println!("[{server}] {player} left with {coins} coins (version {version})");
+        }
+        // Another server took the player as the ticks ran out: the typed
+        // layer already made the last save and released.
+        Err(ClientError::Ended) => println!("[{server}] {player} was taken as they left"),
+        Err(err) => return Err(err.into()),
+    }
     Ok(())
 }
 

@@ -108,9 +108,12 @@ pub async fn view(
         .map_err(|err| Failure::request(&describe("viewing", profile), &err))?;
     if raw {
         return match &view.data {
-            Some(data) => output::write_raw(data).map_err(|err| {
-                Failure::new(exit::REFUSED, format!("cannot write to stdout: {err}"))
-            }),
+            Some(data) => {
+                if let Err(err) = output::write_raw(data) {
+                    crate::stdout_failed(&err);
+                }
+                Ok(())
+            }
             None => {
                 eprintln!("profilectl: {}/{} has no data", profile.store, profile.key);
                 Ok(())

@@ -85,10 +85,7 @@ pub async fn export(client: &Client, store: &str) -> Outcome {
             count += 1;
         }
         if let Err(err) = written.and_then(|()| out.flush()) {
-            break Err(Failure::new(
-                exit::REFUSED,
-                format!("cannot write to stdout: {err}"),
-            ));
+            crate::stdout_failed(&err);
         }
         bar.set_message(format!("exporting {store}: {}", profiles(count)));
         match page.next {
