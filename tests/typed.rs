@@ -626,3 +626,27 @@ async fn closing_the_client_makes_the_last_saves_of_held_and_dropped_profiles() 
         assert_eq!(profile.data().coins, coins, "{key} made its last save");
     }
 }
+
+/// Game code that panics while saving refuses that one save; the profile's
+/// task carries on and the lease is still released. An auto-save interval
+/// too long to schedule means no auto-save, not a panic in that task.
+#[tokio::test]
+async fn a_panicking_save_hook_or_an_endless_autosave_interval_does_not_strand_the_lease() {
+    let daemon = Daemon::start();
+    let client = daemon.client("a").await;
+    let store = client
+        .store::<V1>(STORE)
+        .with_autosave(Some(Duration::MAX))
+        .on_before_save(|data, _| {
+            assert!(data.coins != 13, "unlucky number");
+        });
+    let profile = store.load("p", LoadPolicy::ForceLoad).await.expect("load");
+    profile.update(|d| d.coins = 13);
+    let err = profile.save().await.expect_err("the hook panicked");
+    assert!(matches!(err, ClientError::Invalid(_)), "{err}");
+    profile.update(|d| d.coins = 14);
+    profile.save().await.expect("saves again");
+    profile.release().await.expect("released");
+    let view = client.view(STORE, "p", None).await.expect("view");
+    assert!(view.meta.active.is_none(), "the lease was released");
+}

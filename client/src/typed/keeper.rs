@@ -603,7 +603,11 @@ impl<T: ProfileData> Keeper<T> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         (self.raw.store(), self.raw.key()).hash(&mut hasher);
         let fraction = (hasher.finish() % 1000) as u32;
-        Some(Instant::now() + interval.mul_f64(f64::from(fraction.max(1)) / 1000.0))
+        let wait = Duration::try_from_secs_f64(
+            interval.as_secs_f64() * f64::from(fraction.max(1)) / 1000.0,
+        )
+        .ok()?;
+        from_now(wait)
     }
 
     /// Saves if the profile changed, and says when to look again: after
@@ -618,20 +622,20 @@ impl<T: ProfileData> Keeper<T> {
             state.changes > state.saved
         };
         if !dirty {
-            return Some(Instant::now() + interval);
+            return from_now(interval);
         }
         match self.save(SaveReason::AutoSave).await {
-            Ok(_) => Some(Instant::now() + interval),
+            Ok(_) => from_now(interval),
             Err(ClientError::Invalid(_) | ClientError::Encode(_)) => {
                 // Retrying cannot help until the game changes the data.
-                Some(Instant::now() + interval)
+                from_now(interval)
             }
             Err(_) if self.fenced => None,
             Err(_) => {
                 let backoff = Duration::from_millis(250)
                     .saturating_mul(1 << self.failures.min(10))
                     .min(interval);
-                Some(Instant::now() + backoff)
+                from_now(backoff)
             }
         }
     }
@@ -756,11 +760,22 @@ impl<T: ProfileData> Keeper<T> {
         if matches!(reason, SaveReason::Last(_)) {
             state.active = false;
         }
+        // Game code runs here; a panic in it is a refusal of this save, not
+        // the end of the keeper (which would leave the lease held with
+        // nobody to release it). Caught here, it never unwinds past the lock.
+        let game_code = |run: &mut dyn FnMut() -> Result<(), String>| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .unwrap_or_else(|_| Err("game code panicked while saving".to_owned()))
+                .map_err(ClientError::Invalid)
+        };
         if let Some(validator) = &self.rules.validator {
-            validator(&state.data).map_err(ClientError::Invalid)?;
+            game_code(&mut || validator(&state.data))?;
         }
         if let Some(hook) = &self.rules.before_save {
-            hook(&mut state.data, reason);
+            game_code(&mut || {
+                hook(&mut state.data, reason);
+                Ok(())
+            })?;
         }
         let (merged, bytes) = codec::encode(&state.data, &state.base)?;
         let changes = Changes {
@@ -815,6 +830,12 @@ impl<T: ProfileData> Keeper<T> {
             attempt: self.failures,
         });
     }
+}
+
+/// `wait` from now; `None` (never) past what an `Instant` can hold, for an
+/// auto-save interval as long as `Duration::MAX`.
+fn from_now(wait: Duration) -> Option<Instant> {
+    Instant::now().checked_add(wait)
 }
 
 /// How long a last save keeps retrying a transient failure.
