@@ -950,3 +950,73 @@ async fn a_lease_whose_answer_was_never_read_is_given_back_by_the_next_load() {
     let (loaded, ()) = tokio::join!(store.load("k", LoadPolicy::ForceLoad), script);
     assert_eq!(loaded.expect("loaded again").epoch(), 6);
 }
+
+/// A last save whose answer was lost with the connection may have landed;
+/// its retry then finds the lease gone. The keeper looks at the stored data
+/// before calling the save lost, and finds its own.
+#[tokio::test]
+async fn a_last_save_that_landed_before_a_reconnect_is_reported_as_saved() {
+    #[derive(Default, serde::Serialize, serde::Deserialize)]
+    struct Coins {
+        coins: u64,
+    }
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let store = client.store::<Coins>("s").with_autosave(None);
+    let serve = async {
+        let Request { id, .. } = request(&mut conn).await;
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Ok(Reply::Loaded(Loaded {
+                epoch: 3,
+                data: None,
+                meta: meta(),
+                messages: Vec::new(),
+            })),
+        }))
+        .await
+        .expect("send loaded");
+    };
+    let (profile, ()) = tokio::join!(store.load("k", LoadPolicy::ForceLoad), serve);
+    let profile = profile.expect("load");
+    profile.update(|data| data.coins = 9);
+
+    let script = async move {
+        // The daemon applies the release, then the connection drops before
+        // its answer is sent.
+        let Request { body, .. } = request(&mut conn).await;
+        let RequestBody::Release {
+            data: Some(data), ..
+        } = body
+        else {
+            panic!("expected a release with data, got {body:?}");
+        };
+        drop(conn);
+        let mut conn = daemon.welcome_back(Vec::new()).await;
+        let Request { id, body } = request(&mut conn).await;
+        assert!(matches!(body, RequestBody::Release { .. }), "{body:?}");
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Err(Error::new(ErrorCode::LeaseLost, "lease lost")),
+        }))
+        .await
+        .expect("send lease lost");
+        let Request { id, body } = request(&mut conn).await;
+        assert!(matches!(body, RequestBody::View { .. }), "{body:?}");
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Ok(Reply::Viewed(profiled_protocol::ProfileView {
+                version: 4,
+                saved_at_ms: 0,
+                data: Some(data),
+                meta: meta(),
+                messages: Vec::new(),
+            })),
+        }))
+        .await
+        .expect("send view");
+        conn
+    };
+    let (released, _conn) = tokio::join!(profile.release(), script);
+    assert_eq!(released.expect("the last save landed"), 4);
+}

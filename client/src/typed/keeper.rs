@@ -694,17 +694,32 @@ impl<T: ProfileData> Keeper<T> {
                 // that did land fails with `LeaseLost`, which ends it.
                 let give_up = Instant::now() + LAST_SAVE_PATIENCE;
                 let mut attempt = 0u32;
+                // Whether an earlier attempt may have landed: its answer was
+                // lost with the connection.
+                let mut in_doubt = false;
                 let result = loop {
                     let result = client
                         .release_with(&store, &key, epoch, Some(bytes.clone()), changes.clone())
                         .await;
                     match &result {
                         Err(err) if transient(err) && Instant::now() < give_up => {
+                            in_doubt |= matches!(err, ClientError::Disconnected);
                             self.failed(reason, err);
                             attempt = attempt.saturating_add(1);
                             let backoff =
                                 Duration::from_millis(250).saturating_mul(1 << attempt.min(4));
                             tokio::time::sleep(backoff).await;
+                        }
+                        Err(err) if in_doubt && lost(err) => {
+                            // The lease is gone: perhaps by the attempt whose
+                            // answer was lost. If the stored data is what it
+                            // carried, it landed.
+                            break match client.view(&store, &key, None).await {
+                                Ok(view) if view.data.as_deref() == Some(&bytes[..]) => {
+                                    Ok(view.version)
+                                }
+                                _ => result,
+                            };
                         }
                         _ => break result,
                     }
