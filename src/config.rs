@@ -111,8 +111,9 @@ pub struct LimitsConfig {
     /// The largest frame payload, in bytes, in either direction.
     pub max_frame: u32,
     /// The largest profile data, in bytes. With the largest meta tags,
-    /// user ids and names ([`LimitsConfig::profile_bound`]) it must stay
-    /// 1 KiB below `max_frame`, so a loaded profile fits in one frame.
+    /// user ids and names ([`LimitsConfig::profile_bound`]) it should stay
+    /// 1 KiB below `max_frame`, so every loaded profile fits in one frame;
+    /// the daemon warns at startup otherwise.
     pub max_data: usize,
     /// The longest store name or key, in bytes.
     pub max_name: usize,
@@ -323,11 +324,12 @@ impl Config {
         if limits.handshake_timeout.is_zero() {
             return Err(invalid("limits.handshake_timeout", "must be above zero"));
         }
-        if limits.max_message == 0 || limits.max_message as u64 + 1024 > u64::from(limits.max_frame)
-        {
+        // A message travels in an event with its profile's store and key.
+        let message_frame = limits.max_message as u64 + 2 * limits.max_name as u64 + 1024;
+        if limits.max_message == 0 || message_frame > u64::from(limits.max_frame) {
             return Err(invalid(
                 "limits.max_message",
-                "must be above zero and at least 1 KiB below limits.max_frame",
+                "must be above zero, and with two names (limits.max_name) at least 1 KiB below limits.max_frame",
             ));
         }
         if limits.max_pending_messages == 0 {
@@ -336,19 +338,7 @@ impl Config {
         if limits.max_page == 0 {
             return Err(invalid("limits.max_page", "must be above zero"));
         }
-        let bound = limits.profile_bound();
-        if bound.saturating_add(1024) > u64::from(limits.max_frame) {
-            return Err(invalid(
-                "limits.max_data",
-                &format!(
-                    "with the largest meta tags (limits.max_meta_tags, max_meta_tag_size, \
-                     max_name) and user ids (limits.max_user_ids), a profile may take \
-                     {bound} bytes, which must be at least 1 KiB below limits.max_frame \
-                     ({}) so that a loaded profile fits in one frame",
-                    limits.max_frame
-                ),
-            ));
-        }
+
         let history = &self.history;
         if history.retention < history.interval {
             return Err(invalid(
@@ -489,6 +479,26 @@ impl Default for SessionConfig {
     }
 }
 
+impl Config {
+    /// What is allowed but unwise, to be logged at startup: each names its
+    /// key.
+    pub fn warnings(&self) -> Vec<String> {
+        let limits = &self.limits;
+        let bound = limits.profile_bound();
+        let mut warnings = Vec::new();
+        if bound.saturating_add(1024) > u64::from(limits.max_frame) {
+            warnings.push(format!(
+                "limits.max_data: with the largest meta tags (limits.max_meta_tags, \
+                 max_meta_tag_size, max_name) and user ids (limits.max_user_ids), a profile \
+                 may take {bound} bytes, more than fits in limits.max_frame ({}); a load of \
+                 such a profile is refused with TooLarge",
+                limits.max_frame
+            ));
+        }
+        warnings
+    }
+}
+
 impl LimitsConfig {
     /// The most bytes a profile's data and metadata can take, encoded, in
     /// a `Loaded` or `Viewed` answer under these limits, pending messages
@@ -516,9 +526,11 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_frame: profiled_protocol::DEFAULT_MAX_FRAME,
-            // 128 KiB of the frame are left for the meta tags, user ids
-            // and names (see `profile_bound`).
-            max_data: profiled_protocol::DEFAULT_MAX_FRAME as usize - 128 * 1024,
+            // Not all of the frame: meta tags, user ids and names take
+            // some of it. All of them at their largest at once do not fit
+            // (see `Config::warnings`); the defaults of earlier releases
+            // are kept so that stored profiles stay loadable and savable.
+            max_data: profiled_protocol::DEFAULT_MAX_FRAME as usize - 64 * 1024,
             max_name: 200,
             max_in_flight: 256,
             max_queued_loads: 1024,
@@ -528,7 +540,7 @@ impl Default for LimitsConfig {
             max_message: 64 * 1024,
             max_pending_messages: 1000,
             max_meta_tags: 64,
-            max_meta_tag_size: 1024,
+            max_meta_tag_size: 4096,
             max_user_ids: 64,
             max_page: 1000,
         }
@@ -609,14 +621,27 @@ mod tests {
     }
 
     #[test]
-    fn limits_under_which_a_profile_outgrows_the_frame_name_max_data() {
-        // 64 meta tags of 1 KiB do not fit in a 64 KiB frame with the data.
+    fn limits_under_which_a_profile_outgrows_the_frame_are_warned_of() {
+        // 64 meta tags of 4 KiB do not fit in a 64 KiB frame with the data.
         let text = "[limits]\nmax_frame = 65536\nmax_data = 1024\nmax_message = 1024\n";
-        let err = Config::parse(text, Path::new("p.toml")).expect_err("too large");
-        assert!(err.to_string().contains("limits.max_data"), "{err}");
+        let config = Config::parse(text, Path::new("p.toml")).expect("allowed");
+        let warnings = config.warnings();
+        assert!(
+            warnings.iter().any(|w| w.starts_with("limits.max_data")),
+            "{warnings:?}"
+        );
         let text =
             "[limits]\nmax_frame = 65536\nmax_data = 1024\nmax_message = 1024\nmax_meta_tags = 8\n";
-        Config::parse(text, Path::new("p.toml")).expect("eight tags fit");
+        let config = Config::parse(text, Path::new("p.toml")).expect("eight tags fit");
+        assert_eq!(config.warnings(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_message_must_fit_in_an_event_with_its_names() {
+        let text =
+            "[limits]\nmax_frame = 65536\nmax_data = 1024\nmax_name = 1024\nmax_message = 63000\n";
+        let err = Config::parse(text, Path::new("p.toml")).expect_err("too large");
+        assert!(err.to_string().contains("limits.max_message"), "{err}");
     }
 
     /// `profile_bound` must bound the real encoding, or a `Loaded` answer
@@ -679,8 +704,6 @@ mod tests {
                 limits.profile_bound()
             );
         }
-        // And the defaults pass their own check.
-        assert!(limits.profile_bound() + 1024 <= u64::from(limits.max_frame));
     }
 
     #[test]

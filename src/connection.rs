@@ -104,8 +104,10 @@ pub async fn serve(
     // find the queue full: a full queue closes the connection.
     let limits = &context.limits;
     let pending = usize::try_from(limits.max_pending_messages).unwrap_or(usize::MAX);
+    // Stopping answers every waiting load at once, too.
     let capacity = limits
         .max_in_flight
+        .saturating_add(limits.max_queued_loads)
         .saturating_add(pending)
         .saturating_add(EVENT_SLACK)
         .min(MAX_QUEUE);
@@ -170,6 +172,7 @@ pub async fn serve(
         queue,
         kill,
         gate,
+        loads_answered: 0,
         stop: stop.clone(),
     };
     let open = session.serve_requests(&mut link, &stop).await;
@@ -223,6 +226,9 @@ struct Link {
     /// for the client gets [`CLOSING_WRITES`] more, so a client that stopped
     /// reading cannot hold the shutdown up.
     stop: CancellationToken,
+    /// Load answers taken from `queue` so far, on any path: every
+    /// `Response` the driver queues answers a load.
+    loads_answered: usize,
 }
 
 /// What writing a frame left the connection as.
@@ -246,10 +252,10 @@ impl Session {
             FuturesUnordered::new();
         // The driver drops its sender when it lets go of the connection.
         let mut driver_open = true;
-        // Loads waiting in the driver for an answer: the connection is not
-        // idle while one waits, though nothing is in flight here. Every
-        // answer the driver queues is a load's.
-        let mut queued_loads: usize = 0;
+        // Loads started: with `link.loads_answered`, the loads waiting in
+        // the driver for an answer. The connection is not idle while one
+        // waits, though nothing is in flight here.
+        let mut loads_started: usize = 0;
         // The cancellation and idle futures are made once, not once per
         // request: each new one registers a waiter, which costs more than
         // the select itself on the save path.
@@ -261,7 +267,7 @@ impl Session {
         loop {
             let answer = tokio::select! {
                 () = &mut killed => return false,
-                () = &mut idle, if !idle_timeout.is_zero() && in_flight.is_empty() && queued_loads == 0 => {
+                () = &mut idle, if !idle_timeout.is_zero() && in_flight.is_empty() && loads_started == link.loads_answered => {
                     tracing::info!(conn = self.conn, ?idle_timeout, "closing an idle connection");
                     let message = format!("no request for {}s", idle_timeout.as_secs_f64());
                     link.close_with(ErrorCode::Timeout, message).await;
@@ -281,9 +287,7 @@ impl Session {
                 Some(frame) = in_flight.next(), if !in_flight.is_empty() => frame,
                 frame = link.queue.recv(), if driver_open => match frame {
                     Some(frame) => {
-                        if matches!(frame, ServerFrame::Response(_)) {
-                            queued_loads = queued_loads.saturating_sub(1);
-                        }
+                        link.count_answer(&frame);
                         frame
                     }
                     None => {
@@ -318,7 +322,7 @@ impl Session {
                     };
                     let id = request.id;
                     let too_many = matches!(request.body, RequestBody::Load { .. })
-                        && queued_loads >= max_queued_loads;
+                        && loads_started.saturating_sub(link.loads_answered) >= max_queued_loads;
                     if too_many {
                         ServerFrame::Response(Response { id, result: Err(too_many_loads(max_queued_loads)) })
                     } else {
@@ -334,7 +338,7 @@ impl Session {
                                 continue;
                             }
                             Started::Queued => {
-                                queued_loads += 1;
+                                loads_started += 1;
                                 continue;
                             }
                         }
@@ -369,6 +373,13 @@ impl Session {
 }
 
 impl Link {
+    /// Counts a frame taken from the driver's queue if it answers a load.
+    fn count_answer(&mut self, frame: &ServerFrame) {
+        if matches!(frame, ServerFrame::Response(_)) {
+            self.loads_answered += 1;
+        }
+    }
+
     /// Writes `first` and every other answer already to hand (finished
     /// requests, frames from the driver), then flushes once. Returns
     /// whether the connection is still open.
@@ -390,11 +401,11 @@ impl Link {
             // Polled without a waker of this task's; the select that follows
             // polls both again with one, so nothing that becomes ready
             // meanwhile is missed.
-            next = in_flight
-                .next()
-                .now_or_never()
-                .flatten()
-                .or_else(|| self.queue.try_recv().ok());
+            next = in_flight.next().now_or_never().flatten().or_else(|| {
+                let frame = self.queue.try_recv().ok()?;
+                self.count_answer(&frame);
+                Some(frame)
+            });
         }
         self.flush().await
     }

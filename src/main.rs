@@ -57,6 +57,9 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        for warning in config.warnings() {
+            println!("profiled: {}: warning: {warning}", args.config.display());
+        }
         if args.config.exists() {
             println!("profiled: {}: ok", args.config.display());
         } else {
@@ -111,6 +114,9 @@ fn serve(args: &Args, config: Config) -> anyhow::Result<()> {
     let logging = profiled::logging::init(&config.log)?;
     if !args.config.exists() {
         tracing::warn!(config = %args.config.display(), "no config file there; running on the built-in defaults");
+    }
+    for warning in config.warnings() {
+        tracing::warn!(config = %args.config.display(), "{warning}");
     }
     let stops = spawn_signal_thread(Reloader::new(
         args.config.clone(),

@@ -707,3 +707,26 @@ async fn a_taken_over_connection_starts_nothing_after_the_takeover() {
         );
     }
 }
+
+/// A load's answer is counted however the connection takes it from the
+/// driver, also when it goes out in a burst behind other answers: with a
+/// limit of one waiting load, every round of pipelined saves and one load
+/// must still be able to load.
+#[tokio::test]
+async fn load_answers_sent_in_a_burst_free_their_place_in_the_limit() {
+    let daemon = Daemon::start_with("[limits]\nmax_queued_loads = 1\n");
+    let client = daemon.client("burst").await;
+    let held = client
+        .load(STORE, "held", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    for round in 0..30 {
+        let saves = futures::future::join_all((0..20).map(|i| held.save(vec![i; 64])));
+        let key = format!("free-{round}");
+        let load = client.load(STORE, &key, LoadPolicy::ForceLoad);
+        let (saved, loaded) = tokio::join!(saves, load);
+        assert!(saved.iter().all(Result::is_ok), "round {round}: {saved:?}");
+        let loaded = loaded.unwrap_or_else(|err| panic!("round {round}: {err}"));
+        loaded.release(None).await.expect("release");
+    }
+}

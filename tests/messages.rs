@@ -292,3 +292,46 @@ async fn messages_that_do_not_fit_in_the_load_answer_follow_it_as_events() {
     let view = sender.view(STORE, "full", None).await.expect("view");
     assert!(view.messages.is_empty());
 }
+
+/// A profile stored under limits that let it outgrow a frame (the daemon
+/// warns of such limits at startup) cannot be sent in a `Loaded` answer: the
+/// load is refused with `TooLarge` and its lease given back, not left held
+/// by a session that never learned of it.
+#[tokio::test]
+async fn a_profile_too_large_for_a_frame_is_refused_and_its_lease_given_back() {
+    let daemon = Daemon::start_with(
+        "[limits]\nmax_frame = 65536\nmax_data = 60000\nmax_message = 1024\n\
+         max_meta_tags = 8\nmax_meta_tag_size = 4096\n",
+    );
+    let game = daemon.client("game").await;
+    let profile = game
+        .load(STORE, "big", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    profile.save(vec![1; 60_000]).await.expect("save the data");
+    let tags = (0..8).map(|i| (format!("tag{i}"), vec![2; 4000])).collect();
+    profile
+        .release_with(
+            None,
+            Changes {
+                meta_tags: Some(tags),
+                ..Changes::default()
+            },
+        )
+        .await
+        .expect("release with the tags");
+
+    // The second load waits for the first one's lease to be given back.
+    for (job, policy) in [("again", LoadPolicy::Cancel), ("other", LoadPolicy::Repeat)] {
+        let client = daemon.client(job).await;
+        let err = tokio::time::timeout(PROMPTLY, client.load(STORE, "big", policy))
+            .await
+            .expect("answered")
+            .expect_err("92 KB do not fit in a 64 KiB frame");
+        assert_eq!(
+            err.code(),
+            Some(&ErrorCode::TooLarge),
+            "{job}: refused for its size, not Taken by a stranded lease: {err}"
+        );
+    }
+}

@@ -232,6 +232,15 @@ struct Driver {
     idle_waiters: Vec<(oneshot::Sender<usize>, usize)>,
 }
 
+/// A release to make, as a holder sends it.
+struct ClientRelease {
+    key: ProfileKey,
+    owner: SessionId,
+    epoch: u64,
+    data: Option<Vec<u8>>,
+    changes: protocol::Changes,
+}
+
 /// A load waiting for its answer.
 struct PendingLoad {
     /// The profile, to address the messages that follow a grant.
@@ -560,37 +569,14 @@ impl Driver {
                 changes,
                 reply,
             } => {
-                // A load waiting for the profile has its grant written in
-                // one step with the release: one batch, one sync.
-                let (write, grant) = match self.table.releasing(&key, &owner, epoch) {
-                    Some(HandOver { ticket, next }) => {
-                        let next = self.grantee(next);
-                        let (write, grant) =
-                            self.storage
-                                .hand_over(key.clone(), owner, epoch, data, changes, next);
-                        (write.boxed(), Some((ticket, grant)))
-                    }
-                    None => {
-                        let write = self
-                            .storage
-                            .release(key.clone(), owner, epoch, data, changes);
-                        (write.boxed(), None)
-                    }
+                let release = ClientRelease {
+                    key,
+                    owner,
+                    epoch,
+                    data,
+                    changes,
                 };
-                let released = key.clone();
-                self.writes.push_back(
-                    write
-                        .map(move |result| Completion::ClientRelease {
-                            key: released,
-                            epoch,
-                            result,
-                            reply,
-                        })
-                        .boxed(),
-                );
-                if let Some((ticket, grant)) = grant {
-                    self.track_grant(key, ticket, grant);
-                }
+                self.release(release, reply);
             }
             Command::StopLoads { grace } => {
                 self.table.stop_loads();
@@ -731,89 +717,128 @@ impl Driver {
     }
 
     fn apply_effects(&mut self) {
-        for effect in self.table.take_effects() {
-            match effect {
-                Effect::Grant { key, ticket, owner } => {
-                    let write = self.storage.grant(key.clone(), self.grantee(owner));
-                    self.track_grant(key, ticket, write);
+        // Applying one may change the table again (a lease given back
+        // because its answer cannot be sent), so until none are left.
+        loop {
+            let effects = self.table.take_effects();
+            if effects.is_empty() {
+                return;
+            }
+            for effect in effects {
+                self.apply(effect);
+            }
+        }
+    }
+
+    fn apply(&mut self, effect: Effect) {
+        match effect {
+            Effect::Grant { key, ticket, owner } => {
+                let write = self.storage.grant(key.clone(), self.grantee(owner));
+                self.track_grant(key, ticket, write);
+            }
+            Effect::Release { key, owner, epoch } => {
+                let write = self.storage.release(
+                    key.clone(),
+                    owner,
+                    epoch,
+                    None,
+                    protocol::Changes::default(),
+                );
+                self.writes.push_back(
+                    write
+                        .map(move |result| Completion::Release { key, result })
+                        .boxed(),
+                );
+            }
+            Effect::Answer {
+                conn,
+                request_id,
+                result,
+            } => {
+                let load = self.loads.remove(&(conn, request_id));
+                if let Some(load) = &load {
+                    self.count_load(load, &result);
                 }
-                Effect::Release { key, owner, epoch } => {
-                    let write = self.storage.release(
-                        key.clone(),
+                let lease = result
+                    .as_ref()
+                    .ok()
+                    .map(|granted| (granted.lease.session.clone(), granted.lease.epoch));
+                let mut response = Response {
+                    id: request_id,
+                    result: result.map(loaded).map_err(load_error),
+                };
+                // Without the load's key the rest could not be
+                // addressed, so the answer keeps them all and, if that
+                // is too large, is refused with `TooLarge`.
+                let overflow = match (&mut response.result, &load) {
+                    (Ok(Reply::Loaded(granted)), Some(_)) => {
+                        fit_messages(request_id, granted, self.max_frame)
+                    }
+                    _ => Vec::new(),
+                };
+                let epoch = match &response.result {
+                    Ok(Reply::Loaded(granted)) => granted.epoch,
+                    _ => 0,
+                };
+                // A profile stored under larger limits may not fit even
+                // without its messages. Nobody can use a lease whose
+                // answer cannot be sent: refuse the load and give the
+                // lease back.
+                let mut overflow = overflow;
+                if let (Some((owner, epoch)), Some(load)) = (lease, &load)
+                    // The frame's own variant index adds four bytes.
+                    && protocol::payload_len(&response)
+                        .is_ok_and(|len| len + 4 > self.max_frame as usize)
+                {
+                    response.result = Err(protocol::Error::new(
+                        ErrorCode::TooLarge,
+                        "the profile is larger than a frame (limits.max_frame); \
+                         the lease was given back",
+                    ));
+                    overflow.clear();
+                    let release = ClientRelease {
+                        key: load.key.clone(),
                         owner,
                         epoch,
-                        None,
-                        protocol::Changes::default(),
-                    );
-                    self.writes.push_back(
-                        write
-                            .map(move |result| Completion::Release { key, result })
-                            .boxed(),
-                    );
+                        data: None,
+                        changes: protocol::Changes::default(),
+                    };
+                    self.release(release, oneshot::channel().0);
                 }
-                Effect::Answer {
-                    conn,
-                    request_id,
-                    result,
-                } => {
-                    let load = self.loads.remove(&(conn, request_id));
-                    if let Some(load) = &load {
-                        self.count_load(load, &result);
-                    }
-                    let mut response = Response {
-                        id: request_id,
-                        result: result.map(loaded).map_err(load_error),
-                    };
-                    // Without the load's key the rest could not be
-                    // addressed, so the answer keeps them all and, if that
-                    // is too large, is refused with `TooLarge`.
-                    let overflow = match (&mut response.result, &load) {
-                        (Ok(Reply::Loaded(granted)), Some(_)) => {
-                            fit_messages(request_id, granted, self.max_frame)
-                        }
-                        _ => Vec::new(),
-                    };
-                    let epoch = match &response.result {
-                        Ok(Reply::Loaded(granted)) => granted.epoch,
-                        _ => 0,
-                    };
-                    self.send(conn, ServerFrame::Response(response));
-                    // After the answer, so the client knows the lease they
-                    // are about.
-                    if let Some(load) = load {
-                        for message in overflow {
-                            let event = Event::Message {
-                                store: load.key.store().to_owned(),
-                                key: load.key.key().to_owned(),
-                                epoch,
-                                message,
-                            };
-                            self.send(conn, ServerFrame::Event(event));
-                        }
+                self.send(conn, ServerFrame::Response(response));
+                // After the answer, so the client knows the lease they
+                // are about.
+                if let Some(load) = load {
+                    for message in overflow {
+                        let event = Event::Message {
+                            store: load.key.store().to_owned(),
+                            key: load.key.key().to_owned(),
+                            epoch,
+                            message,
+                        };
+                        self.send(conn, ServerFrame::Event(event));
                     }
                 }
-                Effect::Taken { reason } => match reason {
-                    LossReason::Stolen => self.stats.stolen(),
-                    LossReason::ForceLoadTimeout => self.stats.force_timeout(),
-                    _ => {}
-                },
-                Effect::Push { conn, event } => {
-                    self.send(conn, ServerFrame::Event(wire_event(event)))
-                }
-                Effect::Kick { conn } => {
-                    if let Some(link) = self.links.remove(&conn) {
-                        link.gate.close();
-                        tracing::info!(conn, "closing a connection whose session reconnected");
-                        // The client must not reconnect and take the session
-                        // back, so it is told why; the writer closes the
-                        // connection after sending it.
-                        let refusal = ServerFrame::Refused(protocol::Error::new(
-                            ErrorCode::Superseded,
-                            "the session connected again on another connection",
-                        ));
-                        if link.outbound.try_send(refusal).is_err() {
-                            link.kill.cancel();
-                        }
+            }
+            Effect::Taken { reason } => match reason {
+                LossReason::Stolen => self.stats.stolen(),
+                LossReason::ForceLoadTimeout => self.stats.force_timeout(),
+                _ => {}
+            },
+            Effect::Push { conn, event } => self.send(conn, ServerFrame::Event(wire_event(event))),
+            Effect::Kick { conn } => {
+                if let Some(link) = self.links.remove(&conn) {
+                    link.gate.close();
+                    tracing::info!(conn, "closing a connection whose session reconnected");
+                    // The client must not reconnect and take the session
+                    // back, so it is told why; the writer closes the
+                    // connection after sending it.
+                    let refusal = ServerFrame::Refused(protocol::Error::new(
+                        ErrorCode::Superseded,
+                        "the session connected again on another connection",
+                    ));
+                    if link.outbound.try_send(refusal).is_err() {
+                        link.kill.cancel();
                     }
                 }
             }
@@ -837,6 +862,48 @@ impl Driver {
                 })
                 .boxed(),
         );
+    }
+
+    /// Ends a holder's lease (its own release, or one the daemon makes for
+    /// it). A load waiting for the profile has its grant written in one
+    /// step with the release: one batch, one sync.
+    fn release(&mut self, release: ClientRelease, reply: oneshot::Sender<Result<u64, WriteError>>) {
+        let ClientRelease {
+            key,
+            owner,
+            epoch,
+            data,
+            changes,
+        } = release;
+        let (write, grant) = match self.table.releasing(&key, &owner, epoch) {
+            Some(HandOver { ticket, next }) => {
+                let next = self.grantee(next);
+                let (write, grant) =
+                    self.storage
+                        .hand_over(key.clone(), owner, epoch, data, changes, next);
+                (write.boxed(), Some((ticket, grant)))
+            }
+            None => {
+                let write = self
+                    .storage
+                    .release(key.clone(), owner, epoch, data, changes);
+                (write.boxed(), None)
+            }
+        };
+        let released = key.clone();
+        self.writes.push_back(
+            write
+                .map(move |result| Completion::ClientRelease {
+                    key: released,
+                    epoch,
+                    result,
+                    reply,
+                })
+                .boxed(),
+        );
+        if let Some((ticket, grant)) = grant {
+            self.track_grant(key, ticket, grant);
+        }
     }
 
     /// A grant to `session`, with the uid that connected it.
