@@ -525,8 +525,13 @@ impl Shared {
             return;
         }
         if sub.events.send(event).is_err() {
-            // The profile was dropped; its route is stale.
+            // Nobody listens. A dropped profile removes its route first, so
+            // this is a load whose future was dropped with its answer
+            // unread: nobody holds a Profile for the lease, and it is
+            // handed back.
             state.subscriptions.remove(&slot);
+            let (store, key) = slot;
+            self.release_orphan(&mut state, store, key, epoch);
         }
     }
 

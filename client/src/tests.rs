@@ -986,11 +986,16 @@ async fn a_last_save_that_landed_before_a_reconnect_is_reported_as_saved() {
         // its answer is sent.
         let Request { body, .. } = request(&mut conn).await;
         let RequestBody::Release {
-            data: Some(data), ..
+            data: Some(data),
+            changes,
+            ..
         } = body
         else {
             panic!("expected a release with data, got {body:?}");
         };
+        let mut stored = meta();
+        stored.meta_tags = changes.meta_tags.unwrap_or_default();
+        stored.user_ids = changes.user_ids.unwrap_or_default();
         drop(conn);
         let mut conn = daemon.welcome_back(Vec::new()).await;
         let Request { id, body } = request(&mut conn).await;
@@ -1009,7 +1014,7 @@ async fn a_last_save_that_landed_before_a_reconnect_is_reported_as_saved() {
                 version: 4,
                 saved_at_ms: 0,
                 data: Some(data),
-                meta: meta(),
+                meta: stored,
                 messages: Vec::new(),
             })),
         }))
@@ -1019,4 +1024,55 @@ async fn a_last_save_that_landed_before_a_reconnect_is_reported_as_saved() {
     };
     let (released, _conn) = tokio::join!(profile.release(), script);
     assert_eq!(released.expect("the last save landed"), 4);
+}
+
+/// The messages that follow a grant as events may reach a load future that
+/// was dropped with its answer unread: the lease is handed back then, as
+/// the orphan it is, rather than its route being forgotten.
+#[tokio::test]
+async fn an_event_for_a_grant_nobody_read_hands_the_lease_back() {
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
+    let mut load = Box::pin(client.load("s", "k", LoadPolicy::ForceLoad));
+    assert!(
+        futures::poll!(&mut load).is_pending(),
+        "the request is sent"
+    );
+    serve_load(&mut conn, 5).await;
+    let pong = async {
+        let Request { id, .. } = request(&mut conn).await;
+        conn.send(ServerFrame::Response(Response {
+            id,
+            result: Ok(Reply::Pong),
+        }))
+        .await
+        .expect("send pong");
+    };
+    let (pinged, ()) = tokio::join!(client.ping(), pong);
+    pinged.expect("ping");
+    drop(load);
+    conn.send(ServerFrame::Event(Event::Message {
+        store: "s".into(),
+        key: "k".into(),
+        epoch: 5,
+        message: profiled_protocol::Message {
+            id: 1,
+            sent_at_ms: 0,
+            payload: b"gift".to_vec(),
+        },
+    }))
+    .await
+    .expect("send the message");
+    let Request { body, .. } = request(&mut conn).await;
+    assert!(
+        matches!(
+            body,
+            RequestBody::Release {
+                epoch: 5,
+                data: None,
+                ..
+            }
+        ),
+        "the orphaned lease is released: {body:?}"
+    );
 }

@@ -445,7 +445,7 @@ impl Committer {
             .put_cf(families.meta, &db_key, records::encode(&meta));
         batch
             .batch
-            .put_cf(families.leases, &db_key, records::encode(&lease));
+            .put_cf(families.leases, &db_key, records::encode_lease(&lease));
         Ok(Granted {
             lease,
             meta,

@@ -19,11 +19,16 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::ProfileKey;
 
-/// The record format written by this build. Format 1 differs from it in
-/// the meta and lease records, format 2 in the lease record;
-/// [`decode_meta`] and [`decode_lease`] still read them.
-const FORMAT: u8 = 3;
-const _: () = assert!(FORMAT == 3, "decode reads formats 1 to 3");
+/// The format of meta records written by this build. Format 1 differs in
+/// the meta record, which [`decode_meta`] still reads.
+const FORMAT: u8 = 2;
+const _: () = assert!(FORMAT == 2, "decode reads formats 1 and 2");
+
+/// The format of lease records written by this build: format 3 added the
+/// uid, and [`decode_lease`] still reads 1 and 2. It is kept apart from
+/// [`FORMAT`] so that every other record stays readable by earlier builds:
+/// after a clean stop, which leaves no lease record, a downgrade works.
+const LEASE_FORMAT: u8 = 3;
 
 /// The format of message and version values.
 const ITEM_FORMAT: u8 = 1;
@@ -229,13 +234,26 @@ pub fn decode_lease(bytes: &[u8]) -> Result<LeaseRecord, String> {
                 uid: None,
             })
             .map_err(|err| err.to_string()),
-        _ => decode(bytes),
+        Some((&LEASE_FORMAT, rest)) => bincode::serde::decode_from_slice(rest, DECODE)
+            .map(|(lease, _)| lease)
+            .map_err(|err| err.to_string()),
+        Some((format, _)) => Err(format!("unknown lease record format {format}")),
+        None => Err("empty record".to_owned()),
     }
+}
+
+/// Encodes a lease record with its format byte.
+pub fn encode_lease(lease: &LeaseRecord) -> Vec<u8> {
+    encode_as(LEASE_FORMAT, lease)
 }
 
 /// Encodes a record with its format byte.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT];
+    encode_as(FORMAT, record)
+}
+
+fn encode_as<T: Serialize>(format: u8, record: &T) -> Vec<u8> {
+    let mut out = vec![format];
     // Encoding plain structs into a Vec cannot fail.
     if let Err(err) = bincode::serde::encode_into_std_write(record, &mut out, CONFIG) {
         unreachable!("encoding a record into memory failed: {err}");
@@ -247,7 +265,7 @@ pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
 /// meta records have the same layout as this format's.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     match bytes.split_first() {
-        Some((1..=3, rest)) => bincode::serde::decode_from_slice(rest, DECODE)
+        Some((1 | 2, rest)) => bincode::serde::decode_from_slice(rest, DECODE)
             .map(|(record, _)| record)
             .map_err(|err| err.to_string()),
         Some((format, _)) => Err(format!("unknown record format {format}")),
@@ -320,7 +338,8 @@ mod tests {
             since_ms: 9,
             uid: Some(1000),
         };
-        assert_eq!(decode_lease(&encode(&lease)), Ok(lease.clone()));
+        assert_eq!(decode_lease(&encode_lease(&lease)), Ok(lease.clone()));
+        assert_eq!(encode_lease(&lease)[0], 3);
         // Format 2 had no uid: such a lease may be resumed by any allowed
         // uid, as before.
         #[derive(Serialize)]
@@ -329,14 +348,13 @@ mod tests {
         bincode::serde::encode_into_std_write(V2(lease.session.clone(), 7, 9), &mut bytes, CONFIG)
             .expect("encode");
         assert_eq!(decode_lease(&bytes), Ok(LeaseRecord { uid: None, ..lease }));
-        // Format 2 meta records are format 3's.
+        // Meta records stay at format 2, which earlier builds read.
         let meta = MetaRecord {
             epoch: 3,
             ..MetaRecord::default()
         };
-        let mut bytes = encode(&meta);
-        bytes[0] = 2;
-        assert_eq!(decode_meta(&bytes), Ok(meta));
+        assert_eq!(encode(&meta)[0], 2);
+        assert_eq!(decode_meta(&encode(&meta)), Ok(meta));
     }
 
     #[test]

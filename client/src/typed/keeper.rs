@@ -697,33 +697,47 @@ impl<T: ProfileData> Keeper<T> {
                 // Whether an earlier attempt may have landed: its answer was
                 // lost with the connection.
                 let mut in_doubt = false;
-                let result = loop {
-                    let result = client
-                        .release_with(&store, &key, epoch, Some(bytes.clone()), changes.clone())
-                        .await;
-                    match &result {
-                        Err(err) if transient(err) && Instant::now() < give_up => {
-                            in_doubt |= matches!(err, ClientError::Disconnected);
-                            self.failed(reason, err);
-                            attempt = attempt.saturating_add(1);
-                            let backoff =
-                                Duration::from_millis(250).saturating_mul(1 << attempt.min(4));
-                            tokio::time::sleep(backoff).await;
+                let result =
+                    loop {
+                        let result = client
+                            .release_with(&store, &key, epoch, Some(bytes.clone()), changes.clone())
+                            .await;
+                        match &result {
+                            Err(err) if transient(err) && Instant::now() < give_up => {
+                                in_doubt |= matches!(err, ClientError::Disconnected);
+                                self.failed(reason, err);
+                                attempt = attempt.saturating_add(1);
+                                let backoff =
+                                    Duration::from_millis(250).saturating_mul(1 << attempt.min(4));
+                                tokio::time::sleep(backoff).await;
+                            }
+                            Err(err) if in_doubt && lost(err) => {
+                                // The lease is gone: perhaps by the attempt whose
+                                // answer was lost. If the profile is what it
+                                // carried (data, tags, user ids, and none of the
+                                // messages it consumed still pending), it landed.
+                                break match client.view(&store, &key, None).await {
+                                    Ok(view)
+                                        if view.data.as_deref() == Some(&bytes[..])
+                                            && changes.meta_tags.as_ref().is_none_or(|tags| {
+                                                *tags == view.meta.meta_tags
+                                            })
+                                            && changes
+                                                .user_ids
+                                                .as_ref()
+                                                .is_none_or(|ids| *ids == view.meta.user_ids)
+                                            && !view.messages.iter().any(|m| {
+                                                changes.consumed_messages.contains(&m.id)
+                                            }) =>
+                                    {
+                                        Ok(view.version)
+                                    }
+                                    _ => result,
+                                };
+                            }
+                            _ => break result,
                         }
-                        Err(err) if in_doubt && lost(err) => {
-                            // The lease is gone: perhaps by the attempt whose
-                            // answer was lost. If the stored data is what it
-                            // carried, it landed.
-                            break match client.view(&store, &key, None).await {
-                                Ok(view) if view.data.as_deref() == Some(&bytes[..]) => {
-                                    Ok(view.version)
-                                }
-                                _ => result,
-                            };
-                        }
-                        _ => break result,
-                    }
-                };
+                    };
                 match &result {
                     Ok(version) => {
                         self.saved(reason, *version, covered, merged, &acked);
