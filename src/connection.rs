@@ -172,7 +172,7 @@ pub async fn serve(
         queue,
         kill,
         gate,
-        loads_answered: 0,
+        loads_waiting: 0,
         stop: stop.clone(),
     };
     let open = session.serve_requests(&mut link, &stop).await;
@@ -226,9 +226,11 @@ struct Link {
     /// for the client gets [`CLOSING_WRITES`] more, so a client that stopped
     /// reading cannot hold the shutdown up.
     stop: CancellationToken,
-    /// Load answers taken from `queue` so far, on any path: every
-    /// `Response` the driver queues answers a load.
-    loads_answered: usize,
+    /// Loads handed to the lease driver and not yet answered. Their answers
+    /// come through `queue`, taken on either of two paths (the read loop,
+    /// or a burst of writes), so the count lives here. The connection is
+    /// not idle while one waits, though nothing is in flight.
+    loads_waiting: usize,
 }
 
 /// What writing a frame left the connection as.
@@ -252,10 +254,6 @@ impl Session {
             FuturesUnordered::new();
         // The driver drops its sender when it lets go of the connection.
         let mut driver_open = true;
-        // Loads started: with `link.loads_answered`, the loads waiting in
-        // the driver for an answer. The connection is not idle while one
-        // waits, though nothing is in flight here.
-        let mut loads_started: usize = 0;
         // The cancellation and idle futures are made once, not once per
         // request: each new one registers a waiter, which costs more than
         // the select itself on the save path.
@@ -267,7 +265,7 @@ impl Session {
         loop {
             let answer = tokio::select! {
                 () = &mut killed => return false,
-                () = &mut idle, if !idle_timeout.is_zero() && in_flight.is_empty() && loads_started == link.loads_answered => {
+                () = &mut idle, if !idle_timeout.is_zero() && in_flight.is_empty() && link.loads_waiting == 0 => {
                     tracing::info!(conn = self.conn, ?idle_timeout, "closing an idle connection");
                     let message = format!("no request for {}s", idle_timeout.as_secs_f64());
                     link.close_with(ErrorCode::Timeout, message).await;
@@ -322,7 +320,7 @@ impl Session {
                     };
                     let id = request.id;
                     let too_many = matches!(request.body, RequestBody::Load { .. })
-                        && loads_started.saturating_sub(link.loads_answered) >= max_queued_loads;
+                        && link.loads_waiting >= max_queued_loads;
                     if too_many {
                         ServerFrame::Response(Response { id, result: Err(too_many_loads(max_queued_loads)) })
                     } else {
@@ -338,7 +336,7 @@ impl Session {
                                 continue;
                             }
                             Started::Queued => {
-                                loads_started += 1;
+                                link.loads_waiting += 1;
                                 continue;
                             }
                         }
@@ -373,10 +371,11 @@ impl Session {
 }
 
 impl Link {
-    /// Counts a frame taken from the driver's queue if it answers a load.
+    /// Counts a frame taken from the driver's queue if it answers a load:
+    /// every `Response` the driver queues does.
     fn count_answer(&mut self, frame: &ServerFrame) {
         if matches!(frame, ServerFrame::Response(_)) {
-            self.loads_answered += 1;
+            self.loads_waiting = self.loads_waiting.saturating_sub(1);
         }
     }
 

@@ -754,72 +754,7 @@ impl Driver {
                 conn,
                 request_id,
                 result,
-            } => {
-                let load = self.loads.remove(&(conn, request_id));
-                if let Some(load) = &load {
-                    self.count_load(load, &result);
-                }
-                let lease = result
-                    .as_ref()
-                    .ok()
-                    .map(|granted| (granted.lease.session.clone(), granted.lease.epoch));
-                let mut response = Response {
-                    id: request_id,
-                    result: result.map(loaded).map_err(load_error),
-                };
-                // Without the load's key the rest could not be
-                // addressed, so the answer keeps them all and, if that
-                // is too large, is refused with `TooLarge`.
-                let overflow = match (&mut response.result, &load) {
-                    (Ok(Reply::Loaded(granted)), Some(_)) => {
-                        fit_messages(request_id, granted, self.max_frame)
-                    }
-                    _ => Vec::new(),
-                };
-                let epoch = match &response.result {
-                    Ok(Reply::Loaded(granted)) => granted.epoch,
-                    _ => 0,
-                };
-                // A profile stored under larger limits may not fit even
-                // without its messages. Nobody can use a lease whose
-                // answer cannot be sent: refuse the load and give the
-                // lease back.
-                let mut overflow = overflow;
-                if let (Some((owner, epoch)), Some(load)) = (lease, &load)
-                    // The frame's own variant index adds four bytes.
-                    && protocol::payload_len(&response)
-                        .is_ok_and(|len| len + 4 > self.max_frame as usize)
-                {
-                    response.result = Err(protocol::Error::new(
-                        ErrorCode::TooLarge,
-                        "the profile is larger than a frame (limits.max_frame); \
-                         the lease was given back",
-                    ));
-                    overflow.clear();
-                    let release = ClientRelease {
-                        key: load.key.clone(),
-                        owner,
-                        epoch,
-                        data: None,
-                        changes: protocol::Changes::default(),
-                    };
-                    self.release(release, oneshot::channel().0);
-                }
-                self.send(conn, ServerFrame::Response(response));
-                // After the answer, so the client knows the lease they
-                // are about.
-                if let Some(load) = load {
-                    for message in overflow {
-                        let event = Event::Message {
-                            store: load.key.store().to_owned(),
-                            key: load.key.key().to_owned(),
-                            epoch,
-                            message,
-                        };
-                        self.send(conn, ServerFrame::Event(event));
-                    }
-                }
-            }
+            } => self.answer_load(conn, request_id, result),
             Effect::Taken { reason } => match reason {
                 LossReason::Stolen => self.stats.stolen(),
                 LossReason::ForceLoadTimeout => self.stats.force_timeout(),
@@ -842,6 +777,64 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends a load its answer. A grant's pending messages that do not fit
+    /// in the answer follow it as events, addressed by the load's key. A
+    /// profile that does not fit even without them (stored under larger
+    /// limits) is refused `TooLarge`, and its lease given back: nobody can
+    /// use a lease whose answer cannot be sent.
+    fn answer_load(&mut self, conn: ConnId, request_id: u64, result: Result<Granted, LoadError>) {
+        let load = self.loads.remove(&(conn, request_id));
+        if let Some(load) = &load {
+            self.count_load(load, &result);
+        }
+        let lease = result
+            .as_ref()
+            .ok()
+            .map(|granted| (granted.lease.session.clone(), granted.lease.epoch));
+        let mut response = Response {
+            id: request_id,
+            result: result.map(loaded).map_err(load_error),
+        };
+        // Without the load's key the rest could not be addressed, so the
+        // answer keeps them all and, if that is too large, is refused with
+        // `TooLarge` when it is written.
+        let (Some(load), Some((owner, epoch)), Ok(Reply::Loaded(granted))) =
+            (load, lease, &mut response.result)
+        else {
+            self.send(conn, ServerFrame::Response(response));
+            return;
+        };
+        let mut overflow = fit_messages(request_id, granted, self.max_frame);
+        // The frame's own variant index adds four bytes.
+        if protocol::payload_len(&response).is_ok_and(|len| len + 4 > self.max_frame as usize) {
+            response.result = Err(protocol::Error::new(
+                ErrorCode::TooLarge,
+                "the profile is larger than a frame (limits.max_frame); \
+                 the lease was given back",
+            ));
+            overflow.clear();
+            let release = ClientRelease {
+                key: load.key.clone(),
+                owner,
+                epoch,
+                data: None,
+                changes: protocol::Changes::default(),
+            };
+            self.release(release, oneshot::channel().0);
+        }
+        self.send(conn, ServerFrame::Response(response));
+        // After the answer, so the client knows the lease they are about.
+        for message in overflow {
+            let event = Event::Message {
+                store: load.key.store().to_owned(),
+                key: load.key.key().to_owned(),
+                epoch,
+                message,
+            };
+            self.send(conn, ServerFrame::Event(event));
         }
     }
 
