@@ -298,15 +298,8 @@ impl Shared {
     }
 
     pub(crate) fn unsubscribe(&self, store: &str, key: &str, epoch: u64) {
-        let mut state = self.lock();
         let slot = (store.to_owned(), key.to_owned());
-        if state
-            .subscriptions
-            .get(&slot)
-            .is_some_and(|sub| sub.epoch == epoch)
-        {
-            state.subscriptions.remove(&slot);
-        }
+        self.lock().unroute(&slot, epoch);
     }
 
     /// Marks connection `generation` gone and the link down. Dropping every
@@ -383,14 +376,7 @@ impl Shared {
                 self.release_orphan(&mut state, store, key, epoch);
             }
             (Effect::Unsubscribe { store, key, epoch }, Ok(Reply::Released { .. })) => {
-                let slot = (store, key);
-                if state
-                    .subscriptions
-                    .get(&slot)
-                    .is_some_and(|sub| sub.epoch == epoch)
-                {
-                    state.subscriptions.remove(&slot);
-                }
+                state.unroute(&(store, key), epoch);
             }
             _ => {}
         }
@@ -403,13 +389,7 @@ impl Shared {
         {
             let mut state = self.lock();
             let slot = (store, key);
-            if state
-                .subscriptions
-                .get(&slot)
-                .is_some_and(|sub| sub.epoch == epoch)
-            {
-                state.subscriptions.remove(&slot);
-            }
+            state.unroute(&slot, epoch);
             let (store, key) = slot;
             self.release_orphan(&mut state, store, key, epoch);
         }
@@ -553,6 +533,20 @@ impl Shared {
     /// or remove, so a poisoned lock is used as is.
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl State {
+    /// Removes the route of lease `epoch` on `slot`, unless a newer lease on
+    /// the key has replaced it.
+    fn unroute(&mut self, slot: &(String, String), epoch: u64) {
+        if self
+            .subscriptions
+            .get(slot)
+            .is_some_and(|sub| sub.epoch == epoch)
+        {
+            self.subscriptions.remove(slot);
+        }
     }
 }
 

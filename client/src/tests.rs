@@ -121,6 +121,13 @@ async fn request(conn: &mut Conn) -> Request {
     }
 }
 
+/// Answers request `id` with `result`.
+async fn reply(conn: &mut Conn, id: u64, result: Result<Reply, Error>) {
+    conn.send(ServerFrame::Response(Response { id, result }))
+        .await
+        .expect("send a response");
+}
+
 /// Waits until the client closes its end.
 async fn expect_eof(conn: &mut Conn) {
     let frame = tokio::time::timeout(PROMPTLY, conn.next())
@@ -168,17 +175,17 @@ fn held(key: &str, epoch: u64) -> HeldLease {
 async fn serve_load(conn: &mut Conn, epoch: u64) {
     let Request { id, body } = request(conn).await;
     assert!(matches!(body, RequestBody::Load { .. }), "{body:?}");
-    conn.send(ServerFrame::Response(Response {
+    reply(
+        conn,
         id,
-        result: Ok(Reply::Loaded(Loaded {
+        Ok(Reply::Loaded(Loaded {
             epoch,
             data: Some(b"old".to_vec()),
             meta: meta(),
             messages: Vec::new(),
         })),
-    }))
-    .await
-    .expect("send loaded");
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -320,12 +327,12 @@ async fn a_daemon_error_is_returned_with_its_code() {
     let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
     let server = async {
         let Request { id, .. } = request(&mut conn).await;
-        conn.send(ServerFrame::Response(Response {
+        reply(
+            &mut conn,
             id,
-            result: Err(Error::new(ErrorCode::LeaseLost, "epoch 3 is not current")),
-        }))
-        .await
-        .expect("send error");
+            Err(Error::new(ErrorCode::LeaseLost, "epoch 3 is not current")),
+        )
+        .await;
     };
     let (saved, ()) = tokio::join!(client.save("s", "k", 3, Vec::new()), server);
     let err = saved.expect_err("lease lost");
@@ -342,12 +349,7 @@ async fn a_wrong_kind_of_reply_is_a_protocol_error() {
     let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
     let server = async {
         let Request { id, .. } = request(&mut conn).await;
-        conn.send(ServerFrame::Response(Response {
-            id,
-            result: Ok(Reply::Pong),
-        }))
-        .await
-        .expect("send pong");
+        reply(&mut conn, id, Ok(Reply::Pong)).await;
     };
     let (saved, ()) = tokio::join!(client.save("s", "k", 3, Vec::new()), server);
     assert!(matches!(saved, Err(ClientError::Protocol(_))), "{saved:?}");
@@ -371,12 +373,7 @@ async fn a_save_over_the_daemons_limit_fails_locally_and_the_connection_lives_on
     let server = async {
         let Request { id, body } = request(&mut conn).await;
         assert_eq!(body, RequestBody::Ping, "the oversized save was never sent");
-        conn.send(ServerFrame::Response(Response {
-            id,
-            result: Ok(Reply::Pong),
-        }))
-        .await
-        .expect("send pong");
+        reply(&mut conn, id, Ok(Reply::Pong)).await;
     };
     let (ping, ()) = tokio::join!(client.ping(), server);
     ping.expect("ping after the refused save");
@@ -392,12 +389,12 @@ async fn the_load_deadline_is_sent_in_milliseconds() {
     };
     let server = async {
         let Request { id, body } = request(&mut conn).await;
-        conn.send(ServerFrame::Response(Response {
+        reply(
+            &mut conn,
             id,
-            result: Err(Error::new(ErrorCode::Timeout, "deadline passed")),
-        }))
-        .await
-        .expect("send timeout");
+            Err(Error::new(ErrorCode::Timeout, "deadline passed")),
+        )
+        .await;
         body
     };
     let (loaded, body) = tokio::join!(client.load_with("s", "k", options), server);
@@ -500,12 +497,7 @@ async fn releasing_a_profile_sends_its_epoch_and_data_and_ends_its_events() {
     let mut profile = profile.expect("load");
     let server = async {
         let Request { id, body } = request(&mut conn).await;
-        conn.send(ServerFrame::Response(Response {
-            id,
-            result: Ok(Reply::Released { version: 5 }),
-        }))
-        .await
-        .expect("send released");
+        reply(&mut conn, id, Ok(Reply::Released { version: 5 })).await;
         body
     };
     let (released, body) = tokio::join!(client.release("s", "k", 9, Some(b"new".to_vec())), server);
@@ -597,25 +589,31 @@ async fn load_held(client: &Client, conn: &mut Conn, key: &str, epoch: u64) -> c
 async fn serve_save(conn: &mut Conn, version: u64) -> RequestBody {
     let Request { id, body } = request(conn).await;
     assert!(matches!(body, RequestBody::Save { .. }), "{body:?}");
-    conn.send(ServerFrame::Response(Response {
-        id,
-        result: Ok(Reply::Saved { version }),
-    }))
-    .await
-    .expect("send saved");
+    reply(conn, id, Ok(Reply::Saved { version })).await;
     body
+}
+
+/// Has the client load `s/k` (epoch 5), then drops the load future once the
+/// grant has reached it but before it is read: the session holds a lease
+/// nobody has a profile for.
+async fn grant_nobody_reads(client: &Client, conn: &mut Conn) {
+    let mut load = Box::pin(client.load("s", "k", LoadPolicy::ForceLoad));
+    assert!(
+        futures::poll!(&mut load).is_pending(),
+        "the request is sent"
+    );
+    serve_load(conn, 5).await;
+    // The answer is read once a later one is: the reader takes them in order.
+    let (pinged, ()) = tokio::join!(client.ping(), serve_ping(conn));
+    pinged.expect("ping");
+    drop(load);
 }
 
 /// Answers the next request, which must be a ping.
 async fn serve_ping(conn: &mut Conn) {
     let Request { id, body } = request(conn).await;
     assert_eq!(body, RequestBody::Ping);
-    conn.send(ServerFrame::Response(Response {
-        id,
-        result: Ok(Reply::Pong),
-    }))
-    .await
-    .expect("send pong");
+    reply(conn, id, Ok(Reply::Pong)).await;
 }
 
 #[tokio::test]
@@ -884,37 +882,14 @@ async fn a_lease_whose_answer_was_never_read_is_given_back_by_the_next_load() {
     }
     let daemon = FakeDaemon::new();
     let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
-    let mut load = Box::pin(client.load("s", "k", LoadPolicy::ForceLoad));
-    assert!(
-        futures::poll!(&mut load).is_pending(),
-        "the request is sent"
-    );
-    serve_load(&mut conn, 5).await;
-    // The answer is read once a later one is: the reader takes them in order.
-    let pong = async {
-        let Request { id, .. } = request(&mut conn).await;
-        conn.send(ServerFrame::Response(Response {
-            id,
-            result: Ok(Reply::Pong),
-        }))
-        .await
-        .expect("send pong");
-    };
-    let (pinged, ()) = tokio::join!(client.ping(), pong);
-    pinged.expect("ping");
-    drop(load);
+    grant_nobody_reads(&client, &mut conn).await;
 
     let store = client.store::<Coins>("s");
     let script = async {
         let Request { id, body } = request(&mut conn).await;
         assert!(matches!(body, RequestBody::Load { .. }), "{body:?}");
         let refusal = Error::new(ErrorCode::AlreadyLoaded, "already loaded");
-        conn.send(ServerFrame::Response(Response {
-            id,
-            result: Err(refusal),
-        }))
-        .await
-        .expect("send refusal");
+        reply(&mut conn, id, Err(refusal)).await;
         let Request { id, body } = request(&mut conn).await;
         assert!(
             matches!(
@@ -927,25 +902,20 @@ async fn a_lease_whose_answer_was_never_read_is_given_back_by_the_next_load() {
             ),
             "the orphaned lease is released: {body:?}"
         );
-        conn.send(ServerFrame::Response(Response {
-            id,
-            result: Ok(Reply::Released { version: 1 }),
-        }))
-        .await
-        .expect("send released");
+        reply(&mut conn, id, Ok(Reply::Released { version: 1 })).await;
         let Request { id, body } = request(&mut conn).await;
         assert!(matches!(body, RequestBody::Load { .. }), "{body:?}");
-        conn.send(ServerFrame::Response(Response {
+        reply(
+            &mut conn,
             id,
-            result: Ok(Reply::Loaded(Loaded {
+            Ok(Reply::Loaded(Loaded {
                 epoch: 6,
                 data: None,
                 meta: meta(),
                 messages: Vec::new(),
             })),
-        }))
-        .await
-        .expect("send loaded");
+        )
+        .await;
     };
     let (loaded, ()) = tokio::join!(store.load("k", LoadPolicy::ForceLoad), script);
     assert_eq!(loaded.expect("loaded again").epoch(), 6);
@@ -965,17 +935,17 @@ async fn a_last_save_that_landed_before_a_reconnect_is_reported_as_saved() {
     let store = client.store::<Coins>("s").with_autosave(None);
     let serve = async {
         let Request { id, .. } = request(&mut conn).await;
-        conn.send(ServerFrame::Response(Response {
+        reply(
+            &mut conn,
             id,
-            result: Ok(Reply::Loaded(Loaded {
+            Ok(Reply::Loaded(Loaded {
                 epoch: 3,
                 data: None,
                 meta: meta(),
                 messages: Vec::new(),
             })),
-        }))
-        .await
-        .expect("send loaded");
+        )
+        .await;
     };
     let (profile, ()) = tokio::join!(store.load("k", LoadPolicy::ForceLoad), serve);
     let profile = profile.expect("load");
@@ -1000,26 +970,26 @@ async fn a_last_save_that_landed_before_a_reconnect_is_reported_as_saved() {
         let mut conn = daemon.welcome_back(Vec::new()).await;
         let Request { id, body } = request(&mut conn).await;
         assert!(matches!(body, RequestBody::Release { .. }), "{body:?}");
-        conn.send(ServerFrame::Response(Response {
+        reply(
+            &mut conn,
             id,
-            result: Err(Error::new(ErrorCode::LeaseLost, "lease lost")),
-        }))
-        .await
-        .expect("send lease lost");
+            Err(Error::new(ErrorCode::LeaseLost, "lease lost")),
+        )
+        .await;
         let Request { id, body } = request(&mut conn).await;
         assert!(matches!(body, RequestBody::View { .. }), "{body:?}");
-        conn.send(ServerFrame::Response(Response {
+        reply(
+            &mut conn,
             id,
-            result: Ok(Reply::Viewed(profiled_protocol::ProfileView {
+            Ok(Reply::Viewed(profiled_protocol::ProfileView {
                 version: 4,
                 saved_at_ms: 0,
                 data: Some(data),
                 meta: stored,
                 messages: Vec::new(),
             })),
-        }))
-        .await
-        .expect("send view");
+        )
+        .await;
         conn
     };
     let (released, _conn) = tokio::join!(profile.release(), script);
@@ -1033,24 +1003,7 @@ async fn a_last_save_that_landed_before_a_reconnect_is_reported_as_saved() {
 async fn an_event_for_a_grant_nobody_read_hands_the_lease_back() {
     let daemon = FakeDaemon::new();
     let (client, mut conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
-    let mut load = Box::pin(client.load("s", "k", LoadPolicy::ForceLoad));
-    assert!(
-        futures::poll!(&mut load).is_pending(),
-        "the request is sent"
-    );
-    serve_load(&mut conn, 5).await;
-    let pong = async {
-        let Request { id, .. } = request(&mut conn).await;
-        conn.send(ServerFrame::Response(Response {
-            id,
-            result: Ok(Reply::Pong),
-        }))
-        .await
-        .expect("send pong");
-    };
-    let (pinged, ()) = tokio::join!(client.ping(), pong);
-    pinged.expect("ping");
-    drop(load);
+    grant_nobody_reads(&client, &mut conn).await;
     conn.send(ServerFrame::Event(Event::Message {
         store: "s".into(),
         key: "k".into(),

@@ -755,26 +755,14 @@ impl<T: ProfileData> Keeper<T> {
                         // is handed back without the changes, as an invalid
                         // profile's is, so the player can be loaded again.
                         self.failed(reason, refused);
-                        let released = client
-                            .release_with(&store, &key, epoch, None, Changes::default())
-                            .await;
-                        let end = match &released {
-                            Ok(_) => EndReason::Released(why),
-                            Err(err) => ended_by(err),
-                        };
+                        let end = release_unchanged(&client, &store, &key, epoch, why).await;
                         (result, end)
                     }
                 }
             }
             Err(invalid) => {
                 self.failed(reason, &invalid);
-                let released = client
-                    .release_with(&store, &key, epoch, None, Changes::default())
-                    .await;
-                let end = match &released {
-                    Ok(_) => EndReason::Released(why),
-                    Err(err) => ended_by(err),
-                };
+                let end = release_unchanged(&client, &store, &key, epoch, why).await;
                 (Err(invalid), end)
             }
         }
@@ -874,6 +862,24 @@ const LAST_SAVE_PATIENCE: Duration = Duration::from_secs(30);
 /// failed (it recovers by itself), or the reply was lost to a reconnect.
 fn transient(err: &ClientError) -> bool {
     matches!(err, ClientError::Disconnected) || err.code() == Some(&crate::ErrorCode::Storage)
+}
+
+/// Releases lease `epoch` without this session's unsaved changes, when the
+/// last save cannot be made: the player can then be loaded again.
+async fn release_unchanged(
+    client: &crate::Client,
+    store: &str,
+    key: &str,
+    epoch: u64,
+    why: LastSaveReason,
+) -> EndReason {
+    match client
+        .release_with(store, key, epoch, None, Changes::default())
+        .await
+    {
+        Ok(_) => EndReason::Released(why),
+        Err(err) => ended_by(&err),
+    }
 }
 
 /// Whether the lease is gone, so nothing more can be written under it.
