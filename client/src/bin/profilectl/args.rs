@@ -15,7 +15,8 @@ Exit codes:
   0   success
   1   the daemon refused the request
   2   usage error (bad arguments, or a wipe without confirmation)
-  3   timed out (release: the holder did not let go in time)
+  3   timed out (a request took longer than --request-timeout, or the
+      holder did not let go within release's --timeout)
   4   not found (no such profile or version)
   5   forbidden (the daemon does not grant this connection admin rights)
   65  bad input data (import: a malformed line)
@@ -34,6 +35,15 @@ pub struct Cli {
     /// Print one JSON document on stdout instead of text.
     #[arg(long)]
     pub json: bool,
+    /// How long to wait for the daemon to accept the connection and answer
+    /// the handshake before exiting 69; 0 waits forever.
+    #[arg(long, global = true, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// How long a command may wait for the daemon's answers before exiting
+    /// 3; 0 waits forever. Export and import, which stream, are not
+    /// bounded; release gets it on top of its own --timeout.
+    #[arg(long, global = true, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

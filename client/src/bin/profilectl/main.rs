@@ -138,16 +138,76 @@ async fn run(cli: Cli) -> Outcome {
         Command::Send { payload, .. } => message = commands::payload_bytes(payload)?,
         _ => {}
     }
-    let client = connect(&socket).await?;
-    let outcome = match cli.command {
-        Command::Status(out) => commands::status(&client, json || out.json).await,
-        Command::Sessions(out) => commands::sessions(&client, json || out.json).await,
+    let client = within(cli.connect_timeout, connect(&socket), || {
+        Failure::new(
+            exit::UNAVAILABLE,
+            format!(
+                "the daemon at {} did not answer the handshake within {} \
+                 (--connect-timeout)",
+                socket.display(),
+                humantime::format_duration(cli.connect_timeout)
+            ),
+        )
+    })
+    .await?;
+    // Export and import stream for as long as the store is large. Every
+    // other command is a few requests (release's spread over its own
+    // --timeout), so a daemon that stops answering fails it.
+    let limit = match &cli.command {
+        Command::Export { .. } | Command::Import { .. } => Duration::ZERO,
+        Command::Release { timeout, .. } if !cli.request_timeout.is_zero() => {
+            timeout.saturating_add(cli.request_timeout)
+        }
+        _ => cli.request_timeout,
+    };
+    let outcome = within(limit, command(&client, cli.command, json, message), || {
+        Failure::new(
+            exit::TIMEOUT,
+            format!(
+                "the daemon did not answer within {} (--request-timeout)",
+                humantime::format_duration(limit)
+            ),
+        )
+    })
+    .await;
+    if outcome
+        .as_ref()
+        .is_err_and(|failure| failure.code == exit::TIMEOUT)
+    {
+        // A daemon that does not answer would not answer the goodbye
+        // either; the process is about to exit, which closes the socket.
+        return outcome;
+    }
+    client.close().await;
+    outcome
+}
+
+/// Runs `work`, or fails with `timed_out()` once `limit` has passed; a zero
+/// `limit` waits forever.
+async fn within<T>(
+    limit: Duration,
+    work: impl std::future::Future<Output = Result<T, Failure>>,
+    timed_out: impl FnOnce() -> Failure,
+) -> Result<T, Failure> {
+    if limit.is_zero() {
+        return work.await;
+    }
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| Err(timed_out()))
+}
+
+/// Carries out one subcommand on the open connection.
+async fn command(client: &Client, command: Command, json: bool, message: Vec<u8>) -> Outcome {
+    match command {
+        Command::Status(out) => commands::status(client, json || out.json).await,
+        Command::Sessions(out) => commands::sessions(client, json || out.json).await,
         Command::View {
             profile,
             version,
             raw,
             output: out,
-        } => commands::view(&client, &profile, version, raw, json || out.json).await,
+        } => commands::view(client, &profile, version, raw, json || out.json).await,
         Command::Versions {
             profile,
             newest_first,
@@ -162,39 +222,37 @@ async fn run(cli: Cli) -> Outcome {
                 to_ms: to,
                 limit,
             };
-            commands::versions(&client, &profile, query, json || out.json).await
+            commands::versions(client, &profile, query, json || out.json).await
         }
         Command::Rollback {
             profile,
             to,
             output: out,
-        } => commands::rollback(&client, &profile, to, json || out.json).await,
+        } => commands::rollback(client, &profile, to, json || out.json).await,
         Command::Wipe {
             profile,
             output: out,
             ..
-        } => commands::wipe(&client, &profile, json || out.json).await,
-        Command::Send { profile, .. } => commands::send(&client, &profile, message, json).await,
+        } => commands::wipe(client, &profile, json || out.json).await,
+        Command::Send { profile, .. } => commands::send(client, &profile, message, json).await,
         Command::Release {
             profile,
             timeout,
             output: out,
-        } => commands::release(&client, &profile, timeout, json || out.json).await,
+        } => commands::release(client, &profile, timeout, json || out.json).await,
         Command::Steal {
             profile,
             output: out,
-        } => commands::steal(&client, &profile, json || out.json).await,
+        } => commands::steal(client, &profile, json || out.json).await,
         Command::Backup { dir, output: out } => {
-            transfer::backup(&client, &dir, json || out.json).await
+            transfer::backup(client, &dir, json || out.json).await
         }
-        Command::Export { store } => transfer::export(&client, &store).await,
+        Command::Export { store } => transfer::export(client, &store).await,
         Command::Import { store, output: out } => {
-            transfer::import(&client, &store, json || out.json).await
+            transfer::import(client, &store, json || out.json).await
         }
-        Command::Stats(out) => commands::stats(&client, json || out.json).await,
-    };
-    client.close().await;
-    outcome
+        Command::Stats(out) => commands::stats(client, json || out.json).await,
+    }
 }
 
 /// `--socket`, else `PROFILED_SOCKET`, else the daemon's default.

@@ -92,3 +92,79 @@ fn usage_errors_exit_2() {
         Some(2)
     );
 }
+
+/// A socket that accepts connections but never answers: the connect
+/// timeout ends the command, which exits 69 like a daemon that is down.
+#[test]
+fn a_daemon_that_never_answers_the_handshake_times_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("mute.sock");
+    // Bound but never accepted: the kernel completes the connection and
+    // holds it in the backlog, where nothing ever reads the handshake.
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let out = run(&[
+        "--socket",
+        socket.to_str().expect("utf-8 path"),
+        "--connect-timeout",
+        "200ms",
+        "status",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("did not answer the handshake within 200ms"),
+        "{err}"
+    );
+}
+
+/// A daemon that completes the handshake and then stops answering: the
+/// request timeout ends the command with exit 3.
+#[test]
+fn a_daemon_that_stops_answering_times_the_request_out() {
+    use profiled_client::protocol::{ServerFrame, Welcome, encode_frame};
+    use std::io::{Read, Write};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("stuck.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let fake = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut prefix = [0u8; 4];
+        stream
+            .read_exact(&mut prefix)
+            .expect("read the hello's length");
+        let mut hello = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        stream.read_exact(&mut hello).expect("read the hello");
+        let welcome = ServerFrame::Welcome(Welcome {
+            daemon_version: "0.0.0-fake".to_owned(),
+            protocol_version: profiled_client::protocol::PROTOCOL_VERSION,
+            max_frame: profiled_client::protocol::DEFAULT_MAX_FRAME,
+            connection_id: 1,
+            leases: Vec::new(),
+        });
+        stream
+            .write_all(&encode_frame(&welcome).expect("encode"))
+            .expect("answer the hello");
+        // Read requests and answer none, until the client goes away.
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+        !sink.is_empty()
+    });
+    let out = run(&[
+        "--socket",
+        socket.to_str().expect("utf-8 path"),
+        "--request-timeout",
+        "300ms",
+        "status",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("did not answer within 300ms (--request-timeout)"),
+        "{err}"
+    );
+    assert!(
+        fake.join().expect("the fake daemon"),
+        "the command sent its request before giving up"
+    );
+}
