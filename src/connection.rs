@@ -18,8 +18,8 @@ use std::sync::Arc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::{FutureExt, SinkExt, future::BoxFuture};
 use profiled_protocol::{
-    ClientFrame, Error, ErrorCode, FrameCodec, FrameError, Hello, PROTOCOL_VERSION, RequestBody,
-    Response, Role, ServerFrame, SessionId, Welcome,
+    ClientFrame, Error, ErrorCode, FrameCodec, FrameError, Hello, Incoming, PROTOCOL_VERSION,
+    RequestBody, Response, Role, ServerFrame, SessionId, Welcome,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -48,7 +48,7 @@ pub struct Context {
     pub access: AccessPolicy,
 }
 
-type Transport = Framed<UnixStream, FrameCodec<ClientFrame, ServerFrame>>;
+type Transport = Framed<UnixStream, FrameCodec<Incoming, ServerFrame>>;
 
 /// Outbound frames queued beyond the in-flight requests and a load's
 /// pending messages, for events.
@@ -62,6 +62,20 @@ const MAX_QUEUE: usize = 1 << 24;
 /// The most frames written in one burst before the task reads again, so a
 /// steady stream of events cannot keep requests unread.
 const MAX_BURST: usize = 64;
+
+/// The refusal of a request whose kind this daemon does not know (`kind`),
+/// most likely from a newer client: the frame was skipped whole, so only
+/// that request fails and the connection carries on.
+fn unknown_kind(kind: u32) -> Error {
+    Error::new(
+        ErrorCode::InvalidRequest,
+        format!(
+            "unknown request kind {kind}: this daemon ({}) knows kinds 0 to {}",
+            env!("CARGO_PKG_VERSION"),
+            RequestBody::KINDS - 1
+        ),
+    )
+}
 
 /// The refusal of a load beyond `limits.max_queued_loads` (`limit`).
 fn too_many_loads(limit: usize) -> Error {
@@ -262,7 +276,7 @@ impl Session {
         let stopping = stop.cancelled();
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(killed, stopping, idle);
-        loop {
+        'serve: loop {
             let answer = tokio::select! {
                 () = &mut killed => return false,
                 () = &mut idle, if !idle_timeout.is_zero() && in_flight.is_empty() && link.loads_waiting == 0 => {
@@ -293,12 +307,15 @@ impl Session {
                         continue;
                     }
                 },
-                next = link.transport.next(), if in_flight.len() < max_in_flight && !link.gate.is_closed() => {
+                next = link.transport.next(), if in_flight.len() < max_in_flight && !link.gate.is_closed() => 'read: {
                     rearm(idle.as_mut(), idle_timeout);
                     let request = match next {
                         None => return true,
-                        Some(Ok(ClientFrame::Request(request))) => request,
-                        Some(Ok(ClientFrame::Hello(_))) => {
+                        Some(Ok(Incoming::Frame(ClientFrame::Request(request)))) => request,
+                        Some(Ok(Incoming::UnknownRequest { id, kind })) => {
+                            break 'read ServerFrame::Response(Response { id, result: Err(unknown_kind(kind)) });
+                        }
+                        Some(Ok(Incoming::Frame(ClientFrame::Hello(_)))) => {
                             link.close_with(ErrorCode::InvalidRequest, "hello after the handshake").await;
                             return false;
                         }
@@ -327,17 +344,17 @@ impl Session {
                         // Taken over since it was read: the refusal is
                         // queued, and the request is not started.
                         let Some(started) = link.gate.pass(|| self.start(request)) else {
-                            continue;
+                            continue 'serve;
                         };
                         match started {
                             Started::Done(result) => ServerFrame::Response(Response { id, result }),
                             Started::Pending(future) => {
                                 in_flight.push(future);
-                                continue;
+                                continue 'serve;
                             }
                             Started::Queued => {
                                 link.loads_waiting += 1;
-                                continue;
+                                continue 'serve;
                             }
                         }
                     }
@@ -545,8 +562,10 @@ async fn handshake(
             return None;
         }
         Ok(None) => return None,
-        Ok(Some(Ok(ClientFrame::Hello(hello)))) => hello,
-        Ok(Some(Ok(ClientFrame::Request(_)))) => {
+        Ok(Some(Ok(Incoming::Frame(ClientFrame::Hello(hello))))) => hello,
+        Ok(Some(Ok(
+            Incoming::Frame(ClientFrame::Request(_)) | Incoming::UnknownRequest { .. },
+        ))) => {
             refuse(
                 transport,
                 ErrorCode::InvalidRequest,

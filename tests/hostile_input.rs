@@ -3,7 +3,7 @@
 //! `docs/fuzzing.md`).
 //!
 //! 1. The frame decoder: mutated encodings of every request kind, fed in
-//!    random chunks to `FrameCodec<ClientFrame, ServerFrame>` and checked
+//!    random chunks to the daemon's `FrameCodec<Incoming, ServerFrame>` and checked
 //!    against a model of the documented framing, including that nothing is
 //!    ever reserved beyond the frame limit.
 //! 2. The request handler: the real daemon (in-process) answers a storm of
@@ -28,9 +28,10 @@ use profiled::Config;
 use profiled::testing::TestDaemon;
 use profiled_client::{Client, ConnectOptions, LoadPolicy as ClientLoadPolicy};
 use profiled_protocol::{
-    Changes, ClientFrame, ErrorCode, ExportedProfile, FrameCodec, FrameError, Hello, LENGTH_PREFIX,
-    LoadPolicy, OverwriteSource, PROTOCOL_VERSION, Reply, Request, RequestBody, Response, Role,
-    ServerFrame, SessionId, VersionQuery, decode_payload, encode_frame_into, encode_payload,
+    Changes, ClientFrame, ErrorCode, ExportedProfile, FrameCodec, FrameError, Hello, Incoming,
+    LENGTH_PREFIX, LoadPolicy, OverwriteSource, PROTOCOL_VERSION, Reply, Request, RequestBody,
+    Response, Role, ServerFrame, SessionId, VersionQuery, decode_payload, encode_frame_into,
+    encode_payload,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -499,7 +500,7 @@ fn mutate(rng: &mut Rng, bytes: &mut Vec<u8>, max_frame: u32) {
 /// every step against the documented framing. Returns how many frames
 /// decoded.
 fn check_decoder(rng: &mut Rng, stream: &[u8], max: u32) -> usize {
-    let mut codec = FrameCodec::<ClientFrame, ServerFrame>::new(max);
+    let mut codec = FrameCodec::<Incoming, ServerFrame>::new(max);
     let mut buf = BytesMut::new();
     let mut rest = stream;
     let mut frames = 0;
@@ -555,7 +556,26 @@ fn check_decoder(rng: &mut Rng, stream: &[u8], max: u32) -> usize {
                     assert_eq!(buf.len(), before, "a partial frame was consumed");
                     break;
                 }
-                Ok(Some(frame)) => {
+                Ok(Some(Incoming::UnknownRequest { id, kind })) => {
+                    // A request kind from a newer client: not a frame this
+                    // side can read, and exactly the header it names.
+                    let payload = whole.expect("only a whole frame decodes");
+                    assert_eq!(buf.len(), before - total, "consumed other than one frame");
+                    assert!(decode_payload::<ClientFrame>(&payload).is_err());
+                    assert!(
+                        kind >= RequestBody::KINDS,
+                        "known kind {kind} called unknown"
+                    );
+                    let mut header = 1u32.to_be_bytes().to_vec();
+                    header.extend_from_slice(&id.to_be_bytes());
+                    header.extend_from_slice(&kind.to_be_bytes());
+                    assert!(
+                        payload.starts_with(&header),
+                        "the header it names is not the frame's"
+                    );
+                    frames += 1;
+                }
+                Ok(Some(Incoming::Frame(frame))) => {
                     let payload = whole.expect("only a whole frame decodes");
                     assert_eq!(buf.len(), before - total, "consumed other than one frame");
                     let model = decode_payload::<ClientFrame>(&payload).ok();
@@ -946,16 +966,19 @@ enum Expect {
 }
 
 fn expectation(stream: &[u8], after_hello: bool) -> Expect {
-    let mut codec = FrameCodec::<ClientFrame, ServerFrame>::new(MAX_FRAME);
+    let mut codec = FrameCodec::<Incoming, ServerFrame>::new(MAX_FRAME);
     let mut buf = BytesMut::from(stream);
     match codec.decode(&mut buf) {
         Err(FrameError::TooLarge { .. }) => Expect::Refused(ErrorCode::TooLarge),
         Err(_) => Expect::Refused(ErrorCode::InvalidRequest),
-        // A request before hello, or a second hello.
-        Ok(Some(ClientFrame::Request(_))) if !after_hello => {
+        // A request before hello, or a second hello. A request of an
+        // unknown kind after the handshake is answered, not refused.
+        Ok(Some(Incoming::Frame(ClientFrame::Request(_)) | Incoming::UnknownRequest { .. }))
+            if !after_hello =>
+        {
             Expect::Refused(ErrorCode::InvalidRequest)
         }
-        Ok(Some(ClientFrame::Hello(_))) if after_hello => {
+        Ok(Some(Incoming::Frame(ClientFrame::Hello(_)))) if after_hello => {
             Expect::Refused(ErrorCode::InvalidRequest)
         }
         _ => Expect::Closed,

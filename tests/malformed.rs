@@ -267,6 +267,58 @@ async fn garbage_after_the_handshake_is_refused_and_closes_the_connection() {
     assert_serves(&daemon, "after-garbage-later").await;
 }
 
+/// A request kind appended after this daemon was built, as a newer client
+/// would send it, is refused on its own: the frame is skipped whole, and the
+/// requests on either side of it are served on the same connection.
+#[tokio::test]
+async fn a_request_of_a_kind_newer_than_the_daemon_is_refused_alone() {
+    let daemon = Daemon::start();
+    let mut stream = raw(&daemon).await;
+    handshake(&mut stream, "newer-client").await;
+    let mut payload = Vec::new();
+    payload.extend_from_slice(&1u32.to_be_bytes()); // ClientFrame::Request
+    payload.extend_from_slice(&8u64.to_be_bytes()); // id
+    payload.extend_from_slice(&RequestBody::KINDS.to_be_bytes());
+    payload.extend_from_slice(b"fields only a newer daemon could read");
+    let mut bytes = ping(7);
+    bytes.extend_from_slice(&u32::try_from(payload.len()).expect("small").to_be_bytes());
+    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(&ping(9));
+    send(&mut stream, &bytes).await;
+    let mut answered = Vec::new();
+    for _ in 0..3 {
+        match next(&mut stream).await {
+            Next::Frame(ServerFrame::Response(Response { id, result })) => {
+                answered.push((id, result));
+            }
+            other => panic!("expected three answers, got {other:?}"),
+        }
+    }
+    answered.sort_by_key(|(id, _)| *id);
+    assert!(matches!(answered[0], (7, Ok(Reply::Pong))), "{answered:?}");
+    match &answered[1] {
+        (8, Err(err)) => {
+            assert_eq!(err.code, ErrorCode::InvalidRequest);
+            assert!(
+                err.message
+                    .contains(&format!("unknown request kind {}", RequestBody::KINDS)),
+                "{err:?}"
+            );
+        }
+        other => panic!("expected request 8 refused, got {other:?}"),
+    }
+    assert!(matches!(answered[2], (9, Ok(Reply::Pong))), "{answered:?}");
+    // Still the same open connection.
+    send(&mut stream, &ping(10)).await;
+    assert!(matches!(
+        next(&mut stream).await,
+        Next::Frame(ServerFrame::Response(Response {
+            id: 10,
+            result: Ok(Reply::Pong)
+        }))
+    ));
+}
+
 /// A save read before a malformed frame is answered before the refusal:
 /// it may have committed, and its sender must not be left in doubt.
 #[tokio::test]

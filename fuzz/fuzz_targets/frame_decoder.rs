@@ -1,5 +1,5 @@
 //! Arbitrary bytes, in arbitrary chunks, through the daemon's frame codec
-//! (`FrameCodec<ClientFrame, ServerFrame>`), checked against a model of the
+//! (`FrameCodec<Incoming, ServerFrame>`), checked against a model of the
 //! documented framing.
 //!
 //! Input layout: byte 0 picks the frame limit, byte 1 seeds the chunk
@@ -10,7 +10,8 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use profiled_protocol::{
-    ClientFrame, FrameCodec, FrameError, LENGTH_PREFIX, ServerFrame, decode_payload, encode_payload,
+    ClientFrame, FrameCodec, FrameError, Incoming, LENGTH_PREFIX, RequestBody, ServerFrame,
+    decode_payload, encode_payload,
 };
 use tokio_util::codec::Decoder;
 
@@ -22,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let max = LIMITS[usize::from(*limit) % LIMITS.len()];
-    let mut codec = FrameCodec::<ClientFrame, ServerFrame>::new(max);
+    let mut codec = FrameCodec::<Incoming, ServerFrame>::new(max);
     let mut buf = BytesMut::new();
     let mut state = u32::from(*seed) | 0x100;
     let mut rest = stream;
@@ -44,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
 /// Decodes every whole frame in `buf`, checking each step against the
 /// model. Returns false once the codec reports an error.
 fn drain(
-    codec: &mut FrameCodec<ClientFrame, ServerFrame>,
+    codec: &mut FrameCodec<Incoming, ServerFrame>,
     buf: &mut BytesMut,
     max: u32,
     fed: usize,
@@ -92,7 +93,15 @@ fn drain(
                 let payload = &before[LENGTH_PREFIX..total];
                 let model = decode_payload::<ClientFrame>(payload);
                 match decoded {
-                    Ok(Some(frame)) => {
+                    Ok(Some(Incoming::UnknownRequest { id, kind })) => {
+                        assert!(model.is_err(), "a frame the model reads called unknown");
+                        assert!(kind >= RequestBody::KINDS);
+                        let mut header = 1u32.to_be_bytes().to_vec();
+                        header.extend_from_slice(&id.to_be_bytes());
+                        header.extend_from_slice(&kind.to_be_bytes());
+                        assert!(payload.starts_with(&header));
+                    }
+                    Ok(Some(Incoming::Frame(frame))) => {
                         assert_eq!(model.ok().as_ref(), Some(&frame), "codec and model differ");
                         let again = encode_payload(&frame).expect("an accepted frame re-encodes");
                         assert!(again.len() <= payload.len());

@@ -21,7 +21,12 @@
 //! a longer prefix is refused as soon as its four bytes arrive, before any
 //! buffer is allocated for it, and the connection is closed. A payload that
 //! does not decode to exactly one message, with no bytes left over, is
-//! malformed and also closes the connection.
+//! malformed and also closes the connection, with one exception: a
+//! `Request` whose `RequestBody` variant index is one this daemon does not
+//! know (a kind appended after it was built, sent by a newer client) gets
+//! an `InvalidRequest` response to its id, and the connection carries on.
+//! The frame's length already told where it ends, so nothing past the
+//! `u32` variant index needs to be read.
 //!
 //! # Payload encoding
 //!
@@ -216,12 +221,12 @@ mod frame;
 mod wire;
 
 pub use frame::{
-    CONFIG, FrameCodec, FrameError, LENGTH_PREFIX, MAX_FRAME_CEILING, decode_payload, encode_frame,
-    encode_frame_into, encode_payload, payload_len,
+    CONFIG, FrameCodec, FrameError, Inbound, LENGTH_PREFIX, MAX_FRAME_CEILING, decode_payload,
+    encode_frame, encode_frame_into, encode_payload, payload_len,
 };
 pub use wire::{
     ActiveSession, Changes, ClientFrame, DaemonStatus, Error, ErrorCode, Event, ExportPage,
-    ExportedProfile, HeldLease, Hello, LoadPolicy, Loaded, LossReason, Message, Metric,
+    ExportedProfile, HeldLease, Hello, Incoming, LoadPolicy, Loaded, LossReason, Message, Metric,
     OverwriteSource, ProfileMeta, ProfileView, Reply, Request, RequestBody, Response, Role,
     ServerFrame, SessionId, SessionInfo, VersionInfo, VersionQuery, Welcome,
 };

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::frame::{FrameError, Inbound, decode_payload};
+
 /// The identity of one game-server instance, as ProfileService's
 /// `ActiveSession = {PlaceId, JobId}`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -290,6 +292,24 @@ pub enum OverwriteSource {
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The data of a kept version (a rollback).
     Version(u64),
+}
+
+/// What the daemon reads from a client: a [`ClientFrame`], or a request of
+/// a kind appended to [`RequestBody`] after the daemon was built. Request
+/// kinds are added without a new protocol version, so a newer client may
+/// send one; its frame is consumed whole, the stream stays in step, and
+/// the daemon answers that request alone with `InvalidRequest`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// A frame this side understands.
+    Frame(ClientFrame),
+    /// A request whose kind this side does not know.
+    UnknownRequest {
+        /// The request's id, for the answer.
+        id: u64,
+        /// The [`RequestBody`] variant index that was sent.
+        kind: u32,
+    },
 }
 
 /// Frames sent by the daemon.
@@ -684,5 +704,52 @@ impl Error {
 impl std::fmt::Display for SessionId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.place_id, self.job_id)
+    }
+}
+
+impl RequestBody {
+    /// How many request kinds this crate knows: a variant index at or past
+    /// it was appended by a newer version.
+    pub const KINDS: u32 = 17;
+}
+
+impl Inbound for ClientFrame {
+    fn from_payload(payload: &[u8]) -> Result<Self, FrameError> {
+        decode_payload(payload)
+    }
+}
+
+impl Inbound for ServerFrame {
+    fn from_payload(payload: &[u8]) -> Result<Self, FrameError> {
+        decode_payload(payload)
+    }
+}
+
+impl Inbound for Incoming {
+    /// A payload that is not a [`ClientFrame`] but starts like a `Request`
+    /// (tag 1, the `u64` id, then a `u32` kind) whose kind is past
+    /// [`RequestBody::KINDS`] is [`Incoming::UnknownRequest`]; anything
+    /// else that does not decode is malformed.
+    fn from_payload(payload: &[u8]) -> Result<Self, FrameError> {
+        let err = match decode_payload(payload) {
+            Ok(frame) => return Ok(Self::Frame(frame)),
+            Err(err) => err,
+        };
+        let header = payload
+            .split_first_chunk::<4>()
+            .and_then(|(tag, rest)| Some((tag, rest.split_first_chunk::<8>()?)))
+            .and_then(|(tag, (id, rest))| Some((tag, id, rest.split_first_chunk::<4>()?.0)));
+        match header {
+            Some((tag, id, kind))
+                if u32::from_be_bytes(*tag) == 1
+                    && u32::from_be_bytes(*kind) >= RequestBody::KINDS =>
+            {
+                Ok(Self::UnknownRequest {
+                    id: u64::from_be_bytes(*id),
+                    kind: u32::from_be_bytes(*kind),
+                })
+            }
+            _ => Err(err),
+        }
     }
 }
