@@ -335,3 +335,166 @@ async fn a_profile_too_large_for_a_frame_is_refused_and_its_lease_given_back() {
         );
     }
 }
+
+/// Messages stored while a holder's session was away reach it when it
+/// resumes, right after the welcome and in id order, rather than waiting
+/// for the profile's next loader. Raw frames, to see exactly what the
+/// daemon pushes.
+#[tokio::test]
+async fn messages_sent_while_a_session_was_away_follow_its_welcome() {
+    use futures::{SinkExt, StreamExt};
+    use profiled_protocol::{
+        ClientFrame, Event, FrameCodec, Hello, PROTOCOL_VERSION, Reply, Request, RequestBody,
+        Response, Role, ServerFrame,
+    };
+    use tokio_util::codec::Framed;
+
+    type Raw = Framed<tokio::net::UnixStream, FrameCodec<ServerFrame, ClientFrame>>;
+    async fn connect(daemon: &Daemon) -> (Raw, profiled_protocol::Welcome) {
+        let stream = tokio::net::UnixStream::connect(daemon.socket())
+            .await
+            .expect("connect");
+        let mut raw = Framed::new(
+            stream,
+            FrameCodec::new(profiled_protocol::DEFAULT_MAX_FRAME),
+        );
+        let hello = ClientFrame::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            session: common::session("away"),
+            role: Role::Game,
+        });
+        raw.send(hello).await.expect("hello");
+        match next_frame(&mut raw).await {
+            ServerFrame::Welcome(welcome) => (raw, welcome),
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    }
+    async fn next_frame(raw: &mut Raw) -> ServerFrame {
+        tokio::time::timeout(PROMPTLY, raw.next())
+            .await
+            .expect("a frame in time")
+            .expect("the connection is open")
+            .expect("the frame decodes")
+    }
+
+    let daemon = Daemon::start_with("[session]\nresume_grace = \"60s\"\n");
+    let (mut raw, _) = connect(&daemon).await;
+    let load = RequestBody::Load {
+        store: STORE.into(),
+        key: "away".into(),
+        policy: profiled_protocol::LoadPolicy::ForceLoad,
+        deadline_ms: None,
+    };
+    raw.send(ClientFrame::Request(Request { id: 1, body: load }))
+        .await
+        .expect("load");
+    let epoch = match next_frame(&mut raw).await {
+        ServerFrame::Response(Response {
+            id: 1,
+            result: Ok(Reply::Loaded(loaded)),
+        }) => loaded.epoch,
+        other => panic!("expected the grant, got {other:?}"),
+    };
+    drop(raw);
+
+    // Stored while the session has no connection: pushed to nobody.
+    let sender = daemon.client("sender").await;
+    let mut sent = Vec::new();
+    for payload in [&b"first"[..], b"second"] {
+        // The daemon may not have seen the close yet; a message stored
+        // before it did is pushed to the dead connection, which is what the
+        // resume must make up for too.
+        sent.push(
+            sender
+                .send_message(STORE, "away", payload.to_vec())
+                .await
+                .expect("send"),
+        );
+    }
+
+    let (mut raw, welcome) = connect(&daemon).await;
+    assert_eq!(welcome.leases.len(), 1, "the lease is resumed");
+    assert_eq!(welcome.leases[0].epoch, epoch);
+    raw.send(ClientFrame::Request(Request {
+        id: 2,
+        body: RequestBody::Ping,
+    }))
+    .await
+    .expect("ping");
+    let mut pushed = Vec::new();
+    let mut ponged = false;
+    while !(ponged && pushed.len() == sent.len()) {
+        match next_frame(&mut raw).await {
+            ServerFrame::Event(Event::Message {
+                key,
+                epoch: of,
+                message,
+                ..
+            }) => {
+                assert_eq!((key.as_str(), of), ("away", epoch));
+                pushed.push(message.id);
+            }
+            ServerFrame::Response(Response {
+                id: 2,
+                result: Ok(Reply::Pong),
+            }) => ponged = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(pushed, sent, "every message, once, in id order");
+}
+
+/// Through the client library and a real crash: a message handed to the
+/// holder before the daemon died is not handed over again when the
+/// restarted daemon pushes what is pending, and one sent around the
+/// reconnect arrives exactly once, in order with the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reconnect_each_pending_message_reaches_the_holder_once() {
+    let mut daemon = Daemon::start_with("[session]\nresume_grace = \"60s\"\n");
+    let game = daemon.client("game").await;
+    let mut profile = game
+        .load(STORE, "p", LoadPolicy::ForceLoad)
+        .await
+        .expect("load");
+    let sender = daemon.client("web").await;
+    let first = sender
+        .send_message(STORE, "p", b"first".to_vec())
+        .await
+        .expect("send");
+    let ProfileEvent::Message(message) = next_event(&mut profile).await else {
+        panic!("expected the first message");
+    };
+    assert_eq!(message.id, first);
+    drop(sender);
+
+    // Not consumed, so still pending when the daemon comes back.
+    tokio::task::block_in_place(|| {
+        daemon.kill();
+        daemon.restart();
+    });
+    let sender = daemon.client("web-again").await;
+    // Sent around the reconnect: it may be stored before or after the
+    // holder's session is back.
+    let second = sender
+        .send_message(STORE, "p", b"second".to_vec())
+        .await
+        .expect("send");
+    // Once a save has gone through, the session is back, so the third is
+    // pushed live, after whatever the resume pushed.
+    profile
+        .save(b"saved".to_vec())
+        .await
+        .expect("save after the reconnect");
+    let third = sender
+        .send_message(STORE, "p", b"third".to_vec())
+        .await
+        .expect("send");
+    let mut received = Vec::new();
+    while received.last() != Some(&third) {
+        match next_event(&mut profile).await {
+            ProfileEvent::Message(message) => received.push(message.id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(received, [second, third], "no repeat of {first}, none lost");
+}

@@ -166,6 +166,11 @@ struct Subscription {
     epoch: u64,
     /// The [`Profile`](crate::Profile) of this lease holds the receiver.
     events: mpsc::UnboundedSender<ProfileEvent>,
+    /// The id of the last message handed to the profile. A lease's
+    /// messages reach it in increasing id order; after a reconnect the
+    /// daemon sends every message still pending again, and those up to
+    /// this id were handed over already.
+    last_message: u64,
 }
 
 impl Shared {
@@ -363,9 +368,15 @@ impl Shared {
             {
                 let epoch = loaded.epoch;
                 granted = Some((store.clone(), key.clone(), epoch));
-                state
-                    .subscriptions
-                    .insert((store, key), Subscription { epoch, events });
+                let last_message = loaded.messages.iter().map(|m| m.id).max().unwrap_or(0);
+                state.subscriptions.insert(
+                    (store, key),
+                    Subscription {
+                        epoch,
+                        events,
+                        last_message,
+                    },
+                );
             }
             (Effect::Subscribe { store, key, .. }, Ok(Reply::Loaded(loaded))) => {
                 // The caller gave up on this load (its future was dropped,
@@ -485,7 +496,7 @@ impl Shared {
         };
         let mut state = self.lock();
         let slot = (store, key);
-        let Some(sub) = state.subscriptions.get(&slot) else {
+        let Some(sub) = state.subscriptions.get_mut(&slot) else {
             tracing::debug!(
                 store = slot.0,
                 key = slot.1,
@@ -503,6 +514,18 @@ impl Shared {
                 "event for another epoch than the one held"
             );
             return;
+        }
+        if let ProfileEvent::Message(message) = &event {
+            if message.id <= sub.last_message {
+                tracing::debug!(
+                    store = slot.0,
+                    key = slot.1,
+                    id = message.id,
+                    "message already handed to the profile"
+                );
+                return;
+            }
+            sub.last_message = message.id;
         }
         if sub.events.send(event).is_err() {
             // Nobody listens. A dropped profile removes its route first, so

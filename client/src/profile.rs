@@ -104,7 +104,10 @@ pub enum ProfileEvent {
     LeaseExpired,
     /// A message was sent to the profile. Apply it, then list its id in
     /// [`Changes::consumed_messages`] of the next save; until then it stays
-    /// pending, and the next loader receives it again.
+    /// pending, and the next loader receives it again. Each message is
+    /// handed over once per lease, in id order, also across reconnects:
+    /// messages sent while the client was reconnecting arrive once it is
+    /// back.
     Message(Message),
     /// The daemon is stopping. It takes no more loads, and releases every
     /// remaining lease itself at `deadline`, keeping the last saved data;

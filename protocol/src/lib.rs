@@ -177,7 +177,11 @@
 //!    connection's queued loads and keeps its leases for the resume grace
 //!    (`session.resume_grace`): a new connection with the same `SessionId`
 //!    within that time resumes them with the same epochs, listed in
-//!    `Welcome::leases`. After the grace the daemon releases them, keeping
+//!    `Welcome::leases`; each resumed lease's pending messages follow the
+//!    `Welcome` as `Event::Message`s, oldest first, including any the
+//!    client was sent before it went away and has not yet consumed (skip
+//!    ids at or below the last one seen for the lease). After the grace
+//!    the daemon releases them, keeping
 //!    the last saved data. A `Hello` for a session that is still connected
 //!    takes the session over; the older connection is sent
 //!    `Refused(Superseded)` and closed, and should not reconnect.

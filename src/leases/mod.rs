@@ -35,6 +35,10 @@ pub use table::{
     LoadRequest, SessionSummary,
 };
 
+/// Room kept in a connection's outbound queue when pushing a resumed
+/// lease's pending messages, for the answers and events that follow.
+const RESUME_SLACK: usize = 256;
+
 /// A handle to the lease driver. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Leases {
@@ -198,6 +202,15 @@ enum Completion {
         key: ProfileKey,
         result: Result<u64, WriteError>,
     },
+    /// The messages pending for a lease that a reconnecting session
+    /// resumed, read in the order of writes.
+    Resumed {
+        conn: ConnId,
+        key: ProfileKey,
+        session: SessionId,
+        epoch: u64,
+        result: Result<Vec<protocol::Message>, WriteError>,
+    },
     /// A holder's own release.
     ClientRelease {
         key: ProfileKey,
@@ -230,6 +243,20 @@ struct Driver {
     session_uids: HashMap<SessionId, u32>,
     /// Callers of `release_all` waiting for the table to become idle.
     idle_waiters: Vec<(oneshot::Sender<usize>, usize)>,
+    /// Resumed leases whose pending messages are being read, with the
+    /// reads under way. Messages stored for such a lease before the read
+    /// are in its answer, so they are not also pushed on their own, which
+    /// keeps the holder's messages in id order.
+    resuming: HashMap<ProfileKey, Resuming>,
+}
+
+/// A resumed lease whose pending messages are being read.
+struct Resuming {
+    session: SessionId,
+    epoch: u64,
+    /// Reads under way: a session may reconnect again before the first
+    /// read is answered.
+    reads: usize,
 }
 
 /// A release to make, as a holder sends it.
@@ -292,6 +319,7 @@ impl Leases {
             stats,
             session_uids,
             idle_waiters: Vec::new(),
+            resuming: HashMap::new(),
         };
         tokio::spawn(driver.run());
         Self { commands }
@@ -524,10 +552,16 @@ impl Driver {
                     return;
                 }
                 self.links.insert(conn, link);
-                let connected = self.table.connect(conn, session, now);
+                let connected = self.table.connect(conn, session.clone(), now);
                 // An older connection of the session is closed (its gate
                 // first) before this one learns it has the session.
                 self.apply_effects();
+                // Messages stored while the session was away were pushed to
+                // nobody; they follow the welcome. The client skips those
+                // it was handed before it went away.
+                for (key, epoch) in &connected.leases {
+                    self.read_pending(conn, key.clone(), session.clone(), *epoch);
+                }
                 let _ = reply.send(Ok(connected));
             }
             Command::Disconnect { conn } => {
@@ -669,12 +703,22 @@ impl Driver {
                 }
                 let _ = reply.send(result);
             }
+            Completion::Resumed {
+                conn,
+                key,
+                session,
+                epoch,
+                result,
+            } => self.resumed(conn, key, &session, epoch, result),
             Completion::Message { key, result, reply } => {
                 self.stats.message(result.is_ok());
                 if let Ok(Sent {
                     message,
                     lease: Some(lease),
                 }) = &result
+                    && !self.resuming.get(&key).is_some_and(|resuming| {
+                        resuming.session == lease.session && resuming.epoch == lease.epoch
+                    })
                 {
                     // Only the holder the message was stored under hears of
                     // it; a grant after it returns it with the data instead.
@@ -940,6 +984,75 @@ impl Driver {
         if let Err(mpsc::error::TrySendError::Full(_)) = link.outbound.try_send(frame) {
             tracing::warn!(conn, "closing a connection that stopped reading");
             link.kill.cancel();
+        }
+    }
+
+    /// Reads the messages pending for a lease `session` resumed on `conn`,
+    /// in the order of writes, to push them once read.
+    fn read_pending(&mut self, conn: ConnId, key: ProfileKey, session: SessionId, epoch: u64) {
+        let reads = self.resuming.get(&key).map_or(0, |resuming| resuming.reads);
+        let resuming = Resuming {
+            session: session.clone(),
+            epoch,
+            reads: reads + 1,
+        };
+        self.resuming.insert(key.clone(), resuming);
+        let read = self.storage.pending_messages(key.clone());
+        self.writes.push_back(
+            read.map(move |result| Completion::Resumed {
+                conn,
+                key,
+                session,
+                epoch,
+                result,
+            })
+            .boxed(),
+        );
+    }
+
+    /// Pushes a resumed lease's pending messages to its holder, if it
+    /// still holds the lease on `conn` and the connection's queue has room
+    /// for them; otherwise they stay pending for the next loader.
+    fn resumed(
+        &mut self,
+        conn: ConnId,
+        key: ProfileKey,
+        session: &SessionId,
+        epoch: u64,
+        result: Result<Vec<protocol::Message>, WriteError>,
+    ) {
+        if let Some(resuming) = self.resuming.get_mut(&key) {
+            resuming.reads = resuming.reads.saturating_sub(1);
+            if resuming.reads == 0 {
+                self.resuming.remove(&key);
+            }
+        }
+        let messages = match result {
+            Ok(messages) => messages,
+            Err(err) => {
+                tracing::warn!(profile = %key, error = %err, "reading a resumed lease's messages failed; they reach the next loader");
+                return;
+            }
+        };
+        if messages.is_empty() || self.table.holder_conn(&key, session, epoch) != Some(conn) {
+            return;
+        }
+        let room = self
+            .links
+            .get(&conn)
+            .map_or(0, |link| link.outbound.capacity());
+        if room < messages.len() + RESUME_SLACK {
+            tracing::warn!(profile = %key, pending = messages.len(), "no room to push a resumed lease's messages; they reach the next loader");
+            return;
+        }
+        for message in messages {
+            let event = Event::Message {
+                store: key.store().to_owned(),
+                key: key.key().to_owned(),
+                epoch,
+                message,
+            };
+            self.send(conn, ServerFrame::Event(event));
         }
     }
 

@@ -61,6 +61,13 @@ pub(super) enum Op {
         action: AdminAction,
         reply: oneshot::Sender<Result<AdminDone, WriteError>>,
     },
+    /// Reads a profile's pending messages at this point in the order of
+    /// writes: every message sent before it is included, unless consumed,
+    /// and none sent after it.
+    Pending {
+        key: ProfileKey,
+        reply: oneshot::Sender<Result<Vec<Message>, WriteError>>,
+    },
     /// Flush and stop after everything submitted before it.
     Close {
         reply: oneshot::Sender<Result<(), String>>,
@@ -367,6 +374,11 @@ impl Committer {
                 Op::Admin { key, action, reply } => {
                     let outcome = self.admin(&mut batch, key, action);
                     answers.push(Answer::Admin(reply, outcome));
+                }
+                Op::Pending { key, reply } => {
+                    let db_key = records::encode_key(&key);
+                    let outcome = self.pending_messages(&mut batch, &key, &db_key);
+                    answers.push(Answer::Messages(reply, outcome));
                 }
                 Op::Close { reply } => close = Some(reply),
             }
@@ -809,7 +821,10 @@ impl Op {
     /// The profile the operation writes, if any.
     fn key(&self) -> Option<&ProfileKey> {
         match self {
-            Self::Grant { key, .. } | Self::Send { key, .. } | Self::Admin { key, .. } => Some(key),
+            Self::Grant { key, .. }
+            | Self::Send { key, .. }
+            | Self::Admin { key, .. }
+            | Self::Pending { key, .. } => Some(key),
             Self::Write { write, .. } => Some(&write.key),
             Self::HandOver { release, .. } => Some(&release.key),
             Self::Close { .. } => None,
@@ -934,6 +949,9 @@ pub(super) fn refuse(op: Op, err: &WriteError) -> Option<oneshot::Sender<Result<
             let _ = reply.send(Err(err.clone()));
         }
         Op::Admin { reply, .. } => {
+            let _ = reply.send(Err(err.clone()));
+        }
+        Op::Pending { reply, .. } => {
             let _ = reply.send(Err(err.clone()));
         }
         Op::Close { reply } => return Some(reply),

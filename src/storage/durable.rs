@@ -25,6 +25,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
+use profiled_protocol::Message;
 use rocksdb::DB;
 use tokio::sync::oneshot;
 
@@ -48,6 +49,10 @@ pub(super) enum Answer {
     Admin(
         oneshot::Sender<Result<AdminDone, WriteError>>,
         Result<AdminDone, WriteError>,
+    ),
+    Messages(
+        oneshot::Sender<Result<Vec<Message>, WriteError>>,
+        Result<Vec<Message>, WriteError>,
     ),
 }
 
@@ -210,6 +215,9 @@ pub(super) fn deliver(answers: Vec<Answer>, failure: Option<&WriteError>) {
                 let _ = reply.send(fail_if(outcome, failure));
             }
             Answer::Admin(reply, outcome) => {
+                let _ = reply.send(fail_if(outcome, failure));
+            }
+            Answer::Messages(reply, outcome) => {
                 let _ = reply.send(fail_if(outcome, failure));
             }
         }

@@ -412,6 +412,19 @@ impl Storage {
         async move { done.await.unwrap_or(Err(WriteError::Closed)) }
     }
 
+    /// Reads `key`'s pending messages, oldest first, in the order of
+    /// writes: the answer includes every message sent before this call,
+    /// unless consumed, and none sent after it. Resolves once what it read
+    /// is durable.
+    pub fn pending_messages(
+        &self,
+        key: ProfileKey,
+    ) -> impl Future<Output = Result<Vec<Message>, WriteError>> + Send + 'static {
+        let (reply, done) = oneshot::channel();
+        self.submit(commit::Op::Pending { key, reply });
+        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
+    }
+
     /// Whether the last write failed and the database has not yet been
     /// reopened: every write fails meanwhile. Reported in stats.
     pub fn is_degraded(&self) -> bool {
@@ -976,6 +989,50 @@ mod tests {
         assert_eq!(fresh.data, None);
         assert_eq!(fresh.lease.epoch, 3, "the epoch counter survives the wipe");
         assert_eq!(fresh.meta.load_count, 1);
+        storage.close().await.expect("close");
+    }
+
+    /// A read of pending messages sees exactly the messages sent and not
+    /// consumed before it in the order of writes, batched with them or
+    /// not.
+    #[tokio::test]
+    async fn pending_messages_are_read_in_the_order_of_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (storage, _) = open(dir.path());
+        let key = ProfileKey::new("s", "k");
+        let none = storage.pending_messages(key.clone());
+        let first = storage.send_message(key.clone(), b"one".to_vec(), 10);
+        let grant = storage.grant(key.clone(), grantee("a"));
+        let second = storage.send_message(key.clone(), b"two".to_vec(), 10);
+        let both = storage.pending_messages(key.clone());
+        let consume = storage.save(
+            key.clone(),
+            session("a"),
+            1,
+            b"applied".to_vec(),
+            Changes {
+                consumed_messages: vec![1],
+                ..Changes::default()
+            },
+        );
+        let third = storage.send_message(key.clone(), b"three".to_vec(), 10);
+        let rest = storage.pending_messages(key.clone());
+        let after = storage.send_message(key.clone(), b"four".to_vec(), 10);
+
+        let ids = |messages: Vec<Message>| messages.iter().map(|m| m.id).collect::<Vec<_>>();
+        assert_eq!(none.await.map(ids), Ok(vec![]));
+        assert_eq!(first.await.map(|sent| sent.message.id), Ok(1));
+        assert!(grant.await.is_ok());
+        assert_eq!(second.await.map(|sent| sent.message.id), Ok(2));
+        assert_eq!(both.await.map(ids), Ok(vec![1, 2]));
+        assert_eq!(consume.await, Ok(1));
+        assert_eq!(third.await.map(|sent| sent.message.id), Ok(3));
+        assert_eq!(
+            rest.await.map(ids),
+            Ok(vec![2, 3]),
+            "not the consumed one, not the later one"
+        );
+        assert_eq!(after.await.map(|sent| sent.message.id), Ok(4));
         storage.close().await.expect("close");
     }
 
