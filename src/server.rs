@@ -18,7 +18,7 @@ use crate::access::AccessPolicy;
 use crate::config::AccessConfig;
 use crate::config::Config;
 use crate::connection::{self, Context};
-use crate::leases::{LeaseRules, Leases};
+use crate::leases::{LeaseRules, Leases, Released};
 use crate::stats::Stats;
 use crate::storage::{Storage, StorageError};
 
@@ -54,6 +54,11 @@ pub enum ServerError {
     /// or group could not be set.
     #[error("access: {0}")]
     Access(String),
+    /// Storage failed to release some leases at shutdown. They stay
+    /// recorded, and the next start recovers them for their sessions to
+    /// resume within the grace.
+    #[error("{0} leases could not be released; the next start recovers them")]
+    LeasesKept(usize),
     /// A shutdown step ran out of time.
     #[error("shutdown step '{0}' did not finish in time")]
     ShutdownTimeout(&'static str),
@@ -311,8 +316,15 @@ pub async fn run_with(
     // is flushed and the socket removed, and the leases left are recovered
     // by the next start, for their sessions to resume.
     let released = tokio::time::timeout(STEP_DEADLINE, leases.release_all()).await;
-    if released.is_err() {
-        tracing::error!("not every lease was released in time; the next start recovers the rest");
+    match released {
+        Err(_) => tracing::error!(
+            "not every lease was released in time; the next start recovers the rest"
+        ),
+        Ok(Released { failed, .. }) if failed > 0 => tracing::error!(
+            failed,
+            "storage failed to release some leases; the next start recovers them"
+        ),
+        Ok(_) => {}
     }
     stop.cancel();
     connections.close();
@@ -341,9 +353,12 @@ pub async fn run_with(
         tracing::warn!(error = %err, "could not remove the socket file");
     }
     let released = released.map_err(|_| ServerError::ShutdownTimeout("release leases"))?;
+    if released.failed > 0 {
+        return Err(ServerError::LeasesKept(released.failed));
+    }
     tracing::info!(
-        released_by_clients = held.saturating_sub(released),
-        released_by_daemon = released,
+        released_by_clients = held.saturating_sub(released.by_daemon),
+        released_by_daemon = released.by_daemon,
         elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "stopped"
     );

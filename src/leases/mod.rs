@@ -57,6 +57,16 @@ pub struct LeaseCounts {
     pub sessions: usize,
 }
 
+/// What [`Leases::release_all`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Released {
+    /// Leases the daemon released.
+    pub by_daemon: usize,
+    /// Releases storage failed: the leases stay recorded, and the next
+    /// start recovers them for their sessions to resume.
+    pub failed: usize,
+}
+
 /// What a connection registers with the driver.
 #[derive(Debug)]
 pub struct ConnLink {
@@ -150,10 +160,10 @@ enum Command {
         grace: Duration,
     },
     WhenIdle {
-        reply: oneshot::Sender<usize>,
+        reply: oneshot::Sender<Released>,
     },
     ReleaseAll {
-        reply: oneshot::Sender<usize>,
+        reply: oneshot::Sender<Released>,
     },
     Counts {
         reply: oneshot::Sender<LeaseCounts>,
@@ -241,8 +251,12 @@ struct Driver {
     stats: Arc<Stats>,
     /// The uid each live session was connected by.
     session_uids: HashMap<SessionId, u32>,
-    /// Callers of `release_all` waiting for the table to become idle.
-    idle_waiters: Vec<(oneshot::Sender<usize>, usize)>,
+    /// Callers of `release_all` (and `when_idle`) waiting for the table to
+    /// become idle, with the releases they started and the count of failed
+    /// releases when they asked.
+    idle_waiters: Vec<(oneshot::Sender<Released>, usize, usize)>,
+    /// Releases the daemon made on its own that storage failed, ever.
+    failed_releases: usize,
     /// Resumed leases whose pending messages are being read, with the
     /// reads under way. Messages stored for such a lease before the read
     /// are in its answer, so they are not also pushed on their own, which
@@ -319,6 +333,7 @@ impl Leases {
             stats,
             session_uids,
             idle_waiters: Vec::new(),
+            failed_releases: 0,
             resuming: HashMap::new(),
         };
         tokio::spawn(driver.run());
@@ -415,14 +430,14 @@ impl Leases {
         }
     }
 
-    /// Releases every held lease and waits until each release is durable.
-    /// Returns how many the daemon released.
-    pub async fn release_all(&self) -> usize {
+    /// Releases every held lease and waits until each release is durable
+    /// or has failed.
+    pub async fn release_all(&self) -> Released {
         let (reply, answer) = oneshot::channel();
         if self.commands.send(Command::ReleaseAll { reply }).is_err() {
-            return 0;
+            return Released::default();
         }
-        answer.await.unwrap_or(0)
+        answer.await.unwrap_or_default()
     }
 
     /// Current counts.
@@ -616,10 +631,13 @@ impl Driver {
                 self.table.stop_loads();
                 self.table.announce_shutdown(grace);
             }
-            Command::WhenIdle { reply } => self.idle_waiters.push((reply, 0)),
+            Command::WhenIdle { reply } => {
+                self.idle_waiters.push((reply, 0, self.failed_releases));
+            }
             Command::ReleaseAll { reply } => {
                 let started = self.table.release_all();
-                self.idle_waiters.push((reply, started));
+                self.idle_waiters
+                    .push((reply, started, self.failed_releases));
             }
             Command::Counts { reply } => {
                 let _ = reply.send(LeaseCounts {
@@ -687,6 +705,7 @@ impl Driver {
                     Ok(_) => self.stats.daemon_released(),
                     Err(err) => {
                         self.stats.storage_error();
+                        self.failed_releases += 1;
                         tracing::warn!(profile = %key, error = %err, "releasing a lease failed");
                     }
                 }
@@ -1060,8 +1079,12 @@ impl Driver {
         if self.idle_waiters.is_empty() || !self.table.is_idle() || !self.writes.is_empty() {
             return;
         }
-        for (reply, started) in self.idle_waiters.drain(..) {
-            let _ = reply.send(started);
+        for (reply, started, failed_before) in self.idle_waiters.drain(..) {
+            let failed = self.failed_releases - failed_before;
+            let _ = reply.send(Released {
+                by_daemon: started.saturating_sub(failed),
+                failed,
+            });
         }
     }
 }
@@ -1173,5 +1196,88 @@ fn wire_event(event: LeaseEvent) -> Event {
             new_owner,
         },
         LeaseEvent::ShuttingDown { deadline_ms } => Event::ShuttingDown { deadline_ms },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HistoryConfig, StorageConfig};
+
+    /// Grants `count` leases to one session in `storage`, as a previous run
+    /// of the daemon would have left them for recovery.
+    async fn leave_leases(
+        storage: &Storage,
+        prefix: &str,
+        count: usize,
+    ) -> Vec<(ProfileKey, SessionId, u64, Option<u32>)> {
+        let session = SessionId {
+            place_id: 1,
+            job_id: "gone".to_owned(),
+        };
+        let mut leases = Vec::new();
+        for i in 0..count {
+            let key = ProfileKey::new("s", format!("{prefix}{i}"));
+            let to = Grantee {
+                session: session.clone(),
+                uid: None,
+            };
+            let granted = storage.grant(key.clone(), to).await.expect("grant");
+            leases.push((key, session.clone(), granted.lease.epoch, None));
+        }
+        leases
+    }
+
+    fn start(
+        storage: &Storage,
+        recovered: Vec<(ProfileKey, SessionId, u64, Option<u32>)>,
+    ) -> Leases {
+        let rules = LeaseRules {
+            force_load_timeout: Duration::from_secs(5),
+            resume_grace: Duration::from_secs(60),
+            take_disconnected_at_once: false,
+        };
+        let stats = Arc::new(Stats::new());
+        Leases::start(
+            storage.clone(),
+            rules,
+            recovered,
+            stats,
+            protocol::DEFAULT_MAX_FRAME,
+        )
+    }
+
+    /// The shutdown report counts what storage released, and the releases
+    /// it failed apart: a stop that kept leases must not pass for a clean
+    /// one.
+    #[tokio::test]
+    async fn releases_that_storage_fails_are_counted_as_failed_not_made() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StorageConfig {
+            path: dir.path().to_owned(),
+            ..StorageConfig::default()
+        };
+        let (storage, _) = Storage::open(&config, &HistoryConfig::default()).expect("open");
+
+        let recovered = leave_leases(&storage, "made", 2).await;
+        let released = start(&storage, recovered).release_all().await;
+        assert_eq!(
+            released,
+            Released {
+                by_daemon: 2,
+                failed: 0
+            }
+        );
+
+        let recovered = leave_leases(&storage, "kept", 3).await;
+        storage.close().await.expect("close");
+        let released = start(&storage, recovered).release_all().await;
+        assert_eq!(
+            released,
+            Released {
+                by_daemon: 0,
+                failed: 3
+            }
+        );
     }
 }
