@@ -135,6 +135,7 @@ pub async fn serve(
         outbound,
         kill: kill.clone(),
         gate: gate.clone(),
+        overflow_room: pending,
     };
     let connected = match context
         .leases

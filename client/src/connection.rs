@@ -14,7 +14,7 @@
 //! supervisor in [`crate::reconnect`] opens the next generation and
 //! [`Shared::resume`] keeps each route whose lease the daemon still lists.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -166,12 +166,17 @@ struct Subscription {
     epoch: u64,
     /// The [`Profile`](crate::Profile) of this lease holds the receiver.
     events: mpsc::UnboundedSender<ProfileEvent>,
-    /// The id of the last message handed to the profile. A lease's
-    /// messages reach it in increasing id order; after a reconnect the
-    /// daemon sends every message still pending again, and those up to
-    /// this id were handed over already.
-    last_message: u64,
+    /// The ids of the messages handed to the profile. After a reconnect
+    /// the daemon sends every message still pending again, and those
+    /// already handed over are skipped. The oldest ids are forgotten past
+    /// [`HANDED_IDS`].
+    handed: BTreeSet<u64>,
 }
+
+/// The most message ids a route remembers as handed over: far more than
+/// the daemon lets be pending for one profile at once, so an id forgotten
+/// is one consumed long ago, which the daemon never sends again.
+const HANDED_IDS: usize = 1 << 16;
 
 impl Shared {
     /// The tables for a client whose first handshake was answered with
@@ -368,13 +373,13 @@ impl Shared {
             {
                 let epoch = loaded.epoch;
                 granted = Some((store.clone(), key.clone(), epoch));
-                let last_message = loaded.messages.iter().map(|m| m.id).max().unwrap_or(0);
+                let handed = loaded.messages.iter().map(|m| m.id).collect();
                 state.subscriptions.insert(
                     (store, key),
                     Subscription {
                         epoch,
                         events,
-                        last_message,
+                        handed,
                     },
                 );
             }
@@ -516,7 +521,7 @@ impl Shared {
             return;
         }
         if let ProfileEvent::Message(message) = &event {
-            if message.id <= sub.last_message {
+            if !sub.handed.insert(message.id) {
                 tracing::debug!(
                     store = slot.0,
                     key = slot.1,
@@ -525,7 +530,9 @@ impl Shared {
                 );
                 return;
             }
-            sub.last_message = message.id;
+            if sub.handed.len() > HANDED_IDS {
+                sub.handed.pop_first();
+            }
         }
         if sub.events.send(event).is_err() {
             // Nobody listens. A dropped profile removes its route first, so
@@ -632,7 +639,7 @@ pub(crate) async fn read_frames(
 
 #[cfg(test)]
 mod tests {
-    use profiled_protocol::{Loaded, LossReason, ProfileMeta, SessionId};
+    use profiled_protocol::{Loaded, LossReason, Message, ProfileMeta, SessionId};
 
     use super::*;
 
@@ -752,6 +759,63 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// Each message reaches the profile once per lease: those in the load's
+    /// answer and those already handed over are skipped when the daemon
+    /// sends them again after a reconnect, while one it could not send
+    /// before (a gap) still gets through later. A new lease starts afresh.
+    #[test]
+    fn each_message_is_handed_to_a_lease_once() {
+        fn message(key: &str, epoch: u64, id: u64) -> ServerFrame {
+            ServerFrame::Event(Event::Message {
+                store: "s".into(),
+                key: key.into(),
+                epoch,
+                message: Message {
+                    id,
+                    sent_at_ms: 0,
+                    payload: Vec::new(),
+                },
+            })
+        }
+        fn ids(events: &mut mpsc::UnboundedReceiver<ProfileEvent>) -> Vec<u64> {
+            std::iter::from_fn(|| events.try_recv().ok())
+                .map(|event| match event {
+                    ProfileEvent::Message(message) => message.id,
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect()
+        }
+        let shared = live();
+        let (_reply, mut events) = load(&shared, 1, "k");
+        let ServerFrame::Response(mut answer) = loaded(1, 5) else {
+            unreachable!("a response")
+        };
+        if let Ok(Reply::Loaded(loaded)) = &mut answer.result {
+            loaded.messages = vec![Message {
+                id: 1,
+                sent_at_ms: 0,
+                payload: Vec::new(),
+            }];
+        }
+        shared.dispatch(ServerFrame::Response(answer));
+        // Overflow and live messages, with 3 missing (a gap).
+        for id in [2, 4] {
+            shared.dispatch(message("k", 5, id));
+        }
+        assert_eq!(ids(&mut events), [2, 4]);
+        // After a reconnect: everything still pending, again.
+        for id in [1, 2, 3, 4] {
+            shared.dispatch(message("k", 5, id));
+        }
+        assert_eq!(ids(&mut events), [3], "only the one never handed over");
+
+        // A new lease on the key hands its messages over afresh.
+        let (_reply, mut fresh) = load(&shared, 2, "k");
+        shared.dispatch(loaded(2, 6));
+        shared.dispatch(message("k", 6, 4));
+        assert_eq!(ids(&mut fresh), [4]);
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub enum ProfileEvent {
     /// A message was sent to the profile. Apply it, then list its id in
     /// [`Changes::consumed_messages`] of the next save; until then it stays
     /// pending, and the next loader receives it again. Each message is
-    /// handed over once per lease, in id order, also across reconnects:
+    /// handed over once per lease, also across reconnects, oldest first;
     /// messages sent while the client was reconnecting arrive once it is
     /// back.
     Message(Message),

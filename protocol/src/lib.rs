@@ -21,10 +21,11 @@
 //! a longer prefix is refused as soon as its four bytes arrive, before any
 //! buffer is allocated for it, and the connection is closed. A payload that
 //! does not decode to exactly one message, with no bytes left over, is
-//! malformed and also closes the connection, with one exception: a
-//! `Request` whose `RequestBody` variant index is one this daemon does not
-//! know (a kind appended after it was built, sent by a newer client) gets
-//! an `InvalidRequest` response to its id, and the connection carries on.
+//! malformed and also closes the connection, with one exception: after the
+//! handshake, a `Request` whose `RequestBody` variant index is one this
+//! daemon does not know (a kind appended after it was built, sent by a
+//! newer client) gets an `InvalidRequest` response to its id, and the
+//! connection carries on.
 //! The frame's length already told where it ends, so nothing past the
 //! `u32` variant index needs to be read.
 //!
@@ -177,12 +178,14 @@
 //!    connection's queued loads and keeps its leases for the resume grace
 //!    (`session.resume_grace`): a new connection with the same `SessionId`
 //!    within that time resumes them with the same epochs, listed in
-//!    `Welcome::leases`; each resumed lease's pending messages follow the
-//!    `Welcome` as `Event::Message`s, oldest first, including any the
-//!    client was sent before it went away and has not yet consumed (skip
-//!    ids at or below the last one seen for the lease). After the grace
-//!    the daemon releases them, keeping
-//!    the last saved data. A `Hello` for a session that is still connected
+//!    `Welcome::leases`. After the `Welcome` (not necessarily before other
+//!    frames) the daemon sends each resumed lease's pending messages as
+//!    `Event::Message`s, oldest first, as many as the connection's queue
+//!    has room for; they include any the client was sent before it went
+//!    away and has not yet consumed, so skip ids already handed over for
+//!    that lease. Those not sent stay pending. If no connection resumes
+//!    the session within the grace, the daemon releases its leases,
+//!    keeping the last saved data. A `Hello` for a session that is still connected
 //!    takes the session over; the older connection is sent
 //!    `Refused(Superseded)` and closed, and should not reconnect.
 //!
@@ -204,7 +207,8 @@
 //! # Messages to profiles
 //!
 //! `SendMessage` stores a message durably and answers with its id. If the
-//! profile is held, its holder is sent `Event::Message` at once; whoever
+//! profile is held, its holder is sent `Event::Message` at once (a holder
+//! whose session is away gets it after its next `Welcome`); whoever
 //! loads it next finds the pending messages in `Loaded::messages`, oldest
 //! first, as many as fit in the frame with the data; the rest follow the
 //! `Loaded` answer at once as `Event::Message`s, in order. A

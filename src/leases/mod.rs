@@ -35,8 +35,9 @@ pub use table::{
     LoadRequest, SessionSummary,
 };
 
-/// Room kept in a connection's outbound queue when pushing a resumed
-/// lease's pending messages, for the answers and events that follow.
+/// Room kept in a connection's outbound queue, beyond a grant's overflow,
+/// when pushing a resumed lease's pending messages: for the answers and
+/// events that follow.
 const RESUME_SLACK: usize = 256;
 
 /// A handle to the lease driver. Cheap to clone.
@@ -79,6 +80,10 @@ pub struct ConnLink {
     /// over, before that connection learns it has the session; the
     /// connection starts no request once it is closed.
     pub gate: Gate,
+    /// Room the outbound queue keeps for a grant's pending messages that
+    /// overflow its answer (`limits.max_pending_messages`); pushing a
+    /// resumed lease's messages leaves it free.
+    pub overflow_room: usize,
 }
 
 /// Whether a connection may still start requests. The connection starts
@@ -1030,8 +1035,10 @@ impl Driver {
     }
 
     /// Pushes a resumed lease's pending messages to its holder, if it
-    /// still holds the lease on `conn` and the connection's queue has room
-    /// for them; otherwise they stay pending for the next loader.
+    /// still holds the lease on `conn`: as many as the connection's queue
+    /// has room for, oldest first. Those that do not fit, or all of them if
+    /// the read failed, stay pending: the holder gets them at its next
+    /// reconnect, and the next loader with the profile.
     fn resumed(
         &mut self,
         conn: ConnId,
@@ -1046,23 +1053,29 @@ impl Driver {
                 self.resuming.remove(&key);
             }
         }
-        let messages = match result {
+        let mut messages = match result {
             Ok(messages) => messages,
             Err(err) => {
-                tracing::warn!(profile = %key, error = %err, "reading a resumed lease's messages failed; they reach the next loader");
+                tracing::warn!(profile = %key, error = %err, "reading a resumed lease's messages failed; they stay pending");
                 return;
             }
         };
         if messages.is_empty() || self.table.holder_conn(&key, session, epoch) != Some(conn) {
             return;
         }
-        let room = self
-            .links
-            .get(&conn)
-            .map_or(0, |link| link.outbound.capacity());
-        if room < messages.len() + RESUME_SLACK {
-            tracing::warn!(profile = %key, pending = messages.len(), "no room to push a resumed lease's messages; they reach the next loader");
-            return;
+        let room = self.links.get(&conn).map_or(0, |link| {
+            link.outbound
+                .capacity()
+                .saturating_sub(link.overflow_room.saturating_add(RESUME_SLACK))
+        });
+        if room < messages.len() {
+            tracing::warn!(
+                profile = %key,
+                pending = messages.len(),
+                pushed = room,
+                "no room to push all of a resumed lease's messages; the rest stay pending"
+            );
+            messages.truncate(room);
         }
         for message in messages {
             let event = Event::Message {

@@ -20,7 +20,7 @@ Exit codes:
   4   not found (no such profile or version)
   5   forbidden (the daemon does not grant this connection admin rights)
   65  bad input data (import: a malformed line)
-  69  cannot reach the daemon
+  69  cannot reach the daemon, or no handshake within --connect-timeout
 
 The socket is --socket, else $PROFILED_SOCKET, else ./profiled.sock.";
 
@@ -40,8 +40,9 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
     /// How long a command may wait for the daemon's answers before exiting
-    /// 3; 0 waits forever. Export and import, which stream, are not
-    /// bounded; release gets it on top of its own --timeout.
+    /// 3; 0 waits forever. Export, import and backup, which take as long
+    /// as the data is large, are not bounded; release gets it on top of its
+    /// own --timeout.
     #[arg(long, global = true, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
     /// What to do.

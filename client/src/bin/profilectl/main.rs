@@ -47,7 +47,8 @@ pub mod exit {
     pub const REFUSED: u8 = 1;
     /// Bad arguments, or a wipe without confirmation. clap uses it too.
     pub const USAGE: u8 = 2;
-    /// `release` gave up waiting for the holder.
+    /// The daemon did not answer within `--request-timeout`, or `release`
+    /// gave up waiting for the holder.
     pub const TIMEOUT: u8 = 3;
     /// No such profile or version.
     pub const NOT_FOUND: u8 = 4;
@@ -55,7 +56,8 @@ pub mod exit {
     pub const FORBIDDEN: u8 = 5;
     /// Malformed input data (sysexits' `EX_DATAERR`).
     pub const DATA: u8 = 65;
-    /// The daemon cannot be reached (sysexits' `EX_UNAVAILABLE`).
+    /// The daemon cannot be reached, or did not answer the handshake
+    /// within `--connect-timeout` (sysexits' `EX_UNAVAILABLE`).
     pub const UNAVAILABLE: u8 = 69;
 }
 
@@ -138,63 +140,67 @@ async fn run(cli: Cli) -> Outcome {
         Command::Send { payload, .. } => message = commands::payload_bytes(payload)?,
         _ => {}
     }
-    let client = within(cli.connect_timeout, connect(&socket), || {
-        Failure::new(
+    let connect_timeout = cli.connect_timeout;
+    let Some(client) = within(connect_timeout, connect(&socket)).await else {
+        return Err(Failure::new(
             exit::UNAVAILABLE,
             format!(
-                "the daemon at {} did not answer the handshake within {} \
-                 (--connect-timeout)",
+                "the daemon at {} did not answer the handshake within {} (--connect-timeout)",
                 socket.display(),
-                humantime::format_duration(cli.connect_timeout)
+                humantime::format_duration(connect_timeout)
             ),
-        )
-    })
-    .await?;
-    // Export and import stream for as long as the store is large. Every
-    // other command is a few requests (release's spread over its own
-    // --timeout), so a daemon that stops answering fails it.
-    let limit = match &cli.command {
-        Command::Export { .. } | Command::Import { .. } => Duration::ZERO,
-        Command::Release { timeout, .. } if !cli.request_timeout.is_zero() => {
-            timeout.saturating_add(cli.request_timeout)
-        }
-        _ => cli.request_timeout,
+        ));
     };
-    let outcome = within(limit, command(&client, cli.command, json, message), || {
-        Failure::new(
-            exit::TIMEOUT,
+    let client = client?;
+    // Export and import stream for as long as the store is large, and a
+    // backup copies the whole database. Every other command is a few
+    // requests (release's spread over its own --timeout), so a daemon that
+    // stops answering fails it.
+    let (limit, what) = match &cli.command {
+        Command::Export { .. } | Command::Import { .. } | Command::Backup { .. } => {
+            (Duration::ZERO, String::new())
+        }
+        Command::Release { timeout, .. } => (
+            timeout.saturating_add(cli.request_timeout),
             format!(
-                "the daemon did not answer within {} (--request-timeout)",
-                humantime::format_duration(limit)
+                "--timeout {} plus --request-timeout {}",
+                humantime::format_duration(*timeout),
+                humantime::format_duration(cli.request_timeout)
             ),
-        )
-    })
-    .await;
-    if outcome
-        .as_ref()
-        .is_err_and(|failure| failure.code == exit::TIMEOUT)
-    {
+        ),
+        _ => (
+            cli.request_timeout,
+            format!(
+                "--request-timeout {}",
+                humantime::format_duration(cli.request_timeout)
+            ),
+        ),
+    };
+    let limit = if cli.request_timeout.is_zero() {
+        Duration::ZERO
+    } else {
+        limit
+    };
+    let Some(outcome) = within(limit, command(&client, cli.command, json, message)).await else {
         // A daemon that does not answer would not answer the goodbye
         // either; the process is about to exit, which closes the socket.
-        return outcome;
-    }
+        // What was asked may still have been done.
+        return Err(Failure::new(
+            exit::TIMEOUT,
+            format!("the daemon did not answer within {what}; what was asked may still be done"),
+        ));
+    };
     client.close().await;
     outcome
 }
 
-/// Runs `work`, or fails with `timed_out()` once `limit` has passed; a zero
+/// Runs `work`, or gives up with `None` once `limit` has passed; a zero
 /// `limit` waits forever.
-async fn within<T>(
-    limit: Duration,
-    work: impl std::future::Future<Output = Result<T, Failure>>,
-    timed_out: impl FnOnce() -> Failure,
-) -> Result<T, Failure> {
+async fn within<T>(limit: Duration, work: impl std::future::Future<Output = T>) -> Option<T> {
     if limit.is_zero() {
-        return work.await;
+        return Some(work.await);
     }
-    tokio::time::timeout(limit, work)
-        .await
-        .unwrap_or_else(|_| Err(timed_out()))
+    tokio::time::timeout(limit, work).await.ok()
 }
 
 /// Carries out one subcommand on the open connection.

@@ -160,7 +160,7 @@ fn a_daemon_that_stops_answering_times_the_request_out() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
-        err.contains("did not answer within 300ms (--request-timeout)"),
+        err.contains("did not answer within --request-timeout 300ms"),
         "{err}"
     );
     assert!(
