@@ -273,9 +273,12 @@ pub async fn run_with(
     crate::notify::ready();
 
     tokio::pin!(shutdown);
-    loop {
+    let failed_for_good = storage.failed_for_good();
+    tokio::pin!(failed_for_good);
+    let failure = loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            () = &mut shutdown => break None,
+            failure = &mut failed_for_good => break Some(failure),
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
@@ -297,8 +300,19 @@ pub async fn run_with(
                 }
             },
         }
-    }
+    };
     drop(listener);
+    if let Some(failure) = failure {
+        // Nothing can be written, and what storage holds may differ from
+        // what clients were told: leases are neither released nor
+        // flushed, exactly as after a crash, and the next start rebuilds
+        // the lease table from storage.
+        tracing::error!(error = %failure, "storage failed for good; stopping without releasing leases");
+        crate::notify::stopping();
+        wind_down(&stop, &connections, &background).await;
+        remove_socket(owned_path);
+        return Err(StorageError::SyncFailed(failure).into());
+    }
 
     let started = Instant::now();
     let grace = config.shutdown.grace;
@@ -326,6 +340,29 @@ pub async fn run_with(
         ),
         Ok(_) => {}
     }
+    wind_down(&stop, &connections, &background).await;
+    drop(context);
+    drop(leases);
+    tokio::time::timeout(STEP_DEADLINE, storage.close())
+        .await
+        .map_err(|_| ServerError::ShutdownTimeout("flush storage"))??;
+    remove_socket(owned_path);
+    let released = released.map_err(|_| ServerError::ShutdownTimeout("release leases"))?;
+    if released.failed > 0 {
+        return Err(ServerError::LeasesKept(released.failed));
+    }
+    tracing::info!(
+        released_by_clients = held.saturating_sub(released.by_daemon),
+        released_by_daemon = released.by_daemon,
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "stopped"
+    );
+    Ok(())
+}
+
+/// Stops the connections and the background work, waiting for each at
+/// most [`STEP_DEADLINE`].
+async fn wind_down(stop: &CancellationToken, connections: &TaskTracker, background: &TaskTracker) {
     stop.cancel();
     connections.close();
     background.close();
@@ -341,28 +378,16 @@ pub async fn run_with(
     {
         tracing::warn!("background work did not stop in time");
     }
-    drop(context);
-    drop(leases);
-    tokio::time::timeout(STEP_DEADLINE, storage.close())
-        .await
-        .map_err(|_| ServerError::ShutdownTimeout("flush storage"))??;
+}
+
+/// Removes the socket file the daemon bound itself, if it did.
+fn remove_socket(owned_path: Option<PathBuf>) {
     if let Some(path) = owned_path
         && let Err(err) = std::fs::remove_file(&path)
         && err.kind() != io::ErrorKind::NotFound
     {
         tracing::warn!(error = %err, "could not remove the socket file");
     }
-    let released = released.map_err(|_| ServerError::ShutdownTimeout("release leases"))?;
-    if released.failed > 0 {
-        return Err(ServerError::LeasesKept(released.failed));
-    }
-    tracing::info!(
-        released_by_clients = held.saturating_sub(released.by_daemon),
-        released_by_daemon = released.by_daemon,
-        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        "stopped"
-    );
-    Ok(())
 }
 
 /// Tells a client over the connection limit why it is refused.

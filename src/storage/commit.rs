@@ -151,6 +151,12 @@ pub(super) enum Ended {
     /// A batch's write failed (the disk is full, say). RocksDB refuses
     /// every later write until the database is reopened.
     Failed(String),
+    /// A WAL sync failed. The batches it covered were answered as failed,
+    /// but they are in the WAL file, so a reopen would replay them from
+    /// the page cache, whatever reached the disk: storage would then hold
+    /// grants and releases the lease table was told had failed. Only a
+    /// restart, which rebuilds the table from storage, recovers from that.
+    SyncFailed(String),
 }
 
 /// What a batch did.
@@ -274,10 +280,14 @@ impl Committer {
         let max_batch = self.settings.max_batch;
         let mut batch = Vec::with_capacity(max_batch);
         loop {
-            // A failed sync fails every answer after it; the database must
-            // be reopened before anything more can be acknowledged.
+            // A failed sync fails every answer after it, and nothing more
+            // can be acknowledged.
             if let Some(failure) = self.syncer.as_ref().and_then(Syncer::failure) {
-                return Ended::Failed(failure);
+                return if failure.sync {
+                    Ended::SyncFailed(failure.message)
+                } else {
+                    Ended::Failed(failure.message)
+                };
             }
             let Some(first) = ops.recv() else {
                 break;
@@ -300,7 +310,21 @@ impl Committer {
                     let _ = reply.send(flushed);
                     return Ended::Closed;
                 }
-                Outcome::WriteFailed(message) => return Ended::Failed(message),
+                Outcome::WriteFailed(message) => {
+                    // Whichever failed first decides. RocksDB refuses to
+                    // sync after a failed write, so the batches still with
+                    // the syncer are answered with the write's failure; but
+                    // a write that failed because a sync had failed is the
+                    // sync's failure.
+                    if let Some(syncer) = &self.syncer {
+                        syncer.write_failed(&message);
+                        syncer.wait_for_answers();
+                        if let Some(failure) = syncer.failure().filter(|failure| failure.sync) {
+                            return Ended::SyncFailed(failure.message);
+                        }
+                    }
+                    return Ended::Failed(message);
+                }
             }
         }
         Ended::Closed

@@ -18,7 +18,9 @@
 //! batches wrote, so even a `LeaseLost` may rest on a grant that a crash
 //! could still undo. Once a sync fails, every answer the syncer holds or
 //! receives afterwards fails with it, and the committer stops at its next
-//! batch so the database is reopened.
+//! batch, for good (see `recovery`). A batch's write that fails first is
+//! recorded the same way, and the batches still waiting are answered with
+//! it unsynced, since RocksDB refuses to sync after a failed write.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -71,15 +73,26 @@ pub(super) struct Syncer {
 #[derive(Debug)]
 struct Shared {
     db: Arc<DB>,
-    /// The first failed sync's error, set by whichever thread synced and
-    /// read by the committer before each batch.
-    failed: Mutex<Option<String>>,
+    /// The first failure, a sync's (set by whichever thread synced) or a
+    /// batch's write (set by the committer); read by the committer before
+    /// each batch. No sync is attempted after it.
+    failed: Mutex<Option<Failure>>,
     /// Counts WAL syncs; shared with [`super::Storage`] for stats.
     syncs: Arc<AtomicU64>,
     /// Batches handed to the syncer thread and not yet answered. The
     /// committer syncs by itself only when this is zero, so it never
     /// answers a batch before an earlier one is durable.
     queued: AtomicUsize,
+}
+
+/// The first thing that failed, once something has.
+#[derive(Clone, Debug)]
+pub(super) struct Failure {
+    /// The error, for the answers it fails.
+    pub(super) message: String,
+    /// Whether a WAL sync failed first, rather than a batch's write: a
+    /// write that fails after a failed sync is only its consequence.
+    pub(super) sync: bool,
 }
 
 /// What the syncer is given.
@@ -155,25 +168,43 @@ impl Syncer {
         }
     }
 
-    /// The error of the first sync that failed, if one did.
-    pub(super) fn failure(&self) -> Option<String> {
+    /// The first failure, if any.
+    pub(super) fn failure(&self) -> Option<Failure> {
         self.shared.failure()
+    }
+
+    /// Records that a batch's write failed, unless something failed
+    /// before: the batches still waiting are then answered with this
+    /// failure rather than synced.
+    pub(super) fn write_failed(&self, message: &str) {
+        self.shared.fail(Failure {
+            message: message.to_owned(),
+            sync: false,
+        });
     }
 }
 
 impl Shared {
-    fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<Failure> {
         self.failed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
+    /// Records `failure` unless an earlier one is recorded.
+    fn fail(&self, failure: Failure) {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(failure);
+    }
+
     /// Syncs the WAL unless a sync already failed; the error every answer
     /// waiting on this sync must carry, if any.
     fn sync(&self) -> Option<WriteError> {
         if let Some(failure) = self.failure() {
-            return Some(WriteError::Storage(failure));
+            return Some(WriteError::Storage(failure.message));
         }
         match self.db.flush_wal(true) {
             Ok(()) => {
@@ -183,7 +214,10 @@ impl Shared {
             Err(err) => {
                 let message = format!("syncing the WAL failed: {}", err.into_string());
                 tracing::error!(error = %message, "no write since the last sync was acknowledged");
-                *self.failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(message.clone());
+                self.fail(Failure {
+                    message: message.clone(),
+                    sync: true,
+                });
                 Some(WriteError::Storage(message))
             }
         }

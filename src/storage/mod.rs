@@ -177,6 +177,11 @@ pub enum StorageError {
     /// The committer thread could not be started or did not stop cleanly.
     #[error("committer thread: {0}")]
     Committer(String),
+    /// A WAL sync failed; see [`Storage::failed_for_good`].
+    #[error(
+        "syncing the WAL failed, so the daemon stopped; the next start recovers from what storage holds: {0}"
+    )]
+    SyncFailed(String),
 }
 
 /// State shared by every handle.
@@ -423,6 +428,15 @@ impl Storage {
         let (reply, done) = oneshot::channel();
         self.submit(commit::Op::Pending { key, reply });
         async move { done.await.unwrap_or(Err(WriteError::Closed)) }
+    }
+
+    /// Resolves once storage has failed for good: a WAL sync failed, so
+    /// nothing more can be acknowledged, and what the failed sync covered
+    /// may or may not be on disk. Every operation fails from then on; the
+    /// daemon must stop, and the next start recovers from what storage
+    /// holds.
+    pub async fn failed_for_good(&self) -> String {
+        self.shared.db.failed_for_good().await
     }
 
     /// Whether the last write failed and the database has not yet been

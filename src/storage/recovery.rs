@@ -8,6 +8,12 @@
 //! write is acknowledged only after RocksDB accepted it, and the reopen
 //! replays the synced WAL. When space returns, the next reopen succeeds and
 //! writes carry on.
+//!
+//! A failed WAL sync is different: the batches it covered are in the WAL
+//! file, answered as failed, and a reopen would replay them from the page
+//! cache. So the committer refuses everything from then on and marks
+//! storage failed for good ([`DbSlot::failed_for_good`]); the server stops,
+//! and the next start rebuilds the lease table from what storage holds.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +22,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use rocksdb::DB;
+use tokio::sync::watch;
 
 use super::commit::{self, Committer, Ended, Queue};
 use super::{Memory, WriteError, open_db};
@@ -27,6 +34,9 @@ pub struct DbSlot {
     db: RwLock<Option<Arc<DB>>>,
     /// Set from a failed write until the reopen succeeds.
     degraded: AtomicBool,
+    /// Set by the committer thread once a WAL sync failed, after which it
+    /// refuses every operation; the server watches it and stops.
+    fatal: watch::Sender<Option<String>>,
 }
 
 /// How long the committer waits between reopen attempts.
@@ -37,6 +47,22 @@ impl DbSlot {
         Self {
             db: RwLock::new(Some(db)),
             degraded: AtomicBool::new(false),
+            fatal: watch::Sender::new(None),
+        }
+    }
+
+    /// Resolves with the error once a WAL sync has failed.
+    pub(super) async fn failed_for_good(&self) -> String {
+        let mut fatal = self.fatal.subscribe();
+        let failure = fatal
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|failure| failure.clone());
+        match failure {
+            Some(failure) => failure,
+            // The sender lives as long as `self`, so this is never reached.
+            None => std::future::pending().await,
         }
     }
 
@@ -85,6 +111,14 @@ pub(super) fn run_committer(
         let failure = match committer.run(ops) {
             Ended::Closed => return,
             Ended::Failed(message) => message,
+            Ended::SyncFailed(message) => {
+                slot.degraded.store(true, Ordering::Relaxed);
+                tracing::error!(error = %message, "syncing the WAL failed; nothing more is acknowledged, and the daemon stops so the next start recovers from what storage holds");
+                drop(committer);
+                slot.fatal.send_replace(Some(message.clone()));
+                refuse_until_closed(ops, &message);
+                return;
+            }
         };
         slot.degraded.store(true, Ordering::Relaxed);
         tracing::error!(error = %failure, "storage write failed; reopening the database");
@@ -100,6 +134,18 @@ pub(super) fn run_committer(
         slot.put(db);
         slot.degraded.store(false, Ordering::Relaxed);
         tracing::info!("storage reopened; writes carry on");
+    }
+}
+
+/// Fails every operation until a `Close` arrives or every sender is gone,
+/// after a failed WAL sync.
+fn refuse_until_closed(ops: &mut Queue, failure: &str) {
+    let refusal = WriteError::Storage(format!("storage failed for good: {failure}"));
+    while let Some(op) = ops.recv() {
+        if let Some(reply) = commit::refuse(op, &refusal) {
+            let _ = reply.send(Err(refusal.to_string()));
+            return;
+        }
     }
 }
 
