@@ -20,7 +20,7 @@ use profiled_protocol::{Changes, Message, SessionId};
 use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::oneshot;
 
-use super::durable::{self, Answer, Syncer};
+use super::durable::{self, Answer, Stranded, Syncer};
 use super::records::{self, LeaseRecord, MetaRecord};
 use super::{AdminAction, AdminDone, Families, Granted, Grantee, Sent, WriteError, unix_ms};
 use crate::ProfileKey;
@@ -149,13 +149,14 @@ pub(super) enum Ended {
     /// It was closed, or every sender is gone.
     Closed,
     /// A batch's write failed (the disk is full, say). RocksDB refuses
-    /// every later write until the database is reopened.
+    /// every later write until the database is reopened; the written
+    /// batches not known to be durable are stranded
+    /// ([`Committer::take_stranded`]) for the reopen to judge.
     Failed(String),
-    /// A WAL sync failed. The batches it covered were answered as failed,
-    /// but they are in the WAL file, so a reopen would replay them from
-    /// the page cache, whatever reached the disk: storage would then hold
-    /// grants and releases the lease table was told had failed. Only a
-    /// restart, which rebuilds the table from storage, recovers from that.
+    /// A WAL sync failed: the disk failed a write it had accepted. The
+    /// database is not touched again (a reopen on a failing disk can make
+    /// matters worse); the daemon stops, and the next start recovers from
+    /// what storage holds.
     SyncFailed(String),
 }
 
@@ -283,11 +284,7 @@ impl Committer {
             // A failed sync fails every answer after it, and nothing more
             // can be acknowledged.
             if let Some(failure) = self.syncer.as_ref().and_then(Syncer::failure) {
-                return if failure.sync {
-                    Ended::SyncFailed(failure.message)
-                } else {
-                    Ended::Failed(failure.message)
-                };
+                return ended(failure);
             }
             let Some(first) = ops.recv() else {
                 break;
@@ -311,23 +308,30 @@ impl Committer {
                     return Ended::Closed;
                 }
                 Outcome::WriteFailed(message) => {
-                    // Whichever failed first decides. RocksDB refuses to
-                    // sync after a failed write, so the batches still with
-                    // the syncer are answered with the write's failure; but
-                    // a write that failed because a sync had failed is the
-                    // sync's failure.
-                    if let Some(syncer) = &self.syncer {
-                        syncer.write_failed(&message);
-                        syncer.wait_for_answers();
-                        if let Some(failure) = syncer.failure().filter(|failure| failure.sync) {
-                            return Ended::SyncFailed(failure.message);
+                    // RocksDB refuses to sync after a failed write, so the
+                    // batches still with the syncer are stranded. A write
+                    // that failed because a sync had failed is the sync's
+                    // failure: whichever was recorded first decides.
+                    return match &self.syncer {
+                        Some(syncer) => {
+                            syncer.write_failed(&message);
+                            syncer.failure().map_or(Ended::Failed(message), ended)
                         }
-                    }
-                    return Ended::Failed(message);
+                        None => Ended::Failed(message),
+                    };
                 }
             }
         }
         Ended::Closed
+    }
+
+    /// The written batches whose answers wait, after a failure, for a reopen
+    /// to tell whether they survived; oldest first.
+    pub(super) fn take_stranded(&self) -> Vec<Stranded> {
+        self.syncer
+            .as_ref()
+            .map(Syncer::take_stranded)
+            .unwrap_or_default()
     }
 
     /// The settings a replacement committer needs after a reopen.
@@ -429,14 +433,17 @@ impl Committer {
             (Some(err), None) => Outcome::WriteFailed(err.to_string()),
             (None, None) => Outcome::Committed,
         };
+        // The batch survived a failure later on if a reopen recovers this
+        // far (only the committer writes).
+        let seq = self.db.latest_sequence_number();
         match (&failure, &self.syncer) {
             // Alone, the batch is answered soonest by syncing right here;
             // with more waiting, the syncer overlaps its sync with the next
             // batch's work.
             (None, Some(syncer)) if syncer.is_idle() && !more_waiting() => {
-                syncer.sync_and_answer(answers);
+                syncer.sync_and_answer(seq, answers);
             }
-            (None, Some(syncer)) => syncer.answer_when_synced(answers),
+            (None, Some(syncer)) => syncer.answer_when_synced(seq, answers),
             (failure, _) => durable::deliver(answers, failure.as_ref()),
         }
         outcome
@@ -823,22 +830,35 @@ impl Committer {
     /// column family's memtable is flushed, not just the default family's,
     /// so the next start opens without replaying this run's writes.
     fn flush(&self) -> Result<(), String> {
-        self.db.flush_wal(true).map_err(|err| err.into_string())?;
-        let families =
-            Families::of(&self.db).ok_or_else(|| "a column family is missing".to_owned())?;
-        self.db
-            .flush_cfs_opt(
-                &[
-                    families.meta,
-                    families.data,
-                    families.leases,
-                    families.messages,
-                    families.history,
-                ],
-                &rocksdb::FlushOptions::default(),
-            )
-            .map_err(|err| err.into_string())
+        flush_all(&self.db)
     }
+}
+
+/// How a committer that recorded `failure` ends.
+fn ended(failure: durable::Failure) -> Ended {
+    if failure.sync {
+        Ended::SyncFailed(failure.message)
+    } else {
+        Ended::Failed(failure.message)
+    }
+}
+
+/// Syncs the WAL and flushes every column family's memtable to synced
+/// table files.
+pub(super) fn flush_all(db: &DB) -> Result<(), String> {
+    db.flush_wal(true).map_err(|err| err.into_string())?;
+    let families = Families::of(db).ok_or_else(|| "a column family is missing".to_owned())?;
+    db.flush_cfs_opt(
+        &[
+            families.meta,
+            families.data,
+            families.leases,
+            families.messages,
+            families.history,
+        ],
+        &rocksdb::FlushOptions::default(),
+    )
+    .map_err(|err| err.into_string())
 }
 
 impl Op {

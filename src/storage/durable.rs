@@ -17,10 +17,13 @@
 //! Refusals wait too: a later batch reads what earlier, not yet durable
 //! batches wrote, so even a `LeaseLost` may rest on a grant that a crash
 //! could still undo. Once a sync fails, every answer the syncer holds or
-//! receives afterwards fails with it, and the committer stops at its next
-//! batch, for good (see `recovery`). A batch's write that fails first is
-//! recorded the same way, and the batches still waiting are answered with
-//! it unsynced, since RocksDB refuses to sync after a failed write.
+//! receives afterwards is *stranded*: written to the WAL but not known to be
+//! durable. A batch's write that fails first is recorded the same way (RocksDB
+//! refuses to sync after a failed write), and the committer stops at its
+//! next batch. Stranded batches are not answered as failed, since the WAL
+//! holds them and reopening the database replays them: `recovery` answers
+//! them once a reopen has made durable what it recovered, each by whether
+//! its sequence number was recovered ([`Stranded`]).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -58,6 +61,28 @@ pub(super) enum Answer {
     ),
 }
 
+/// The first thing that failed, once something has.
+#[derive(Clone, Debug)]
+pub(super) struct Failure {
+    /// The error.
+    pub(super) message: String,
+    /// Whether a WAL sync failed first, rather than a batch's write. A
+    /// failed sync means the disk itself failed a write it had accepted;
+    /// a failed write (a full disk) is refused before anything reaches
+    /// the WAL, and a sync that fails after it is only its consequence.
+    pub(super) sync: bool,
+}
+
+/// A written batch's answers, held from a failure until a reopen tells
+/// whether the batch survived it.
+#[derive(Debug)]
+pub(super) struct Stranded {
+    /// The database's sequence number once the batch was written: the
+    /// batch survived if a reopen recovers at least this far.
+    pub(super) seq: u64,
+    pub(super) answers: Vec<Answer>,
+}
+
 /// The committer's handle on its syncer thread. Dropping it lets the
 /// syncer answer what it holds, then joins it.
 #[derive(Debug)]
@@ -77,6 +102,8 @@ struct Shared {
     /// batch's write (set by the committer); read by the committer before
     /// each batch. No sync is attempted after it.
     failed: Mutex<Option<Failure>>,
+    /// Written batches whose answers wait for a reopen, after a failure.
+    stranded: Mutex<Vec<Stranded>>,
     /// Counts WAL syncs; shared with [`super::Storage`] for stats.
     syncs: Arc<AtomicU64>,
     /// Batches handed to the syncer thread and not yet answered. The
@@ -85,21 +112,11 @@ struct Shared {
     queued: AtomicUsize,
 }
 
-/// The first thing that failed, once something has.
-#[derive(Clone, Debug)]
-pub(super) struct Failure {
-    /// The error, for the answers it fails.
-    pub(super) message: String,
-    /// Whether a WAL sync failed first, rather than a batch's write: a
-    /// write that fails after a failed sync is only its consequence.
-    pub(super) sync: bool,
-}
-
 /// What the syncer is given.
 #[derive(Debug)]
 enum Work {
-    /// A written batch's answers.
-    Answers(Vec<Answer>),
+    /// A written batch's sequence number and answers.
+    Answers(u64, Vec<Answer>),
     /// Signalled once everything queued before it is answered.
     Barrier(Sender<()>),
 }
@@ -111,6 +128,7 @@ impl Syncer {
         let shared = Arc::new(Shared {
             db,
             failed: Mutex::new(None),
+            stranded: Mutex::new(Vec::new()),
             syncs,
             queued: AtomicUsize::new(0),
         });
@@ -125,21 +143,24 @@ impl Syncer {
         })
     }
 
-    /// Hands a written batch's answers over, to be sent once the WAL holding
-    /// the batch is synced.
-    pub(super) fn answer_when_synced(&self, answers: Vec<Answer>) {
+    /// Hands the answers of a batch written up to sequence number `seq`
+    /// over, to be sent once the WAL holding the batch is synced.
+    pub(super) fn answer_when_synced(&self, seq: u64, answers: Vec<Answer>) {
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
         let unsent = match &self.queue {
-            Some(queue) => queue.send(Work::Answers(answers)).err(),
+            Some(queue) => queue.send(Work::Answers(seq, answers)).err(),
             None => None,
         };
         // The syncer only stops once this handle is dropped; should its
-        // thread have died anyway, nothing it was given can be called durable.
-        if let Some(std::sync::mpsc::SendError(Work::Answers(answers))) = unsent {
-            deliver(
-                answers,
-                Some(&WriteError::Storage("the WAL syncer stopped".to_owned())),
-            );
+        // thread have died anyway, nothing it was given can be called
+        // durable yet.
+        if let Some(std::sync::mpsc::SendError(Work::Answers(seq, answers))) = unsent {
+            self.shared.fail(Failure {
+                message: "the WAL syncer stopped".to_owned(),
+                sync: false,
+            });
+            self.shared.strand(seq, answers);
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -153,9 +174,11 @@ impl Syncer {
     /// Syncs the WAL on the caller's thread, then answers: for a batch
     /// written while the syncer [`is_idle`](Self::is_idle), with no other
     /// write waiting to overlap the sync with.
-    pub(super) fn sync_and_answer(&self, answers: Vec<Answer>) {
-        let failure = self.shared.sync();
-        deliver(answers, failure.as_ref());
+    pub(super) fn sync_and_answer(&self, seq: u64, answers: Vec<Answer>) {
+        match self.shared.sync() {
+            None => deliver(answers, None),
+            Some(_) => self.shared.strand(seq, answers),
+        }
     }
 
     /// Waits until everything handed over so far is answered.
@@ -174,13 +197,26 @@ impl Syncer {
     }
 
     /// Records that a batch's write failed, unless something failed
-    /// before: the batches still waiting are then answered with this
-    /// failure rather than synced.
+    /// before: no sync is attempted after it, and the batches still
+    /// waiting are stranded.
     pub(super) fn write_failed(&self, message: &str) {
         self.shared.fail(Failure {
             message: message.to_owned(),
             sync: false,
         });
+    }
+
+    /// Takes the stranded batches, once everything handed over is answered
+    /// or stranded, oldest first.
+    pub(super) fn take_stranded(&self) -> Vec<Stranded> {
+        self.wait_for_answers();
+        std::mem::take(
+            &mut *self
+                .shared
+                .stranded
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 }
 
@@ -200,11 +236,29 @@ impl Shared {
             .get_or_insert(failure);
     }
 
+    /// Holds a written batch's answers for the reopen to judge.
+    fn strand(&self, seq: u64, answers: Vec<Answer>) {
+        self.stranded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Stranded { seq, answers });
+    }
+
     /// Syncs the WAL unless a sync already failed; the error every answer
     /// waiting on this sync must carry, if any.
     fn sync(&self) -> Option<WriteError> {
         if let Some(failure) = self.failure() {
             return Some(WriteError::Storage(failure.message));
+        }
+        #[cfg(test)]
+        if faults::syncs_refused(self.db.path()) {
+            // As RocksDB refuses a sync after a batch's write failed.
+            let message = "an injected failed write".to_owned();
+            self.fail(Failure {
+                message: message.clone(),
+                sync: false,
+            });
+            return Some(WriteError::Storage(message));
         }
         match self.db.flush_wal(true) {
             Ok(()) => {
@@ -213,7 +267,7 @@ impl Shared {
             }
             Err(err) => {
                 let message = format!("syncing the WAL failed: {}", err.into_string());
-                tracing::error!(error = %message, "no write since the last sync was acknowledged");
+                tracing::error!(error = %message, "no write since the last sync is acknowledged");
                 self.fail(Failure {
                     message: message.clone(),
                     sync: true,
@@ -267,8 +321,11 @@ fn run(shared: &Shared, work: &Receiver<Work>) {
         let failure = shared.sync();
         for item in taken.drain(..) {
             match item {
-                Work::Answers(answers) => {
-                    deliver(answers, failure.as_ref());
+                Work::Answers(seq, answers) => {
+                    match failure {
+                        None => deliver(answers, None),
+                        Some(_) => shared.strand(seq, answers),
+                    }
                     shared.queued.fetch_sub(1, Ordering::AcqRel);
                 }
                 Work::Barrier(done) => {
@@ -292,6 +349,41 @@ fn fail_if<T>(
     match failure {
         Some(err) => Err(err.clone()),
         None => outcome,
+    }
+}
+
+/// Failed writes on demand, for tests of what follows one: the disk's own
+/// failures cannot be had at will. A sync is refused as RocksDB refuses it
+/// once a batch's write has failed, after the batch it covers was written:
+/// the moment that leaves written batches in doubt.
+#[cfg(test)]
+pub(super) mod faults {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Mutex, PoisonError};
+
+    /// Databases, by path, and how many of their next syncs are refused.
+    static FAILING: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+    /// Makes the next `count` WAL syncs of the database at `path` be
+    /// refused, as after a failed write.
+    pub(in crate::storage) fn refuse_syncs(path: &Path, count: usize) {
+        FAILING
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((path.to_owned(), count));
+    }
+
+    /// Whether this sync of the database at `path` is to be refused.
+    pub(super) fn syncs_refused(path: &Path) -> bool {
+        let mut failing = FAILING.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(entry) = failing
+            .iter_mut()
+            .find(|(at, left)| at == path && *left > 0)
+        else {
+            return false;
+        };
+        entry.1 -= 1;
+        true
     }
 }
 

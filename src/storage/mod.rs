@@ -432,9 +432,9 @@ impl Storage {
 
     /// Resolves once storage has failed for good: a WAL sync failed, so
     /// nothing more can be acknowledged, and what the failed sync covered
-    /// may or may not be on disk. Every operation fails from then on; the
-    /// daemon must stop, and the next start recovers from what storage
-    /// holds.
+    /// may or may not be on disk. Every operation fails from then on, and
+    /// the database is not touched again: the daemon must stop, and the
+    /// next start, once the disk is sound, recovers from what it holds.
     pub async fn failed_for_good(&self) -> String {
         self.shared.db.failed_for_good().await
     }
@@ -1003,6 +1003,37 @@ mod tests {
         assert_eq!(fresh.data, None);
         assert_eq!(fresh.lease.epoch, 3, "the epoch counter survives the wipe");
         assert_eq!(fresh.meta.load_count, 1);
+        storage.close().await.expect("close");
+    }
+
+    /// A write left unsynced by a failed write after it is in doubt, not
+    /// failed: the WAL holds it, so the reopen that follows replays it. It
+    /// is answered once the reopened database is durable, by whether it
+    /// survived; answering it as failed would leave storage holding a write
+    /// its sender was told had not happened. The lease it was made under
+    /// carries on.
+    #[tokio::test]
+    async fn a_write_in_doubt_is_answered_by_whether_it_survived_the_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (storage, _) = open(dir.path());
+        let key = ProfileKey::new("s", "k");
+        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
+        let save = |data: &[u8]| {
+            storage.save(
+                key.clone(),
+                session("a"),
+                1,
+                data.to_vec(),
+                Changes::default(),
+            )
+        };
+        assert_eq!(save(b"v1").await, Ok(1));
+
+        durable::faults::refuse_syncs(&dir.path().join("db"), 1);
+        assert_eq!(save(b"v2").await, Ok(2), "in doubt, then found durable");
+        let view = storage.view(key.clone(), None).await.expect("view");
+        assert_eq!(view.data.as_deref(), Some(&b"v2"[..]));
+        assert_eq!(save(b"v3").await, Ok(3), "the lease carries on");
         storage.close().await.expect("close");
     }
 

@@ -1,19 +1,31 @@
 //! Recovering from a failed write, such as a full disk, without a restart.
 //!
 //! Once a write fails, RocksDB refuses every later write (it records a
-//! background error) until the database is reopened. So when a batch's
-//! write fails, the committer thread closes the database and reopens it,
-//! retrying about once a second. Meanwhile every write fails at once with a
-//! `Storage` error, reads fail too, and nothing acknowledged is lost: a
-//! write is acknowledged only after RocksDB accepted it, and the reopen
-//! replays the synced WAL. When space returns, the next reopen succeeds and
-//! writes carry on.
+//! background error) until the database is reopened. So the committer
+//! thread closes the database and reopens it, retrying about once a
+//! second. Meanwhile every operation fails at once with a `Storage`
+//! error, reads fail too, and nothing acknowledged is lost: a write is
+//! acknowledged only once it is durable.
 //!
-//! A failed WAL sync is different: the batches it covered are in the WAL
-//! file, answered as failed, and a reopen would replay them from the page
-//! cache. So the committer refuses everything from then on and marks
-//! storage failed for good ([`DbSlot::failed_for_good`]); the server stops,
-//! and the next start rebuilds the lease table from what storage holds.
+//! The batch whose write failed is answered as failed at once: RocksDB did
+//! not take it. The batches written before it but not yet synced, or
+//! covered by the sync that failed, are *stranded*: the WAL file holds
+//! them, perhaps only in the page cache, so the reopen may or may not
+//! replay them. Answering them as failed would leave storage holding grants
+//! and releases the lease table was told had failed. So they wait: once a
+//! reopen succeeds, everything it recovered is flushed to synced table
+//! files, and each stranded batch is answered by whether the reopened
+//! database's sequence number reaches its own, that is, by whether it
+//! survived. A stop before that answers them as failed, and the next start
+//! rebuilds the lease table from storage.
+//!
+//! A failed WAL sync is different: the disk failed a write it had accepted,
+//! and reopening on it (RocksDB's recovery writes and syncs new files) can
+//! make matters worse: on a failing ext4 in a test, a database reopened
+//! that way was found empty after the disk was repaired. So the committer answers the batches in doubt as such,
+//! refuses everything from then on, and marks storage failed for good
+//! ([`DbSlot::failed_for_good`]); the server stops, and the next start,
+//! once the disk is sound, rebuilds the lease table from what storage holds.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +37,7 @@ use rocksdb::DB;
 use tokio::sync::watch;
 
 use super::commit::{self, Committer, Ended, Queue};
+use super::durable::{self, Stranded};
 use super::{Memory, WriteError, open_db};
 
 /// The open database, shared by the committer thread and the readers.
@@ -108,12 +121,21 @@ pub(super) fn run_committer(
     // follow the next failed batch at once and use up what space is left.
     let mut last_reopen: Option<Instant> = None;
     loop {
-        let failure = match committer.run(ops) {
+        let mut failure = match committer.run(ops) {
             Ended::Closed => return,
             Ended::Failed(message) => message,
             Ended::SyncFailed(message) => {
                 slot.degraded.store(true, Ordering::Relaxed);
                 tracing::error!(error = %message, "syncing the WAL failed; nothing more is acknowledged, and the daemon stops so the next start recovers from what storage holds");
+                // This run cannot learn whether the batches in doubt
+                // survived, and the next start rebuilds the lease table
+                // from storage whatever they are told.
+                let doubt = WriteError::Storage(format!(
+                    "the daemon is stopping after a failed WAL sync; this write may or may not have been kept: {message}"
+                ));
+                for batch in committer.take_stranded() {
+                    durable::deliver(batch.answers, Some(&doubt));
+                }
                 drop(committer);
                 slot.fatal.send_replace(Some(message.clone()));
                 refuse_until_closed(ops, &message);
@@ -122,18 +144,41 @@ pub(super) fn run_committer(
         };
         slot.degraded.store(true, Ordering::Relaxed);
         tracing::error!(error = %failure, "storage write failed; reopening the database");
+        let stranded = committer.take_stranded();
         let settings = committer.settings();
         let committer_syncs = committer.sync_counter();
         drop(committer);
-        let not_before = last_reopen.map_or_else(Instant::now, |at| at + RETRY);
-        let Some(db) = reopen(slot, ops, path, memory, &failure, not_before) else {
-            return;
+        let db = loop {
+            let not_before = last_reopen.map_or_else(Instant::now, |at| at + RETRY);
+            let Some(db) = reopen(slot, ops, path, memory, &failure, not_before) else {
+                let lost = WriteError::Storage(format!(
+                    "storage stopped before it recovered from a failure: {failure}"
+                ));
+                for batch in stranded {
+                    durable::deliver(batch.answers, Some(&lost));
+                }
+                return;
+            };
+            last_reopen = Some(Instant::now());
+            match recovered_durably(&db, &stranded) {
+                Ok(recovered) => break (db, recovered),
+                Err(err) => {
+                    tracing::error!(error = %err, "making the reopened database durable failed; reopening again");
+                    failure = err;
+                    // Give up this handle, so the next attempt can close
+                    // the database.
+                    slot.put(db);
+                }
+            }
         };
-        last_reopen = Some(Instant::now());
+        let (db, recovered) = db;
         committer = Committer::new(Arc::clone(&db), settings, committer_syncs);
         slot.put(db);
         slot.degraded.store(false, Ordering::Relaxed);
         tracing::info!("storage reopened; writes carry on");
+        // Answered only now, so a caller told its write survived can read
+        // it back at once.
+        answer_stranded(stranded, recovered);
     }
 }
 
@@ -147,6 +192,41 @@ fn refuse_until_closed(ops: &mut Queue, failure: &str) {
             return;
         }
     }
+}
+
+/// Makes what the reopened `db` recovered durable, if any batch is in
+/// doubt, and returns the sequence number it recovered up to.
+fn recovered_durably(db: &DB, stranded: &[Stranded]) -> Result<u64, String> {
+    if !stranded.is_empty() {
+        commit::flush_all(db)?;
+    }
+    Ok(db.latest_sequence_number())
+}
+
+/// Answers each batch in doubt by whether it survived the reopen: it did
+/// if the database recovered up to its sequence number.
+fn answer_stranded(stranded: Vec<Stranded>, recovered: u64) {
+    if stranded.is_empty() {
+        return;
+    }
+    let lost = WriteError::Storage(
+        "the write was lost with a failed WAL sync or a failed write after it".to_owned(),
+    );
+    let total = stranded.len();
+    let mut survived = 0;
+    for batch in stranded {
+        if batch.seq <= recovered {
+            survived += 1;
+            durable::deliver(batch.answers, None);
+        } else {
+            durable::deliver(batch.answers, Some(&lost));
+        }
+    }
+    tracing::info!(
+        survived,
+        lost = total - survived,
+        "answered the batches the failure had left in doubt"
+    );
 }
 
 /// Closes the database once no reader holds it, and opens it again,
