@@ -709,8 +709,12 @@ impl Driver {
                 match result {
                     Ok(_) => self.stats.daemon_released(),
                     Err(err) => {
-                        self.stats.storage_error();
-                        self.failed_releases += 1;
+                        // Only a failure of storage leaves the lease
+                        // recorded; a lease already gone needs no release.
+                        if matches!(err, WriteError::Storage(_) | WriteError::Closed) {
+                            self.stats.storage_error();
+                            self.failed_releases += 1;
+                        }
                         tracing::warn!(profile = %key, error = %err, "releasing a lease failed");
                     }
                 }

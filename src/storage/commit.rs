@@ -154,7 +154,7 @@ pub(super) enum Ended {
     /// ([`Committer::take_stranded`]) for the reopen to judge.
     Failed(String),
     /// A WAL sync failed: the disk failed a write it had accepted. The
-    /// database is not touched again (a reopen on a failing disk can make
+    /// database is not reopened (a reopen on a failing disk can make
     /// matters worse); the daemon stops, and the next start recovers from
     /// what storage holds.
     SyncFailed(String),
@@ -301,7 +301,15 @@ impl Committer {
                 Outcome::Committed => {}
                 Outcome::Close(reply) => {
                     if let Some(syncer) = &self.syncer {
-                        syncer.wait_for_answers();
+                        // A failed write in this last batch strands the ones
+                        // before it; with no reopen to come, they are in
+                        // doubt.
+                        let doubt = WriteError::Storage(
+                            "the daemon is stopping after a failed write; this write may or may not have been kept".to_owned(),
+                        );
+                        for batch in syncer.take_stranded() {
+                            durable::deliver(batch.answers, Some(&doubt));
+                        }
                     }
                     let flushed = self.flush();
                     let _ = reply.send(flushed);
@@ -434,7 +442,9 @@ impl Committer {
             (None, None) => Outcome::Committed,
         };
         // The batch survived a failure later on if a reopen recovers this
-        // far (only the committer writes).
+        // far. Pruning writes beside the committer, so this may be past the
+        // batch's own last number; that errs only towards calling a batch
+        // that survived lost, if a pruning write right behind it did not.
         let seq = self.db.latest_sequence_number();
         match (&failure, &self.syncer) {
             // Alone, the batch is answered soonest by syncing right here;

@@ -20,10 +20,11 @@
 //! receives afterwards is *stranded*: written to the WAL but not known to be
 //! durable. A batch's write that fails first is recorded the same way (RocksDB
 //! refuses to sync after a failed write), and the committer stops at its
-//! next batch. Stranded batches are not answered as failed, since the WAL
-//! holds them and reopening the database replays them: `recovery` answers
-//! them once a reopen has made durable what it recovered, each by whether
-//! its sequence number was recovered ([`Stranded`]).
+//! next batch. Stranded batches are not simply answered as failed, since the
+//! WAL holds them and reopening the database replays them: after a failed
+//! write, `recovery` answers them once a reopen has made durable what it
+//! recovered, each by whether its sequence number was recovered
+//! ([`Stranded`]); after a failed sync it answers them as in doubt.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -66,11 +67,19 @@ pub(super) enum Answer {
 pub(super) struct Failure {
     /// The error.
     pub(super) message: String,
-    /// Whether a WAL sync failed first, rather than a batch's write. A
-    /// failed sync means the disk itself failed a write it had accepted;
-    /// a failed write (a full disk) is refused before anything reaches
-    /// the WAL, and a sync that fails after it is only its consequence.
+    /// Whether a WAL sync failed in the disk, here or in any failure
+    /// recorded after this one. A failed sync means the disk failed a
+    /// write it had accepted; a failed write (a full disk) is refused
+    /// before its batch reaches the WAL, and a sync RocksDB refuses after
+    /// it ("Writer has previous error") is only its consequence.
     pub(super) sync: bool,
+}
+
+/// Whether RocksDB's `message` reports an `fsync` or `fdatasync` that
+/// failed in the operating system ("While fdatasync: <file>"), as opposed
+/// to a write that failed or a sync refused after one.
+pub(super) fn is_sync_failure(message: &str) -> bool {
+    message.contains("fdatasync") || message.contains("fsync")
 }
 
 /// A written batch's answers, held from a failure until a reopen tells
@@ -202,7 +211,7 @@ impl Syncer {
     pub(super) fn write_failed(&self, message: &str) {
         self.shared.fail(Failure {
             message: message.to_owned(),
-            sync: false,
+            sync: is_sync_failure(message),
         });
     }
 
@@ -228,12 +237,14 @@ impl Shared {
             .clone()
     }
 
-    /// Records `failure` unless an earlier one is recorded.
+    /// Records `failure` unless an earlier one is recorded; a failed sync
+    /// marks the recorded failure as one, whichever came first.
     fn fail(&self, failure: Failure) {
-        self.failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert(failure);
+        let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+        match &mut *failed {
+            Some(first) => first.sync |= failure.sync,
+            None => *failed = Some(failure),
+        }
     }
 
     /// Holds a written batch's answers for the reopen to judge.
@@ -267,11 +278,13 @@ impl Shared {
             }
             Err(err) => {
                 let message = format!("syncing the WAL failed: {}", err.into_string());
-                tracing::error!(error = %message, "no write since the last sync is acknowledged");
+                // Recorded before anything else, so a write failing behind
+                // it finds it.
                 self.fail(Failure {
                     message: message.clone(),
-                    sync: true,
+                    sync: is_sync_failure(&message),
                 });
+                tracing::error!(error = %message, "no write since the last sync is acknowledged");
                 Some(WriteError::Storage(message))
             }
         }

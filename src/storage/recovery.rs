@@ -8,22 +8,22 @@
 //! acknowledged only once it is durable.
 //!
 //! The batch whose write failed is answered as failed at once: RocksDB did
-//! not take it. The batches written before it but not yet synced, or
-//! covered by the sync that failed, are *stranded*: the WAL file holds
-//! them, perhaps only in the page cache, so the reopen may or may not
-//! replay them. Answering them as failed would leave storage holding grants
-//! and releases the lease table was told had failed. So they wait: once a
-//! reopen succeeds, everything it recovered is flushed to synced table
-//! files, and each stranded batch is answered by whether the reopened
-//! database's sequence number reaches its own, that is, by whether it
-//! survived. A stop before that answers them as failed, and the next start
-//! rebuilds the lease table from storage.
+//! not take it. The batches written before it but not yet synced are
+//! *stranded*: the WAL file holds them, so the reopen may replay them.
+//! Answering them as failed would leave storage holding grants and releases
+//! the lease table was told had failed. So they wait: once a reopen
+//! succeeds, everything it recovered is flushed to synced table files, and
+//! each stranded batch is answered by whether the reopened database's
+//! sequence number reaches its own, that is, by whether it survived. They
+//! wait as long as the reopen takes. A stop before that answers them as in
+//! doubt, and the next start rebuilds the lease table from storage.
 //!
 //! A failed WAL sync is different: the disk failed a write it had accepted,
 //! and reopening on it (RocksDB's recovery writes and syncs new files) can
 //! make matters worse: on a failing ext4 in a test, a database reopened
-//! that way was found empty after the disk was repaired. So the committer answers the batches in doubt as such,
-//! refuses everything from then on, and marks storage failed for good
+//! that way was found empty after the disk was repaired. So the committer
+//! answers the batches in doubt as such, refuses everything from then on,
+//! and marks storage failed for good
 //! ([`DbSlot::failed_for_good`]); the server stops, and the next start,
 //! once the disk is sound, rebuilds the lease table from what storage holds.
 
@@ -125,20 +125,9 @@ pub(super) fn run_committer(
             Ended::Closed => return,
             Ended::Failed(message) => message,
             Ended::SyncFailed(message) => {
-                slot.degraded.store(true, Ordering::Relaxed);
-                tracing::error!(error = %message, "syncing the WAL failed; nothing more is acknowledged, and the daemon stops so the next start recovers from what storage holds");
-                // This run cannot learn whether the batches in doubt
-                // survived, and the next start rebuilds the lease table
-                // from storage whatever they are told.
-                let doubt = WriteError::Storage(format!(
-                    "the daemon is stopping after a failed WAL sync; this write may or may not have been kept: {message}"
-                ));
-                for batch in committer.take_stranded() {
-                    durable::deliver(batch.answers, Some(&doubt));
-                }
+                let stranded = committer.take_stranded();
                 drop(committer);
-                slot.fatal.send_replace(Some(message.clone()));
-                refuse_until_closed(ops, &message);
+                fail_for_good(slot, ops, stranded, &message);
                 return;
             }
         };
@@ -148,30 +137,37 @@ pub(super) fn run_committer(
         let settings = committer.settings();
         let committer_syncs = committer.sync_counter();
         drop(committer);
-        let db = loop {
+        let (db, recovered) = loop {
             let not_before = last_reopen.map_or_else(Instant::now, |at| at + RETRY);
             let Some(db) = reopen(slot, ops, path, memory, &failure, not_before) else {
-                let lost = WriteError::Storage(format!(
-                    "storage stopped before it recovered from a failure: {failure}"
+                // No reopen will tell what survived; the next start reads
+                // it from storage.
+                let doubt = WriteError::Storage(format!(
+                    "storage stopped before it recovered from a failure, so this write may or may not have been kept: {failure}"
                 ));
                 for batch in stranded {
-                    durable::deliver(batch.answers, Some(&lost));
+                    durable::deliver(batch.answers, Some(&doubt));
                 }
                 return;
             };
             last_reopen = Some(Instant::now());
             match recovered_durably(&db, &stranded) {
                 Ok(recovered) => break (db, recovered),
+                Err(err) if durable::is_sync_failure(&err) => {
+                    drop(db);
+                    fail_for_good(slot, ops, stranded, &err);
+                    return;
+                }
                 Err(err) => {
                     tracing::error!(error = %err, "making the reopened database durable failed; reopening again");
                     failure = err;
-                    // Give up this handle, so the next attempt can close
-                    // the database.
-                    slot.put(db);
+                    // Closed here, unseen by readers and pruning, whose
+                    // writes could otherwise take the sequence numbers of
+                    // a batch that was lost.
+                    drop(db);
                 }
             }
         };
-        let (db, recovered) = db;
         committer = Committer::new(Arc::clone(&db), settings, committer_syncs);
         slot.put(db);
         slot.degraded.store(false, Ordering::Relaxed);
@@ -180,6 +176,24 @@ pub(super) fn run_committer(
         // it back at once.
         answer_stranded(stranded, recovered);
     }
+}
+
+/// After a failed WAL sync: answers the batches in doubt as such, marks
+/// storage failed for good (the server stops), and refuses everything
+/// until closed, without touching the database again.
+fn fail_for_good(slot: &DbSlot, ops: &mut Queue, stranded: Vec<Stranded>, failure: &str) {
+    slot.degraded.store(true, Ordering::Relaxed);
+    tracing::error!(error = %failure, "syncing the WAL failed; nothing more is acknowledged, and the daemon stops so the next start recovers from what storage holds");
+    // This run cannot learn whether they survived, and the next start
+    // rebuilds the lease table from storage whatever they are told.
+    let doubt = WriteError::Storage(format!(
+        "the daemon is stopping after a failed WAL sync; this write may or may not have been kept: {failure}"
+    ));
+    for batch in stranded {
+        durable::deliver(batch.answers, Some(&doubt));
+    }
+    slot.fatal.send_replace(Some(failure.to_owned()));
+    refuse_until_closed(ops, failure);
 }
 
 /// Fails every operation until a `Close` arrives or every sender is gone,
