@@ -342,34 +342,13 @@ async fn a_profile_too_large_for_a_frame_is_refused_and_its_lease_given_back() {
 /// daemon pushes.
 #[tokio::test]
 async fn messages_sent_while_a_session_was_away_follow_its_welcome() {
+    use common::RawSession;
     use futures::{SinkExt, StreamExt};
     use profiled_protocol::{
-        ClientFrame, Event, FrameCodec, Hello, PROTOCOL_VERSION, Reply, Request, RequestBody,
-        Response, Role, ServerFrame,
+        ClientFrame, Event, Reply, Request, RequestBody, Response, ServerFrame,
     };
-    use tokio_util::codec::Framed;
 
-    type Raw = Framed<tokio::net::UnixStream, FrameCodec<ServerFrame, ClientFrame>>;
-    async fn connect(daemon: &Daemon) -> (Raw, profiled_protocol::Welcome) {
-        let stream = tokio::net::UnixStream::connect(daemon.socket())
-            .await
-            .expect("connect");
-        let mut raw = Framed::new(
-            stream,
-            FrameCodec::new(profiled_protocol::DEFAULT_MAX_FRAME),
-        );
-        let hello = ClientFrame::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            session: common::session("away"),
-            role: Role::Game,
-        });
-        raw.send(hello).await.expect("hello");
-        match next_frame(&mut raw).await {
-            ServerFrame::Welcome(welcome) => (raw, welcome),
-            other => panic!("expected a welcome, got {other:?}"),
-        }
-    }
-    async fn next_frame(raw: &mut Raw) -> ServerFrame {
+    async fn next_frame(raw: &mut RawSession) -> ServerFrame {
         tokio::time::timeout(PROMPTLY, raw.next())
             .await
             .expect("a frame in time")
@@ -378,7 +357,7 @@ async fn messages_sent_while_a_session_was_away_follow_its_welcome() {
     }
 
     let daemon = Daemon::start_with("[session]\nresume_grace = \"60s\"\n");
-    let (mut raw, _) = connect(&daemon).await;
+    let (mut raw, _) = common::raw_session(&daemon, "away").await;
     let load = RequestBody::Load {
         store: STORE.into(),
         key: "away".into(),
@@ -412,7 +391,7 @@ async fn messages_sent_while_a_session_was_away_follow_its_welcome() {
         );
     }
 
-    let (mut raw, welcome) = connect(&daemon).await;
+    let (mut raw, welcome) = common::raw_session(&daemon, "away").await;
     assert_eq!(welcome.leases.len(), 1, "the lease is resumed");
     assert_eq!(welcome.leases[0].epoch, epoch);
     raw.send(ClientFrame::Request(Request {

@@ -6,13 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::Daemon;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use nix::sys::signal::Signal;
 use profiled_client::{ErrorCode, LoadPolicy};
-use profiled_protocol::{
-    ClientFrame, Event, FrameCodec, Hello, PROTOCOL_VERSION, Role, ServerFrame,
-};
-use tokio_util::codec::Framed;
+use profiled_protocol::{Event, ServerFrame};
 
 const STORE: &str = "PlayerData";
 const SESSIONS: usize = 10;
@@ -82,7 +79,7 @@ async fn saves_sent_during_the_grace_land_and_are_kept() {
         .expect("save");
 
     // A raw connection shows the event every client is sent.
-    let mut watcher = raw_session(&daemon, "watcher").await;
+    let (mut watcher, _) = common::raw_session(&daemon, "watcher").await;
 
     daemon.signal(Signal::SIGTERM);
     let event = match watcher.next().await.expect("a frame").expect("decodes") {
@@ -188,28 +185,4 @@ async fn a_second_signal_cuts_the_grace_short_but_still_releases() {
         .await
         .expect("released");
     assert_eq!(again.data(), Some(&b"last"[..]));
-}
-
-/// A handshaken raw connection, for reading pushed frames directly.
-async fn raw_session(
-    daemon: &Daemon,
-    job: &str,
-) -> Framed<tokio::net::UnixStream, FrameCodec<ServerFrame, ClientFrame>> {
-    let stream = tokio::net::UnixStream::connect(daemon.socket())
-        .await
-        .expect("connect");
-    let mut framed = Framed::new(
-        stream,
-        FrameCodec::new(profiled_protocol::DEFAULT_MAX_FRAME),
-    );
-    let hello = ClientFrame::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        session: common::session(job),
-        role: Role::Game,
-    });
-    framed.send(hello).await.expect("send hello");
-    match framed.next().await.expect("a frame").expect("decodes") {
-        ServerFrame::Welcome(_) => framed,
-        other => panic!("expected Welcome, got {other:?}"),
-    }
 }

@@ -7,10 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use futures::{SinkExt, StreamExt};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use profiled_client::{Client, ConnectOptions, Role, SessionId};
+use profiled_protocol::{ClientFrame, FrameCodec, Hello, PROTOCOL_VERSION, ServerFrame, Welcome};
 use tempfile::TempDir;
+use tokio_util::codec::Framed;
 
 /// How long a daemon may take to start listening before a test gives up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -250,5 +253,31 @@ pub fn session(job: &str) -> SessionId {
     SessionId {
         place_id: 1,
         job_id: job.to_owned(),
+    }
+}
+
+/// A handshaken connection that reads the daemon's frames as they are.
+pub type RawSession = Framed<tokio::net::UnixStream, FrameCodec<ServerFrame, ClientFrame>>;
+
+/// Connects to `daemon` as session `job` of place 1 without the client
+/// library, for reading pushed frames directly; returns the connection and
+/// the daemon's welcome.
+pub async fn raw_session(daemon: &Daemon, job: &str) -> (RawSession, Welcome) {
+    let stream = tokio::net::UnixStream::connect(daemon.socket())
+        .await
+        .expect("connect");
+    let mut framed = Framed::new(
+        stream,
+        FrameCodec::new(profiled_protocol::DEFAULT_MAX_FRAME),
+    );
+    let hello = ClientFrame::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        session: session(job),
+        role: Role::Game,
+    });
+    framed.send(hello).await.expect("send hello");
+    match framed.next().await.expect("a frame").expect("decodes") {
+        ServerFrame::Welcome(welcome) => (framed, welcome),
+        other => panic!("expected Welcome, got {other:?}"),
     }
 }
