@@ -1034,6 +1034,46 @@ mod tests {
         let view = storage.view(key.clone(), None).await.expect("view");
         assert_eq!(view.data.as_deref(), Some(&b"v2"[..]));
         assert_eq!(save(b"v3").await, Ok(3), "the lease carries on");
+
+        // Many writes in flight at once, so the syncer thread may hold some
+        // of them when a sync is refused. Each answer is the truth: a write
+        // answered as saved reads back, and one refused (it arrived while
+        // the database was being reopened) left nothing.
+        let keys: Vec<ProfileKey> = (0..16)
+            .map(|i| ProfileKey::new("s", format!("m{i}")))
+            .collect();
+        for key in &keys {
+            assert_eq!(grant_epoch(&storage, key, "a").await, 1);
+        }
+        durable::faults::refuse_syncs(&dir.path().join("db"), 1);
+        let saves: Vec<_> = keys
+            .iter()
+            .map(|key| {
+                storage.save(
+                    key.clone(),
+                    session("a"),
+                    1,
+                    key.key().as_bytes().to_vec(),
+                    Changes::default(),
+                )
+            })
+            .collect();
+        let mut saved = 0;
+        for (key, answer) in keys.iter().zip(futures::future::join_all(saves).await) {
+            let view = storage.view(key.clone(), None).await.expect("view");
+            match answer {
+                Ok(version) => {
+                    assert_eq!(version, 1, "{key}");
+                    assert_eq!(view.data.as_deref(), Some(key.key().as_bytes()), "{key}");
+                    saved += 1;
+                }
+                Err(err) => {
+                    assert!(matches!(err, WriteError::Storage(_)), "{key}: {err}");
+                    assert_eq!(view.data, None, "{key} was refused, and left nothing");
+                }
+            }
+        }
+        assert!(saved > 0, "the writes in doubt were answered as saved");
         storage.close().await.expect("close");
     }
 
