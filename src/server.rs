@@ -343,14 +343,13 @@ pub async fn run_with(
     wind_down(&stop, &connections, &background).await;
     drop(context);
     drop(leases);
-    tokio::time::timeout(STEP_DEADLINE, storage.close())
-        .await
-        .map_err(|_| ServerError::ShutdownTimeout("flush storage"))??;
+    let closed = tokio::time::timeout(STEP_DEADLINE, storage.close()).await;
     remove_socket(owned_path);
     let released = released.map_err(|_| ServerError::ShutdownTimeout("release leases"))?;
     if released.failed > 0 {
         return Err(ServerError::LeasesKept(released.failed));
     }
+    closed.map_err(|_| ServerError::ShutdownTimeout("flush storage"))??;
     tracing::info!(
         released_by_clients = held.saturating_sub(released.by_daemon),
         released_by_daemon = released.by_daemon,

@@ -105,9 +105,10 @@ pub enum ProfileEvent {
     /// A message was sent to the profile. Apply it, then list its id in
     /// [`Changes::consumed_messages`] of the next save; until then it stays
     /// pending, and the next loader receives it again. Each message is
-    /// handed over once per lease, also across reconnects, oldest first;
-    /// messages sent while the client was reconnecting arrive once it is
-    /// back.
+    /// handed over once per lease, also across reconnects; messages sent
+    /// while the client was reconnecting arrive once it is back. They come
+    /// oldest first, except that one the daemon could not push at once (its
+    /// queue was full) comes after newer ones.
     Message(Message),
     /// The daemon is stopping. It takes no more loads, and releases every
     /// remaining lease itself at `deadline`, keeping the last saved data;

@@ -165,7 +165,7 @@ enum Outcome {
     /// It was written, or every operation in it was refused on its own.
     Committed,
     /// It held a `Close`.
-    Close(oneshot::Sender<Result<(), String>>),
+    Close(oneshot::Sender<Result<(), String>>, Option<String>),
     /// Its write failed; every operation in it was failed.
     WriteFailed(String),
 }
@@ -281,12 +281,14 @@ impl Committer {
         let max_batch = self.settings.max_batch;
         let mut batch = Vec::with_capacity(max_batch);
         loop {
-            // A failed sync fails every answer after it, and nothing more
-            // can be acknowledged.
-            if let Some(failure) = self.syncer.as_ref().and_then(Syncer::failure) {
-                return ended(failure);
-            }
-            let Some(first) = ops.recv() else {
+            let first = match &self.syncer {
+                Some(syncer) => match next_op(ops, syncer) {
+                    Ok(first) => first,
+                    Err(failure) => return ended(failure),
+                },
+                None => ops.recv(),
+            };
+            let Some(first) = first else {
                 break;
             };
             batch.push(first);
@@ -299,19 +301,29 @@ impl Committer {
             let more_waiting = || !ops.is_empty();
             match self.commit(&mut batch, more_waiting) {
                 Outcome::Committed => {}
-                Outcome::Close(reply) => {
+                Outcome::Close(reply, write_failure) => {
+                    let mut failure = write_failure;
                     if let Some(syncer) = &self.syncer {
-                        // A failed write in this last batch strands the ones
-                        // before it; with no reopen to come, they are in
-                        // doubt.
-                        let doubt = WriteError::Storage(
-                            "the daemon is stopping after a failed write; this write may or may not have been kept".to_owned(),
-                        );
-                        for batch in syncer.take_stranded() {
+                        if let Some(message) = &failure {
+                            syncer.write_failed(message);
+                        }
+                        // With no reopen to come, what a failure left in
+                        // doubt stays so.
+                        let stranded = syncer.take_stranded();
+                        failure = syncer.failure().map(|failure| failure.message);
+                        let doubt = WriteError::Storage(format!(
+                            "the daemon is stopping after a storage failure; this write may or may not have been kept: {}",
+                            failure.as_deref().unwrap_or_default()
+                        ));
+                        for batch in stranded {
                             durable::deliver(batch.answers, Some(&doubt));
                         }
                     }
-                    let flushed = self.flush();
+                    // After a failure the disk is not written again.
+                    let flushed = match failure {
+                        Some(message) => Err(message),
+                        None => self.flush(),
+                    };
                     let _ = reply.send(flushed);
                     return Ended::Closed;
                 }
@@ -325,6 +337,8 @@ impl Committer {
                             syncer.write_failed(&message);
                             syncer.failure().map_or(Ended::Failed(message), ended)
                         }
+                        // Each write syncs itself without a syncer thread.
+                        None if durable::is_sync_failure(&message) => Ended::SyncFailed(message),
                         None => Ended::Failed(message),
                     };
                 }
@@ -437,7 +451,9 @@ impl Committer {
             tracing::error!(error = %err, "a batch of writes failed; none was acknowledged");
         }
         let outcome = match (&failure, close) {
-            (_, Some(reply)) => Outcome::Close(reply),
+            (failure, Some(reply)) => {
+                Outcome::Close(reply, failure.as_ref().map(ToString::to_string))
+            }
             (Some(err), None) => Outcome::WriteFailed(err.to_string()),
             (None, None) => Outcome::Committed,
         };
@@ -841,6 +857,31 @@ impl Committer {
     /// so the next start opens without replaying this run's writes.
     fn flush(&self) -> Result<(), String> {
         flush_all(&self.db)
+    }
+}
+
+/// How long the committer waits for an operation, while the syncer holds
+/// batches, before it looks again whether their sync failed.
+const SYNC_POLL: Duration = Duration::from_millis(50);
+
+/// The next operation, or the failure recorded meanwhile. While the syncer
+/// holds batches, the wait is cut into [`SYNC_POLL`] steps, so a sync that
+/// fails while nothing arrives still ends the committer; once the syncer
+/// is idle, any failure is already recorded, and the wait is plain.
+fn next_op(ops: &mut Queue, syncer: &Syncer) -> Result<Option<Op>, durable::Failure> {
+    loop {
+        let idle = syncer.is_idle();
+        if let Some(failure) = syncer.failure() {
+            return Err(failure);
+        }
+        if idle {
+            return Ok(ops.recv());
+        }
+        match ops.recv_timeout(SYNC_POLL) {
+            Ok(op) => return Ok(Some(op)),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Ok(None),
+        }
     }
 }
 

@@ -79,7 +79,7 @@ pub(super) struct Failure {
 /// failed in the operating system ("While fdatasync: <file>"), as opposed
 /// to a write that failed or a sync refused after one.
 pub(super) fn is_sync_failure(message: &str) -> bool {
-    message.contains("fdatasync") || message.contains("fsync")
+    message.contains("While fdatasync") || message.contains("While fsync")
 }
 
 /// A written batch's answers, held from a failure until a reopen tells

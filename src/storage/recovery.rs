@@ -183,6 +183,12 @@ pub(super) fn run_committer(
 /// until closed, without touching the database again.
 fn fail_for_good(slot: &DbSlot, ops: &mut Queue, stranded: Vec<Stranded>, failure: &str) {
     slot.degraded.store(true, Ordering::Relaxed);
+    // Readers, pruning and backups stop using the database, whose memory
+    // may hold what the disk lost; and it is never closed, since closing
+    // flushes to the disk that failed. The process is about to exit.
+    if let Some(db) = slot.take() {
+        std::mem::forget(db);
+    }
     tracing::error!(error = %failure, "syncing the WAL failed; nothing more is acknowledged, and the daemon stops so the next start recovers from what storage holds");
     // This run cannot learn whether they survived, and the next start
     // rebuilds the lease table from storage whatever they are told.
