@@ -477,3 +477,80 @@ async fn after_a_reconnect_each_pending_message_reaches_the_holder_once() {
     }
     assert_eq!(received, [second, third], "no repeat of {first}, none lost");
 }
+
+/// Messages sent while their holder reconnects, again and again: on each
+/// connection the holder gets every pending message exactly once, in id
+/// order, whether it was stored before the reconnect (and comes with the
+/// resume) or after it (and is pushed live), including one stored while
+/// the resume's read was under way. Raw frames, so the client library's
+/// own deduplication cannot hide a repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_during_reconnects_reach_each_connection_once_in_order() {
+    use futures::{SinkExt, StreamExt};
+    use profiled_protocol::{
+        ClientFrame, Event, Reply, Request, RequestBody, Response, ServerFrame,
+    };
+
+    const ROUNDS: usize = 10;
+    const PER_ROUND: usize = 10;
+    let daemon = Daemon::start_with("[session]\nresume_grace = \"60s\"\n");
+    let (mut raw, _) = common::raw_session(&daemon, "holder").await;
+    let load = RequestBody::Load {
+        store: STORE.into(),
+        key: "flood".into(),
+        policy: profiled_protocol::LoadPolicy::ForceLoad,
+        deadline_ms: None,
+    };
+    raw.send(ClientFrame::Request(Request { id: 1, body: load }))
+        .await
+        .expect("load");
+    match tokio::time::timeout(PROMPTLY, raw.next()).await {
+        Ok(Some(Ok(ServerFrame::Response(Response {
+            id: 1,
+            result: Ok(Reply::Loaded(_)),
+        })))) => {}
+        other => panic!("expected the grant, got {other:?}"),
+    }
+    let sender = std::sync::Arc::new(daemon.client("sender").await);
+    let mut sent: Vec<u64> = Vec::new();
+    for round in 0..ROUNDS {
+        drop(raw);
+        let sending = {
+            let sender = std::sync::Arc::clone(&sender);
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..PER_ROUND {
+                    let payload = format!("{round}.{i}").into_bytes();
+                    ids.push(
+                        sender
+                            .send_message(STORE, "flood", payload)
+                            .await
+                            .expect("send"),
+                    );
+                }
+                ids
+            })
+        };
+        let (again, welcome) = common::raw_session(&daemon, "holder").await;
+        raw = again;
+        assert_eq!(welcome.leases.len(), 1, "the lease is resumed");
+        sent.extend(sending.await.expect("sender"));
+        // None is consumed, so every message sent so far is pending, and
+        // this connection must get each of them once, in order.
+        let mut pushed = Vec::new();
+        while pushed.len() < sent.len() {
+            match tokio::time::timeout(PROMPTLY, raw.next()).await {
+                Ok(Some(Ok(ServerFrame::Event(Event::Message { message, .. })))) => {
+                    pushed.push(message.id);
+                }
+                other => {
+                    panic!("round {round}: expected a message, got {other:?} after {pushed:?}")
+                }
+            }
+        }
+        assert_eq!(
+            pushed, sent,
+            "round {round}: each pending message once, in order"
+        );
+    }
+}
