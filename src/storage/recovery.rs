@@ -154,7 +154,7 @@ pub(super) fn run_committer(
             match recovered_durably(&db, &stranded) {
                 Ok(recovered) => break (db, recovered),
                 Err(err) if durable::is_sync_failure(&err) => {
-                    drop(db);
+                    abandon(db);
                     fail_for_good(slot, ops, stranded, &err);
                     return;
                 }
@@ -187,7 +187,7 @@ fn fail_for_good(slot: &DbSlot, ops: &mut Queue, stranded: Vec<Stranded>, failur
     // may hold what the disk lost; and it is never closed, since closing
     // flushes to the disk that failed. The process is about to exit.
     if let Some(db) = slot.take() {
-        std::mem::forget(db);
+        abandon(db);
     }
     tracing::error!(error = %failure, "syncing the WAL failed; nothing more is acknowledged, and the daemon stops so the next start recovers from what storage holds");
     // This run cannot learn whether they survived, and the next start
@@ -200,6 +200,13 @@ fn fail_for_good(slot: &DbSlot, ops: &mut Queue, stranded: Vec<Stranded>, failur
     }
     slot.fatal.send_replace(Some(failure.to_owned()));
     refuse_until_closed(ops, failure);
+}
+
+/// Stops `db`'s flushes and compactions and leaves it open for good:
+/// closing it would flush its memtables to a disk that failed a sync.
+fn abandon(db: Arc<DB>) {
+    db.cancel_all_background_work(false);
+    std::mem::forget(db);
 }
 
 /// Fails every operation until a `Close` arrives or every sender is gone,
