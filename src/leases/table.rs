@@ -357,6 +357,7 @@ impl LeaseTable {
     /// If the session is connected elsewhere, the newer connection takes
     /// over and the older one is kicked.
     pub fn connect(&mut self, conn: ConnId, session: SessionId, now: Instant) -> Connected {
+        let session_id = session.clone();
         self.next_id += 1;
         let generation = self.next_id;
         let entry = self
@@ -382,6 +383,7 @@ impl LeaseTable {
             self.effects.push(Effect::Kick { conn: old });
         }
         let mut leases = Vec::with_capacity(held.len());
+        let mut unlisted = Vec::new();
         for key in held {
             if let Some(KeyState {
                 holder: Holder::Held(h),
@@ -389,10 +391,21 @@ impl LeaseTable {
             }) = self.keys.get(&key)
             {
                 leases.push((key.clone(), h.epoch));
+            } else {
+                unlisted.push(key.clone());
             }
             // A ForceLoad that waited for the session to come back can now
             // ask it to release.
             self.pump(&key, now);
+        }
+        // A lease being released or handed over is not in the welcome, so
+        // the client takes it as gone. Should that release fail, the lease
+        // is then released by the daemon rather than handed back to a
+        // client that has let it go (see `reinstate`).
+        if let Some(entry) = self.sessions.get_mut(&session_id) {
+            for key in &unlisted {
+                entry.held.remove(key);
+            }
         }
         Connected { leases }
     }
@@ -1582,6 +1595,38 @@ mod tests {
         let effects = table.take_effects();
         let done = complete_grant(&mut table, effects, 2, now);
         assert_eq!(answers(&done), vec![(2, Ok(2))]);
+    }
+
+    /// A holder that reconnects while its release is being handed over is
+    /// not told of that lease in its welcome, so it takes it as gone. If
+    /// the hand-over then fails, the daemon releases the lease rather than
+    /// hand it back to a client that has let it go.
+    #[test]
+    fn a_failed_hand_over_of_a_holder_that_reconnected_meanwhile_releases_the_lease() {
+        let now = Instant::now();
+        let mut table = held_by_one(2, now);
+        load(&mut table, 2, LoadPolicy::Repeat, now);
+        let Some(HandOver { ticket, .. }) = table.releasing(&key(), &session("s1"), 1) else {
+            panic!("expected a grant");
+        };
+        table.disconnect(1, now);
+        let connected = table.connect(3, session("s1"), now);
+        assert!(connected.leases.is_empty(), "not in the welcome");
+        table.take_effects();
+        table.grant_done(&key(), ticket, Err(WriteError::Held), now);
+        let effects = table.take_effects();
+        assert!(
+            matches!(
+                effects.as_slice(),
+                [Effect::Release { epoch: 1, owner, .. }] if *owner == session("s1")
+            ),
+            "released by the daemon: {effects:?}"
+        );
+        assert_eq!(table.holder(&key()), None, "no longer held by s1");
+        table.release_done(&key(), now);
+        let effects = table.take_effects();
+        let done = complete_grant(&mut table, effects, 2, now);
+        assert_eq!(answers(&done), vec![(2, Ok(2))], "the load is granted");
     }
 
     #[test]
