@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{Daemon, session};
-use profiled_client::{ExportedProfile, LoadPolicy, LossReason, Metric, Profile, ProfileEvent};
+use profiled_client::{
+    Client, ErrorCode, ExportedProfile, LoadPolicy, LossReason, Metric, Profile, ProfileEvent,
+};
 
 const STORE: &str = "PlayerData";
 
@@ -30,6 +32,15 @@ fn metric(metrics: &[Metric], name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .map(|m| m.value)
         .unwrap_or_else(|| panic!("no metric {name} {labels:?}"))
+}
+
+/// The daemon's count of storage errors.
+async fn storage_errors(client: &Client) -> f64 {
+    metric(
+        &client.stats().await.expect("stats"),
+        "profiled_storage_errors_total",
+        &[],
+    )
 }
 
 #[tokio::test]
@@ -314,11 +325,18 @@ async fn a_backup_taken_while_serving_starts_a_second_daemon() {
         .save(b"after the backup".to_vec())
         .await
         .expect("save");
+    let errors_before = storage_errors(&admin).await;
     let err = admin
         .backup(target.to_str().expect("utf-8 path"))
         .await
         .expect_err("the target exists");
-    assert!(err.code().is_some());
+    assert_eq!(err.code(), Some(&ErrorCode::InvalidRequest), "{err}");
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert_eq!(
+        storage_errors(&admin).await,
+        errors_before,
+        "a refused backup is not a storage error"
+    );
     let err = admin.backup("relative").await.expect_err("relative path");
     assert!(err.code().is_some());
 
