@@ -55,5 +55,9 @@ pub fn storage_error(err: WriteError, epoch: Option<u64>) -> Error {
         ),
         WriteError::NotFound => Error::new(ErrorCode::NotFound, "no such profile or version"),
         WriteError::Held => Error::new(ErrorCode::Storage, "the profile is still leased"),
+        WriteError::Exists(path) => Error::new(
+            ErrorCode::InvalidRequest,
+            format!("the backup path {path} already exists"),
+        ),
     }
 }

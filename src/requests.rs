@@ -355,17 +355,10 @@ impl Session {
                         "the backup path must be absolute",
                     )));
                 }
-                if path.exists() {
-                    return Started::Done(Err(Error::new(
-                        ErrorCode::InvalidRequest,
-                        format!("the backup path {} already exists", path.display()),
-                    )));
-                }
                 return pending(id, async move {
                     let shown = path.display().to_string();
-                    // Not counted as a storage error: a backup fails for its
-                    // target (no room, no permission), not the database.
                     let result = context.storage.backup(path).await;
+                    count_write(&context, &result);
                     let bytes = result.map_err(|err| replies::storage_error(err, None))?;
                     tracing::info!(path = %shown, bytes, "backup written");
                     Ok(Reply::BackedUp { path: shown, bytes })

@@ -16,10 +16,7 @@ impl Storage {
     pub async fn backup(&self, path: PathBuf) -> Result<u64, WriteError> {
         self.blocking(move |db| {
             if path.exists() {
-                return Err(WriteError::Storage(format!(
-                    "{} already exists",
-                    path.display()
-                )));
+                return Err(WriteError::Exists(path.display().to_string()));
             }
             let checkpoint = Checkpoint::new(db).map_err(storage_error)?;
             checkpoint.create_checkpoint(&path).map_err(storage_error)?;

@@ -153,6 +153,9 @@ pub enum WriteError {
     /// the release did not happen.
     #[error("the profile is still leased")]
     Held,
+    /// A backup's target path already exists; nothing was written.
+    #[error("{0} already exists")]
+    Exists(String),
 }
 
 /// Why the database could not be opened or closed.
