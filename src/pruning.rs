@@ -28,7 +28,7 @@ pub async fn run(
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match storage.prune_expired().await {
+        match storage.prune_expired(stop.clone()).await {
             Ok(0) => {}
             Ok(pruned) => {
                 stats.pruned(pruned);

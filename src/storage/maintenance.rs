@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{DB, IteratorMode, WriteBatch};
+use tokio_util::sync::CancellationToken;
 
 use super::{Families, Storage, WriteError, records};
 
@@ -29,16 +30,22 @@ impl Storage {
     /// milliseconds), and returns how many. It reads with an iterator and
     /// deletes in small unsynced batches beside the committer, so saves
     /// never wait for it; losing a deletion to a crash only means it is
-    /// done again by the next sweep.
-    pub async fn prune_history(&self, cutoff_ms: u64) -> Result<u64, WriteError> {
-        self.blocking(move |db| prune(db, cutoff_ms)).await
+    /// done again by the next sweep. It stops early, keeping what it did,
+    /// once `stop` is cancelled, so a sweep over a large history does not
+    /// hold up the daemon's exit.
+    pub async fn prune_history(
+        &self,
+        cutoff_ms: u64,
+        stop: CancellationToken,
+    ) -> Result<u64, WriteError> {
+        self.blocking(move |db| prune(db, cutoff_ms, &stop)).await
     }
 
     /// Deletes the kept versions older than `history.retention`, and
-    /// returns how many.
-    pub async fn prune_expired(&self) -> Result<u64, WriteError> {
+    /// returns how many; stops early once `stop` is cancelled.
+    pub async fn prune_expired(&self, stop: CancellationToken) -> Result<u64, WriteError> {
         let cutoff_ms = super::unix_ms().saturating_sub(self.shared.retention_ms);
-        self.prune_history(cutoff_ms).await
+        self.prune_history(cutoff_ms, stop).await
     }
 
     /// The database's size on disk, in bytes.
@@ -57,8 +64,10 @@ impl Storage {
 /// would let an overwrite destroy the only copy. Versions are only ever
 /// added above a profile's newest, so one seen with a newer one behind it
 /// is never the newest again.
-fn prune(db: &DB, cutoff_ms: u64) -> Result<u64, WriteError> {
+fn prune(db: &DB, cutoff_ms: u64, stop: &CancellationToken) -> Result<u64, WriteError> {
     const CHUNK: usize = 1024;
+    /// How many versions are read between two looks at `stop`.
+    const STOP_EVERY: u64 = 4096;
     /// An item key is its profile's prefix and a `u64` id.
     const ID: usize = 8;
     let families = Families::of(db)
@@ -68,7 +77,10 @@ fn prune(db: &DB, cutoff_ms: u64) -> Result<u64, WriteError> {
     // The previous item, if it expired: deleted once an item of the same
     // profile follows it.
     let mut expired: Option<Box<[u8]>> = None;
-    for entry in db.iterator_cf(families.history, IteratorMode::Start) {
+    for (read, entry) in (0u64..).zip(db.iterator_cf(families.history, IteratorMode::Start)) {
+        if read % STOP_EVERY == 0 && stop.is_cancelled() {
+            break;
+        }
         let (key, value) = entry.map_err(storage_error)?;
         if let Some(previous) = expired.take()
             && previous.len() == key.len()

@@ -646,6 +646,7 @@ mod tests {
     use super::*;
     use crate::storage::VersionFilter;
     use futures::future::BoxFuture;
+    use tokio_util::sync::CancellationToken;
 
     fn open(dir: &Path) -> (Storage, Recovery) {
         let config = StorageConfig {
@@ -919,8 +920,23 @@ mod tests {
             .expect("list");
         assert_eq!(listed(before), [1, 2, 3]);
 
-        assert_eq!(storage.prune_history(0).await.expect("prune"), 0);
-        let pruned = storage.prune_history(u64::MAX).await.expect("prune");
+        let running = CancellationToken::new;
+        assert_eq!(storage.prune_history(0, running()).await.expect("prune"), 0);
+        // A sweep asked to stop before it starts prunes nothing.
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        assert_eq!(
+            storage
+                .prune_history(u64::MAX, stopped)
+                .await
+                .expect("prune"),
+            0,
+            "a stopped sweep does nothing"
+        );
+        let pruned = storage
+            .prune_history(u64::MAX, running())
+            .await
+            .expect("prune");
         assert_eq!(
             pruned, 2,
             "every kept version is older than the cutoff, but the newest stays"
@@ -947,7 +963,10 @@ mod tests {
         assert_eq!(restorable.data.as_deref(), Some(&b"v3"[..]));
         // A second sweep leaves the newest kept version (the overwrite's) and
         // prunes what is older.
-        storage.prune_history(u64::MAX).await.expect("prune");
+        storage
+            .prune_history(u64::MAX, running())
+            .await
+            .expect("prune");
         assert_eq!(
             listed(
                 storage
