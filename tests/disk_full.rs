@@ -100,13 +100,16 @@ async fn saves_in_doubt_when_the_disk_fills_are_answered_by_what_survived() {
     std::fs::write(&filler, vec![0u8; usize::try_from(fill).expect("fits")]).expect("fill");
 
     // Each writer saves until a save fails, and says what it last saw
-    // acknowledged.
+    // acknowledged. All of them together write 8 MiB: more than the 4 MiB
+    // left, so the disk fills, and little enough that once the filler is
+    // gone it cannot fill again (the reopen needs room to flush what it
+    // recovered).
     let mut writers = tokio::task::JoinSet::new();
     for (slot, profile) in profiles.into_iter().enumerate() {
         writers.spawn(async move {
             let mut last = None;
-            for round in 0..200u8 {
-                let data = vec![round; 64 * 1024];
+            for round in 0..16u8 {
+                let data = vec![round; 16 * 1024];
                 if profile.save(data.clone()).await.is_err() {
                     break;
                 }
