@@ -315,9 +315,7 @@ impl Committer {
                             "the daemon is stopping after a storage failure; this write may or may not have been kept: {}",
                             failure.as_deref().unwrap_or_default()
                         ));
-                        for batch in stranded {
-                            durable::deliver(batch.answers, Some(&doubt));
-                        }
+                        durable::answer_in_doubt(stranded, &doubt);
                     }
                     // After a failure the disk is not written again.
                     let flushed = match failure {

@@ -184,9 +184,10 @@ impl Syncer {
     /// written while the syncer [`is_idle`](Self::is_idle), with no other
     /// write waiting to overlap the sync with.
     pub(super) fn sync_and_answer(&self, seq: u64, answers: Vec<Answer>) {
-        match self.shared.sync() {
-            None => deliver(answers, None),
-            Some(_) => self.shared.strand(seq, answers),
+        if self.shared.sync() {
+            deliver(answers, None);
+        } else {
+            self.shared.strand(seq, answers);
         }
     }
 
@@ -255,26 +256,25 @@ impl Shared {
             .push(Stranded { seq, answers });
     }
 
-    /// Syncs the WAL unless a sync already failed; the error every answer
-    /// waiting on this sync must carry, if any.
-    fn sync(&self) -> Option<WriteError> {
-        if let Some(failure) = self.failure() {
-            return Some(WriteError::Storage(failure.message));
+    /// Syncs the WAL unless something already failed; whether what was
+    /// written is now durable. A failure is recorded for the committer.
+    fn sync(&self) -> bool {
+        if self.failure().is_some() {
+            return false;
         }
         #[cfg(test)]
         if faults::syncs_refused(self.db.path()) {
             // As RocksDB refuses a sync after a batch's write failed.
-            let message = "an injected failed write".to_owned();
             self.fail(Failure {
-                message: message.clone(),
+                message: "an injected failed write".to_owned(),
                 sync: false,
             });
-            return Some(WriteError::Storage(message));
+            return false;
         }
         match self.db.flush_wal(true) {
             Ok(()) => {
                 self.syncs.fetch_add(1, Ordering::Relaxed);
-                None
+                true
             }
             Err(err) => {
                 let message = format!("syncing the WAL failed: {}", err.into_string());
@@ -285,7 +285,7 @@ impl Shared {
                     sync: is_sync_failure(&message),
                 });
                 tracing::error!(error = %message, "no write since the last sync is acknowledged");
-                Some(WriteError::Storage(message))
+                false
             }
         }
     }
@@ -325,19 +325,28 @@ pub(super) fn deliver(answers: Vec<Answer>, failure: Option<&WriteError>) {
     }
 }
 
+/// Answers every batch in doubt with `err`: no reopen will tell whether it
+/// survived, and the next start reads that from storage.
+pub(super) fn answer_in_doubt(stranded: Vec<Stranded>, err: &WriteError) {
+    for batch in stranded {
+        deliver(batch.answers, Some(err));
+    }
+}
+
 /// The syncer thread: takes everything queued, syncs once, answers it all.
 fn run(shared: &Shared, work: &Receiver<Work>) {
     let mut taken = Vec::new();
     while let Ok(first) = work.recv() {
         taken.push(first);
         taken.extend(work.try_iter());
-        let failure = shared.sync();
+        let synced = shared.sync();
         for item in taken.drain(..) {
             match item {
                 Work::Answers(seq, answers) => {
-                    match failure {
-                        None => deliver(answers, None),
-                        Some(_) => shared.strand(seq, answers),
+                    if synced {
+                        deliver(answers, None);
+                    } else {
+                        shared.strand(seq, answers);
                     }
                     shared.queued.fetch_sub(1, Ordering::AcqRel);
                 }

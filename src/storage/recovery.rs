@@ -140,14 +140,10 @@ pub(super) fn run_committer(
         let (db, recovered) = loop {
             let not_before = last_reopen.map_or_else(Instant::now, |at| at + RETRY);
             let Some(db) = reopen(slot, ops, path, memory, &failure, not_before) else {
-                // No reopen will tell what survived; the next start reads
-                // it from storage.
                 let doubt = WriteError::Storage(format!(
                     "storage stopped before it recovered from a failure, so this write may or may not have been kept: {failure}"
                 ));
-                for batch in stranded {
-                    durable::deliver(batch.answers, Some(&doubt));
-                }
+                durable::answer_in_doubt(stranded, &doubt);
                 return;
             };
             last_reopen = Some(Instant::now());
@@ -190,14 +186,10 @@ fn fail_for_good(slot: &DbSlot, ops: &mut Queue, stranded: Vec<Stranded>, failur
         abandon(db);
     }
     tracing::error!(error = %failure, "syncing the WAL failed; nothing more is acknowledged, and the daemon stops so the next start recovers from what storage holds");
-    // This run cannot learn whether they survived, and the next start
-    // rebuilds the lease table from storage whatever they are told.
     let doubt = WriteError::Storage(format!(
         "the daemon is stopping after a failed WAL sync; this write may or may not have been kept: {failure}"
     ));
-    for batch in stranded {
-        durable::deliver(batch.answers, Some(&doubt));
-    }
+    durable::answer_in_doubt(stranded, &doubt);
     slot.fatal.send_replace(Some(failure.to_owned()));
     refuse_until_closed(ops, failure);
 }
