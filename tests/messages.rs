@@ -20,6 +20,38 @@ async fn next_event(profile: &mut Profile) -> ProfileEvent {
         .expect("the event stream is open")
 }
 
+/// The next frame on a raw connection.
+async fn next_frame(raw: &mut common::RawSession) -> profiled_protocol::ServerFrame {
+    use futures::StreamExt;
+    tokio::time::timeout(PROMPTLY, raw.next())
+        .await
+        .expect("a frame in time")
+        .expect("the connection is open")
+        .expect("the frame decodes")
+}
+
+/// Force-loads `STORE/key` on a raw connection; the lease's epoch.
+async fn raw_force_load(raw: &mut common::RawSession, key: &str) -> u64 {
+    use futures::SinkExt;
+    use profiled_protocol::{ClientFrame, Reply, Request, RequestBody, Response, ServerFrame};
+    let load = RequestBody::Load {
+        store: STORE.into(),
+        key: key.into(),
+        policy: profiled_protocol::LoadPolicy::ForceLoad,
+        deadline_ms: None,
+    };
+    raw.send(ClientFrame::Request(Request { id: 1, body: load }))
+        .await
+        .expect("load");
+    match next_frame(raw).await {
+        ServerFrame::Response(Response {
+            id: 1,
+            result: Ok(Reply::Loaded(loaded)),
+        }) => loaded.epoch,
+        other => panic!("expected the grant, got {other:?}"),
+    }
+}
+
 fn payloads(messages: &[Message]) -> Vec<&[u8]> {
     messages.iter().map(|m| m.payload.as_slice()).collect()
 }
@@ -342,38 +374,14 @@ async fn a_profile_too_large_for_a_frame_is_refused_and_its_lease_given_back() {
 /// daemon pushes.
 #[tokio::test]
 async fn messages_sent_while_a_session_was_away_follow_its_welcome() {
-    use common::RawSession;
-    use futures::{SinkExt, StreamExt};
+    use futures::SinkExt;
     use profiled_protocol::{
         ClientFrame, Event, Reply, Request, RequestBody, Response, ServerFrame,
     };
 
-    async fn next_frame(raw: &mut RawSession) -> ServerFrame {
-        tokio::time::timeout(PROMPTLY, raw.next())
-            .await
-            .expect("a frame in time")
-            .expect("the connection is open")
-            .expect("the frame decodes")
-    }
-
     let daemon = Daemon::start_with("[session]\nresume_grace = \"60s\"\n");
     let (mut raw, _) = common::raw_session(&daemon, "away").await;
-    let load = RequestBody::Load {
-        store: STORE.into(),
-        key: "away".into(),
-        policy: profiled_protocol::LoadPolicy::ForceLoad,
-        deadline_ms: None,
-    };
-    raw.send(ClientFrame::Request(Request { id: 1, body: load }))
-        .await
-        .expect("load");
-    let epoch = match next_frame(&mut raw).await {
-        ServerFrame::Response(Response {
-            id: 1,
-            result: Ok(Reply::Loaded(loaded)),
-        }) => loaded.epoch,
-        other => panic!("expected the grant, got {other:?}"),
-    };
+    let epoch = raw_force_load(&mut raw, "away").await;
     drop(raw);
 
     // Stored while the session has no connection: pushed to nobody.
@@ -486,31 +494,13 @@ async fn after_a_reconnect_each_pending_message_reaches_the_holder_once() {
 /// own deduplication cannot hide a repeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_sent_during_reconnects_reach_each_connection_once_in_order() {
-    use futures::{SinkExt, StreamExt};
-    use profiled_protocol::{
-        ClientFrame, Event, Reply, Request, RequestBody, Response, ServerFrame,
-    };
+    use profiled_protocol::{Event, ServerFrame};
 
     const ROUNDS: usize = 10;
     const PER_ROUND: usize = 10;
     let daemon = Daemon::start_with("[session]\nresume_grace = \"60s\"\n");
     let (mut raw, _) = common::raw_session(&daemon, "holder").await;
-    let load = RequestBody::Load {
-        store: STORE.into(),
-        key: "flood".into(),
-        policy: profiled_protocol::LoadPolicy::ForceLoad,
-        deadline_ms: None,
-    };
-    raw.send(ClientFrame::Request(Request { id: 1, body: load }))
-        .await
-        .expect("load");
-    match tokio::time::timeout(PROMPTLY, raw.next()).await {
-        Ok(Some(Ok(ServerFrame::Response(Response {
-            id: 1,
-            result: Ok(Reply::Loaded(_)),
-        })))) => {}
-        other => panic!("expected the grant, got {other:?}"),
-    }
+    raw_force_load(&mut raw, "flood").await;
     let sender = std::sync::Arc::new(daemon.client("sender").await);
     let mut sent: Vec<u64> = Vec::new();
     for round in 0..ROUNDS {
@@ -539,8 +529,8 @@ async fn messages_sent_during_reconnects_reach_each_connection_once_in_order() {
         // this connection must get each of them once, in order.
         let mut pushed = Vec::new();
         while pushed.len() < sent.len() {
-            match tokio::time::timeout(PROMPTLY, raw.next()).await {
-                Ok(Some(Ok(ServerFrame::Event(Event::Message { message, .. })))) => {
+            match next_frame(&mut raw).await {
+                ServerFrame::Event(Event::Message { message, .. }) => {
                     pushed.push(message.id);
                 }
                 other => {
