@@ -10,9 +10,15 @@
 //! - *fdatasync*: append 2 KiB to a file under `TMPDIR` (the disk the
 //!   daemons write to) and `fdatasync` it, one after another, as a write-ahead
 //!   log with one writer would.
+//! - *synced echo*: the echo at W = 1 with a server that appends each
+//!   request's 2 KiB to a file under `TMPDIR` and `fdatasync`s it before it
+//!   replies: the least a durable acknowledgement over this socket can take,
+//!   and so the floor of the fsync save at W = 1 (the target compares that
+//!   save with one fdatasync alone).
 
+use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,7 +38,8 @@ const FSYNC_FOR: Duration = Duration::from_secs(2);
 /// How many fdatasyncs the loop stops after, if it gets there first.
 const FSYNC_MAX: usize = 10_000;
 
-/// Measures both floors and records `floor.echo.*` and `floor.fdatasync.*`.
+/// Measures the floors and records `floor.echo.*`, `floor.fdatasync.*` and
+/// `floor.synced_echo.w1.*`.
 pub async fn run(params: Params, report: &mut Report) {
     let run_for = params.run_for.min(Duration::from_secs(5));
     println!(
@@ -49,7 +56,7 @@ pub async fn run(params: Params, report: &mut Report) {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("echo.sock");
-    let (stop, server) = echo_server(&socket);
+    let (stop, server) = echo_server(&socket, None);
     for (slug, w) in [("w1", 1), ("wN", params.sessions)] {
         eprintln!("floor echo W={w} ...");
         let stat = echo(&socket, w, run_for).await;
@@ -64,6 +71,17 @@ pub async fn run(params: Params, report: &mut Report) {
         .expect("fdatasync task");
     print_row("fdatasync", &stat);
     record(report, "floor.fdatasync", &stat);
+    // The synced echo's log lives under TMPDIR, on the disk the daemons
+    // write to, like the fdatasync loop's.
+    let log_dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("synced-echo.sock");
+    let (stop, server) = echo_server(&socket, Some(log_dir.path().join("wal")));
+    eprintln!("floor synced echo W=1 ...");
+    let stat = echo(&socket, 1, run_for.min(FSYNC_FOR)).await;
+    print_row("synced echo W=1", &stat);
+    record(report, "floor.synced_echo.w1", &stat);
+    let _ = stop.send(());
+    server.join().expect("synced echo server thread");
 }
 
 fn print_row(name: &str, stat: &Stat) {
@@ -83,8 +101,12 @@ fn record(report: &mut Report, base: &str, stat: &Stat) {
 }
 
 /// Starts the echo server on its own thread and runtime, bound before this
-/// returns; sending on the channel stops it.
-fn echo_server(socket: &Path) -> (oneshot::Sender<()>, std::thread::JoinHandle<()>) {
+/// returns; sending on the channel stops it. With a `log`, each connection
+/// appends every request to that file and syncs it before it replies.
+fn echo_server(
+    socket: &Path,
+    log: Option<PathBuf>,
+) -> (oneshot::Sender<()>, std::thread::JoinHandle<()>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("echo-server")
         .enable_all()
@@ -100,7 +122,14 @@ fn echo_server(socket: &Path) -> (oneshot::Sender<()>, std::thread::JoinHandle<(
             let accept = async {
                 loop {
                     let (stream, _) = listener.accept().await.expect("accept echo");
-                    tokio::spawn(serve(stream));
+                    let log = log.as_ref().map(|path| {
+                        File::options()
+                            .create(true)
+                            .append(true)
+                            .open(path)
+                            .expect("open the synced echo's log")
+                    });
+                    tokio::spawn(serve(stream, log));
                 }
             };
             tokio::select! {
@@ -115,8 +144,10 @@ fn echo_server(socket: &Path) -> (oneshot::Sender<()>, std::thread::JoinHandle<(
     (stop, thread)
 }
 
-/// Answers each length-prefixed frame with a reply of `REPLY_SIZE` bytes.
-async fn serve(mut stream: UnixStream) {
+/// Answers each length-prefixed frame with a reply of `REPLY_SIZE` bytes,
+/// after appending its body to `log` and syncing it if there is one. The
+/// sync blocks the runtime's worker, which at W = 1 has nothing else to do.
+async fn serve(mut stream: UnixStream, mut log: Option<File>) {
     let mut frame = vec![0u8; REQUEST_SIZE];
     let mut reply = [0u8; REPLY_SIZE];
     let body = u32::try_from(REPLY_SIZE - 4).expect("reply size");
@@ -128,7 +159,15 @@ async fn serve(mut stream: UnixStream) {
         }
         let len = usize::try_from(u32::from_be_bytes(header)).expect("frame length");
         frame.resize(len, 0);
-        if stream.read_exact(&mut frame).await.is_err() || stream.write_all(&reply).await.is_err() {
+        if stream.read_exact(&mut frame).await.is_err() {
+            return;
+        }
+        if let Some(log) = &mut log {
+            log.write_all(&frame)
+                .expect("append to the synced echo's log");
+            log.sync_data().expect("fdatasync the synced echo's log");
+        }
+        if stream.write_all(&reply).await.is_err() {
             return;
         }
     }
@@ -170,7 +209,7 @@ async fn echo(socket: &Path, connections: usize, run_for: Duration) -> Stat {
 /// log's would.
 fn fdatasync() -> Stat {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut file = std::fs::File::create(dir.path().join("wal")).expect("create file");
+    let mut file = File::create(dir.path().join("wal")).expect("create file");
     let block = vec![0x5au8; DATA_SIZE];
     let mut samples = Vec::with_capacity(FSYNC_MAX);
     let start = Instant::now();

@@ -12,8 +12,11 @@
 //!
 //! - **floor**: what the machine allows at best, run first: a Unix-socket
 //!   echo of save-sized requests at W = 1 and W = N (the server on its own
-//!   runtime and threads), and 2 KiB appends each followed by fdatasync on
-//!   a file under `TMPDIR`.
+//!   runtime and threads), 2 KiB appends each followed by fdatasync on a
+//!   file under `TMPDIR`, and the echo at W = 1 with a server that appends
+//!   and fdatasyncs each request before it replies (the floor of a durable
+//!   save's round trip). The targets table prints the floor beside each
+//!   latency target that has one.
 //! - **compare**: the sessions and saves workloads on profiled and on each
 //!   peer, at fsync and at buffered durability. Each workload runs for
 //!   `PROFILED_BENCH_SECS` (default 10 s).
@@ -135,10 +138,11 @@ fn main() {
     let runtime = runtime.enable_all().build().expect("runtime");
     let mut report = Report::new();
     println!(
-        "profiled bench: {} cores, {} GiB memory, TMPDIR on {}",
+        "profiled bench: {} cores, {} GiB memory, TMPDIR on {}, idle CPUs {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         common::memory_gib(),
         std::env::temp_dir().display(),
+        idle_cpus(),
     );
     if wants("floor") {
         runtime.block_on(floor::run(params, &mut report));
@@ -215,5 +219,24 @@ async fn compare(params: Params, report: &mut Report) {
                 .collect();
             report.comparison(name, durability, &outcomes);
         }
+    }
+}
+
+/// How this machine's idle CPUs wait, which sets what waking a thread
+/// costs: the cpuidle driver, and for a virtual machine's `haltpoll` how
+/// long an idle CPU polls before it halts. A halted virtual CPU is woken
+/// through the hypervisor, tens of microseconds on the machine of the
+/// README's table, where the poll is 0; every thread hop pays that.
+fn idle_cpus() -> String {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|text| text.trim().to_owned())
+    };
+    let driver = read("/sys/devices/system/cpu/cpuidle/current_driver")
+        .unwrap_or_else(|| "unknown".to_owned());
+    match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+        Some(ns) if driver == "haltpoll" => format!("haltpoll (polls {ns} ns before halting)"),
+        _ => driver,
     }
 }
