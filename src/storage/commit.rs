@@ -12,7 +12,7 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use profiled_protocol::{Changes, Message, SessionId};
 use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::oneshot;
 
-use super::durable::{self, Answer, Stranded, Syncer};
+use super::durable::{self, Answer, Progress, Stranded, Syncer};
 use super::records::{self, LeaseRecord, MetaRecord};
 use super::{AdminAction, AdminDone, Families, Granted, Grantee, Sent, WriteError, unix_ms};
 use crate::ProfileKey;
@@ -67,6 +67,11 @@ pub(super) enum Op {
     Pending {
         key: ProfileKey,
         reply: oneshot::Sender<Result<Vec<Message>, WriteError>>,
+    },
+    /// Answers once every write submitted before it is durable: with
+    /// `storage.sync`, after a WAL sync that began after those writes.
+    Durable {
+        reply: oneshot::Sender<Result<(), WriteError>>,
     },
     /// Flush and stop after everything submitted before it.
     Close {
@@ -210,8 +215,9 @@ pub(super) struct Committer {
     /// are acknowledged; `None` when they need not be, or when its thread
     /// could not start (each write then syncs itself).
     syncer: Option<Syncer>,
-    /// Counts WAL syncs; shared with [`super::Storage`] for stats.
-    syncs: Arc<AtomicU64>,
+    /// Counts WAL syncs and how far they reached; shared with
+    /// [`super::Storage`] for stats and reads.
+    progress: Arc<Progress>,
 }
 
 /// Meta and lease records of held leases, by database key, up to a
@@ -250,9 +256,9 @@ struct Batch<'a> {
 }
 
 impl Committer {
-    pub(super) fn new(db: Arc<DB>, settings: Settings, syncs: Arc<AtomicU64>) -> Self {
+    pub(super) fn new(db: Arc<DB>, settings: Settings, progress: Arc<Progress>) -> Self {
         let syncer = if settings.sync {
-            Syncer::start(Arc::clone(&db), Arc::clone(&syncs))
+            Syncer::start(Arc::clone(&db), Arc::clone(&progress))
                 .inspect_err(|err| {
                     tracing::warn!(error = %err, "no WAL syncer thread; each write will sync itself");
                 })
@@ -267,7 +273,7 @@ impl Committer {
             write_options,
             settings,
             syncer,
-            syncs,
+            progress,
             cache: RefCell::new(RecordCache {
                 entries: HashMap::new(),
                 capacity: settings.lease_cache,
@@ -359,9 +365,9 @@ impl Committer {
         self.settings
     }
 
-    /// The sync counter a replacement committer carries on.
-    pub(super) fn sync_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.syncs)
+    /// The sync progress a replacement committer carries on.
+    pub(super) fn progress(&self) -> Arc<Progress> {
+        Arc::clone(&self.progress)
     }
 
     /// Applies and answers one batch. Operations after a `Close` in the
@@ -384,6 +390,7 @@ impl Committer {
         };
         let mut answers = Vec::with_capacity(ops.len());
         let mut close = None;
+        let mut durable_asked = false;
         for op in ops.drain(..) {
             if close.is_some() {
                 // Dropping the op's reply sender tells its caller `Closed`.
@@ -428,15 +435,35 @@ impl Committer {
                     let outcome = self.pending_messages(&mut batch, &key, &db_key);
                     answers.push(Answer::Messages(reply, outcome));
                 }
+                Op::Durable { reply } => {
+                    durable_asked = true;
+                    answers.push(Answer::Durable(reply, Ok(())));
+                }
                 Op::Close { reply } => close = Some(reply),
             }
         }
+        // Without a syncer each write syncs itself, so a batch that wrote
+        // nothing must sync by itself for an `Op::Durable` in it.
+        let self_synced = self.settings.sync && self.syncer.is_none();
         let failure = if batch.batch.is_empty() {
-            None
+            if self_synced && durable_asked {
+                match self.db.flush_wal(true) {
+                    Ok(()) => {
+                        self.progress.syncs.fetch_add(1, Ordering::Relaxed);
+                        None
+                    }
+                    Err(err) => Some(WriteError::Storage(format!(
+                        "syncing the WAL failed: {}",
+                        err.into_string()
+                    ))),
+                }
+            } else {
+                None
+            }
         } else {
             let written = self.db.write_opt(batch.batch, &self.write_options);
-            if written.is_ok() && self.settings.sync && self.syncer.is_none() {
-                self.syncs.fetch_add(1, Ordering::Relaxed);
+            if written.is_ok() && self_synced {
+                self.progress.syncs.fetch_add(1, Ordering::Relaxed);
             }
             written
                 .err()
@@ -920,7 +947,7 @@ impl Op {
             | Self::Pending { key, .. } => Some(key),
             Self::Write { write, .. } => Some(&write.key),
             Self::HandOver { release, .. } => Some(&release.key),
-            Self::Close { .. } => None,
+            Self::Durable { .. } | Self::Close { .. } => None,
         }
     }
 }
@@ -1045,6 +1072,9 @@ pub(super) fn refuse(op: Op, err: &WriteError) -> Option<oneshot::Sender<Result<
             let _ = reply.send(Err(err.clone()));
         }
         Op::Pending { reply, .. } => {
+            let _ = reply.send(Err(err.clone()));
+        }
+        Op::Durable { reply } => {
             let _ = reply.send(Err(err.clone()));
         }
         Op::Close { reply } => return Some(reply),

@@ -25,6 +25,12 @@
 //! write, `recovery` answers them once a reopen has made durable what it
 //! recovered, each by whether its sequence number was recovered
 //! ([`Stranded`]); after a failed sync it answers them as in doubt.
+//!
+//! Reads that bypass the committer (views, version listings, exports) must
+//! not show a write a crash could still take back either. Each sync
+//! records how far it made the WAL durable ([`Progress::synced_up_to`]); a
+//! read that saw past that asks the committer for a sync
+//! ([`Answer::Durable`]) before it answers.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -60,6 +66,25 @@ pub(super) enum Answer {
         oneshot::Sender<Result<Vec<Message>, WriteError>>,
         Result<Vec<Message>, WriteError>,
     ),
+    /// Nothing but the news that every earlier write is durable.
+    Durable(
+        oneshot::Sender<Result<(), WriteError>>,
+        Result<(), WriteError>,
+    ),
+}
+
+/// How far the WAL is synced, shared by the committer, its syncer, and the
+/// readers through [`super::Storage`]; it outlives reopens.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    /// WAL syncs made for acknowledgements; reported in stats.
+    pub(super) syncs: AtomicU64,
+    /// Every write numbered up to this one is in a synced WAL. Written by
+    /// whichever thread synced; reset to 0 before a reopened database is
+    /// handed to readers, since its numbers may run behind the old one's.
+    /// Only syncs made by the syncer (or by the committer through it) set
+    /// it; while a write syncs itself, it stays 0 and readers always ask.
+    pub(super) synced_up_to: AtomicU64,
 }
 
 /// The first thing that failed, once something has.
@@ -113,8 +138,9 @@ struct Shared {
     failed: Mutex<Option<Failure>>,
     /// Written batches whose answers wait for a reopen, after a failure.
     stranded: Mutex<Vec<Stranded>>,
-    /// Counts WAL syncs; shared with [`super::Storage`] for stats.
-    syncs: Arc<AtomicU64>,
+    /// Counts WAL syncs and how far they reached; shared with
+    /// [`super::Storage`] for stats and reads.
+    progress: Arc<Progress>,
     /// Batches handed to the syncer thread and not yet answered. The
     /// committer syncs by itself only when this is zero, so it never
     /// answers a batch before an earlier one is durable.
@@ -132,13 +158,13 @@ enum Work {
 
 impl Syncer {
     /// Starts the syncer thread for `db`.
-    pub(super) fn start(db: Arc<DB>, syncs: Arc<AtomicU64>) -> std::io::Result<Self> {
+    pub(super) fn start(db: Arc<DB>, progress: Arc<Progress>) -> std::io::Result<Self> {
         let (queue, work) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             db,
             failed: Mutex::new(None),
             stranded: Mutex::new(Vec::new()),
-            syncs,
+            progress,
             queued: AtomicUsize::new(0),
         });
         let thread_shared = Arc::clone(&shared);
@@ -259,6 +285,8 @@ impl Shared {
     /// Syncs the WAL unless something already failed; whether what was
     /// written is now durable. A failure is recorded for the committer.
     fn sync(&self) -> bool {
+        #[cfg(test)]
+        faults::wait_while_held(self.db.path());
         if self.failure().is_some() {
             return false;
         }
@@ -271,9 +299,14 @@ impl Shared {
             });
             return false;
         }
+        // Read before the sync, so it counts only writes the sync covers.
+        let reached = self.db.latest_sequence_number();
         match self.db.flush_wal(true) {
             Ok(()) => {
-                self.syncs.fetch_add(1, Ordering::Relaxed);
+                self.progress.syncs.fetch_add(1, Ordering::Relaxed);
+                self.progress
+                    .synced_up_to
+                    .fetch_max(reached, Ordering::SeqCst);
                 true
             }
             Err(err) => {
@@ -319,6 +352,9 @@ pub(super) fn deliver(answers: Vec<Answer>, failure: Option<&WriteError>) {
                 let _ = reply.send(fail_if(outcome, failure));
             }
             Answer::Messages(reply, outcome) => {
+                let _ = reply.send(fail_if(outcome, failure));
+            }
+            Answer::Durable(reply, outcome) => {
                 let _ = reply.send(fail_if(outcome, failure));
             }
         }
@@ -374,17 +410,99 @@ fn fail_if<T>(
     }
 }
 
-/// Failed writes on demand, for tests of what follows one: the disk's own
-/// failures cannot be had at will. A sync is refused as RocksDB refuses it
-/// once a batch's write has failed, after the batch it covers was written:
-/// the moment that leaves written batches in doubt.
+/// Failed and slow syncs on demand, for tests of what follows one: the
+/// disk's own failures cannot be had at will. A sync is refused as RocksDB
+/// refuses it once a batch's write has failed, after the batch it covers
+/// was written: the moment that leaves written batches in doubt. A sync
+/// held back leaves written batches not yet durable for as long as a test
+/// needs to look at them.
 #[cfg(test)]
 pub(super) mod faults {
     use std::path::{Path, PathBuf};
-    use std::sync::{Mutex, PoisonError};
+    use std::sync::{Condvar, Mutex, PoisonError};
 
     /// Databases, by path, and how many of their next syncs are refused.
     static FAILING: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+    /// Databases whose syncs wait, by path, with how many syncs are waiting.
+    static HELD: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+    /// Signalled whenever `HELD` changes.
+    static HELD_CHANGED: Condvar = Condvar::new();
+
+    /// Holds every WAL sync of the database at `path` back, before it
+    /// starts, until [`release_syncs`].
+    pub(in crate::storage) fn hold_syncs(path: &Path) {
+        HELD.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((path.to_owned(), 0));
+        HELD_CHANGED.notify_all();
+    }
+
+    /// Blocks until a sync of the database at `path` is held back.
+    pub(in crate::storage) fn wait_for_held_sync(path: &Path) {
+        let held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
+        let _held = HELD_CHANGED
+            .wait_while(held, |held| {
+                !held.iter().any(|(at, waiting)| at == path && *waiting > 0)
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+
+    /// Lets the syncs of the database at `path` go.
+    pub(in crate::storage) fn release_syncs(path: &Path) {
+        HELD.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(at, _)| at != path);
+        HELD_CHANGED.notify_all();
+    }
+
+    /// Reads of each database, by path, that found what they saw unsynced.
+    static UNSYNCED_READS: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+    /// Counts a read of the database at `path` that must wait for a sync.
+    pub(in crate::storage) fn read_waits(path: &Path) {
+        let mut reads = UNSYNCED_READS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match reads.iter_mut().find(|(at, _)| at == path) {
+            Some(entry) => entry.1 += 1,
+            None => reads.push((path.to_owned(), 1)),
+        }
+        drop(reads);
+        // Taken so a waiter between its check and its wait cannot miss it.
+        drop(HELD.lock().unwrap_or_else(PoisonError::into_inner));
+        HELD_CHANGED.notify_all();
+    }
+
+    /// Blocks until `count` reads of the database at `path` have waited
+    /// for a sync.
+    pub(in crate::storage) fn wait_for_reads(path: &Path, count: usize) {
+        let reads_at = || {
+            UNSYNCED_READS
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .find(|(at, _)| at == path)
+                .map_or(0, |(_, n)| *n)
+        };
+        let held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
+        let _held = HELD_CHANGED
+            .wait_while(held, |_| reads_at() < count)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+
+    /// Waits while the syncs of the database at `path` are held back.
+    pub(super) fn wait_while_held(path: &Path) {
+        let mut held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(entry) = held.iter_mut().find(|(at, _)| at == path) else {
+            return;
+        };
+        entry.1 += 1;
+        HELD_CHANGED.notify_all();
+        let _held = HELD_CHANGED
+            .wait_while(held, |held| held.iter().any(|(at, _)| at == path))
+            .unwrap_or_else(PoisonError::into_inner);
+    }
 
     /// Makes the next `count` WAL syncs of the database at `path` be
     /// refused, as after a failed write.

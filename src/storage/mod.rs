@@ -35,7 +35,7 @@ mod recovery;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -201,8 +201,12 @@ struct Shared {
     /// Feeds the committer thread, which holds the receiving end.
     ops: std::sync::mpsc::Sender<commit::Op>,
     /// WAL syncs made for acknowledgements, counted by the committer's
-    /// syncer (or the committer, when each write syncs itself).
-    wal_syncs: Arc<AtomicU64>,
+    /// syncer (or the committer, when each write syncs itself), and how far
+    /// they made the WAL durable, which reads check.
+    progress: Arc<durable::Progress>,
+    /// Whether acknowledgements wait for a WAL sync (`storage.sync`); if
+    /// so, reads wait for one too before they show a write.
+    sync: bool,
     /// The committer, joined by [`Storage::close`].
     committer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -271,11 +275,11 @@ impl Storage {
         let rules = commit::HistoryRules {
             interval_ms: duration_ms(history.interval),
         };
-        let wal_syncs = Arc::new(AtomicU64::new(0));
+        let progress = Arc::new(durable::Progress::default());
         let committer = commit::Committer::new(
             Arc::clone(&db),
             commit::Settings::of(config, rules),
-            Arc::clone(&wal_syncs),
+            Arc::clone(&progress),
         );
         let slot = Arc::new(recovery::DbSlot::new(db));
         let thread_slot = Arc::clone(&slot);
@@ -292,7 +296,8 @@ impl Storage {
             path: path.clone(),
             retention_ms: duration_ms(history.retention),
             ops,
-            wal_syncs,
+            progress,
+            sync: config.sync,
             committer: Mutex::new(Some(handle)),
         });
         Ok((Self { shared }, recovery))
@@ -433,6 +438,13 @@ impl Storage {
         async move { done.await.unwrap_or(Err(WriteError::Closed)) }
     }
 
+    /// Resolves once every write submitted before this call is durable.
+    fn durable(&self) -> impl Future<Output = Result<(), WriteError>> + Send + 'static {
+        let (reply, done) = oneshot::channel();
+        self.submit(commit::Op::Durable { reply });
+        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
+    }
+
     /// Resolves once storage has failed for good: a WAL sync failed, so
     /// nothing more can be acknowledged, and what the failed sync covered
     /// may or may not be on disk. Every operation fails from then on, and
@@ -478,7 +490,7 @@ impl Storage {
 
     /// How many WAL syncs acknowledgements have waited for since the open.
     pub fn wal_syncs(&self) -> u64 {
-        self.shared.wal_syncs.load(Ordering::Relaxed)
+        self.shared.progress.syncs.load(Ordering::Relaxed)
     }
 
     /// Applies every write submitted before this call, flushes the WAL and
@@ -1034,6 +1046,93 @@ mod tests {
     /// survived; answering it as failed would leave storage holding a write
     /// its sender was told had not happened. The lease it was made under
     /// carries on.
+    #[tokio::test]
+    async fn a_read_shows_a_write_only_once_it_is_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db_path = dir.path().join("db");
+        let (storage, _) = open(dir.path());
+        let key = ProfileKey::new("s", "k");
+        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
+        let save = |data: &[u8]| {
+            storage.save(
+                key.clone(),
+                session("a"),
+                1,
+                data.to_vec(),
+                Changes::default(),
+            )
+        };
+        assert_eq!(save(b"v1").await, Ok(1));
+
+        // v2 is written to the database, and its sync held back.
+        durable::faults::hold_syncs(&db_path);
+        let saved = tokio::spawn(save(b"v2"));
+        let held = db_path.clone();
+        tokio::task::spawn_blocking(move || durable::faults::wait_for_held_sync(&held))
+            .await
+            .expect("wait for the held sync");
+        let mut viewed = tokio::spawn({
+            let storage = storage.clone();
+            let key = key.clone();
+            async move { storage.view(key, None).await }
+        });
+        // Nothing can answer the view while the sync is held, so this wait
+        // only gives a read that ignores durability the time to show v2.
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut viewed).await;
+        assert!(
+            early.is_err(),
+            "a view answered while the write it could see was not durable: {early:?}"
+        );
+        assert!(!saved.is_finished(), "the save waits for its sync");
+        durable::faults::release_syncs(&db_path);
+        assert_eq!(saved.await.expect("save task"), Ok(2));
+        let view = viewed.await.expect("view task").expect("view");
+        assert_eq!(view.data.as_deref(), Some(&b"v2"[..]));
+
+        // A read that sees nothing unsynced costs no sync.
+        let before = storage.wal_syncs();
+        let view = storage.view(key.clone(), None).await.expect("view");
+        assert_eq!(view.data.as_deref(), Some(&b"v2"[..]));
+        let versions = storage
+            .list_versions(key.clone(), all_versions())
+            .await
+            .expect("versions");
+        assert_eq!(versions.last().map(|v| v.version), Some(2));
+        assert_eq!(storage.wal_syncs(), before);
+
+        // A read that waits on a write whose sync fails is not answered
+        // from the database the failure took away, even though the write
+        // survives the reopen here: it might not have.
+        durable::faults::hold_syncs(&db_path);
+        let saved = tokio::spawn(save(b"v3"));
+        let held = db_path.clone();
+        tokio::task::spawn_blocking(move || durable::faults::wait_for_held_sync(&held))
+            .await
+            .expect("wait for the held sync");
+        let viewed = tokio::spawn({
+            let storage = storage.clone();
+            let key = key.clone();
+            async move { storage.view(key, None).await }
+        });
+        let read = db_path.clone();
+        tokio::task::spawn_blocking(move || durable::faults::wait_for_reads(&read, 2))
+            .await
+            .expect("wait for the view's read");
+        durable::faults::refuse_syncs(&db_path, 1);
+        durable::faults::release_syncs(&db_path);
+        assert_eq!(
+            saved.await.expect("save task"),
+            Ok(3),
+            "in doubt, then found durable"
+        );
+        match viewed.await.expect("view task") {
+            Err(WriteError::Storage(_)) => {}
+            other => panic!("a read of a database taken away answered: {other:?}"),
+        }
+        let view = storage.view(key.clone(), None).await.expect("view");
+        assert_eq!(view.data.as_deref(), Some(&b"v3"[..]));
+    }
+
     #[tokio::test]
     async fn a_write_in_doubt_is_answered_by_whether_it_survived_the_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -2,7 +2,14 @@
 //!
 //! Each runs on a blocking thread against one RocksDB snapshot, so what it
 //! returns is one consistent state of the profile even while the committer
-//! writes.
+//! writes. With `storage.sync`, each also answers only once everything it
+//! could have seen is durable: a write the committer has applied but not
+//! yet synced is visible in the database, and a reader shown it could act
+//! on a write that a crash then takes back, one its writer was never told
+//! had succeeded. So a read that saw past the last sync waits for the next
+//! one ([`Storage::durable_read`]).
+
+use std::sync::atomic::Ordering;
 
 use profiled_protocol::{Message, VersionInfo};
 use rocksdb::{DB, Direction, IteratorMode, ReadOptions};
@@ -57,7 +64,7 @@ impl Storage {
     /// metadata and pending messages.
     pub async fn view(&self, key: ProfileKey, version: Option<u64>) -> Result<View, WriteError> {
         let retention_ms = self.shared.retention_ms;
-        self.blocking(move |db| view(db, &key, version, retention_ms))
+        self.durable_read(move |db| view(db, &key, version, retention_ms))
             .await
     }
 
@@ -69,7 +76,7 @@ impl Storage {
         filter: VersionFilter,
     ) -> Result<Vec<VersionInfo>, WriteError> {
         let retention_ms = self.shared.retention_ms;
-        self.blocking(move |db| list_versions(db, &key, filter, retention_ms))
+        self.durable_read(move |db| list_versions(db, &key, filter, retention_ms))
             .await
     }
 
@@ -84,8 +91,46 @@ impl Storage {
         limit: usize,
         budget: usize,
     ) -> Result<(Vec<ExportedRecord>, Option<String>), WriteError> {
-        self.blocking(move |db| export(db, &store, after, limit, budget))
+        self.durable_read(move |db| export(db, &store, after, limit, budget))
             .await
+    }
+
+    /// Runs `read` like [`Self::blocking`], and with `storage.sync` answers
+    /// only once everything it could have seen is durable.
+    ///
+    /// A read sees at most the writes numbered up to the database's latest
+    /// sequence number taken after it. If a sync has reached that far, the
+    /// read is answered at once; otherwise the committer is asked for a
+    /// sync behind every write so far. If the database was taken away for
+    /// a reopen meanwhile, what the read saw may be gone, and it fails
+    /// with a storage error that asks to read again.
+    async fn durable_read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&DB) -> Result<T, WriteError> + Send + 'static,
+    ) -> Result<T, WriteError> {
+        if !self.shared.sync {
+            return self.blocking(read).await;
+        }
+        let (db, taken) = self.shared.db.get_marked()?;
+        let (value, seen) = tokio::task::spawn_blocking(move || {
+            let value = read(&db)?;
+            Ok::<_, WriteError>((value, db.latest_sequence_number()))
+        })
+        .await
+        .map_err(|err| WriteError::Storage(format!("a read task failed: {err}")))??;
+        let synced = self.shared.progress.synced_up_to.load(Ordering::SeqCst);
+        if seen > synced {
+            #[cfg(test)]
+            super::durable::faults::read_waits(&self.shared.path);
+            self.durable().await?;
+        }
+        if self.shared.db.times_taken() != taken {
+            return Err(WriteError::Storage(
+                "storage was reopened after a failure while this read ran, so what it saw may be gone; read again"
+                    .to_owned(),
+            ));
+        }
+        Ok(value)
     }
 
     /// Runs `read` on a blocking thread with the database.

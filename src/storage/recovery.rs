@@ -28,7 +28,7 @@
 //! once the disk is sound, rebuilds the lease table from what storage holds.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -47,6 +47,11 @@ pub struct DbSlot {
     db: RwLock<Option<Arc<DB>>>,
     /// Set from a failed write until the reopen succeeds.
     degraded: AtomicBool,
+    /// How many times the database was taken from readers, for a reopen or
+    /// for good. Changed only under the `db` write lock, so a reader that
+    /// reads it with the database ([`DbSlot::get_marked`]) and finds it
+    /// unchanged later knows no reopen began in between.
+    taken: AtomicU64,
     /// Set by the committer thread once a WAL sync failed, after which it
     /// refuses every operation; the server watches it and stops.
     fatal: watch::Sender<Option<String>>,
@@ -60,6 +65,7 @@ impl DbSlot {
         Self {
             db: RwLock::new(Some(db)),
             degraded: AtomicBool::new(false),
+            taken: AtomicU64::new(0),
             fatal: watch::Sender::new(None),
         }
     }
@@ -90,16 +96,31 @@ impl DbSlot {
             })
     }
 
+    /// The database, unless it is being reopened, with the count of times
+    /// it was taken from readers so far.
+    pub(super) fn get_marked(&self) -> Result<(Arc<DB>, u64), WriteError> {
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let taken = self.taken.load(Ordering::SeqCst);
+        let db = db.clone().ok_or_else(|| {
+            WriteError::Storage("storage is recovering from a failed write".to_owned())
+        })?;
+        Ok((db, taken))
+    }
+
+    /// How many times the database was taken from readers so far.
+    pub(super) fn times_taken(&self) -> u64 {
+        self.taken.load(Ordering::SeqCst)
+    }
+
     /// Whether a write failed and the database is not yet reopened.
     pub(super) fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Relaxed)
     }
 
     fn take(&self) -> Option<Arc<DB>> {
-        self.db
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        self.taken.fetch_add(1, Ordering::SeqCst);
+        db.take()
     }
 
     fn put(&self, db: Arc<DB>) {
@@ -135,7 +156,7 @@ pub(super) fn run_committer(
         tracing::error!(error = %failure, "storage write failed; reopening the database");
         let stranded = committer.take_stranded();
         let settings = committer.settings();
-        let committer_syncs = committer.sync_counter();
+        let progress = committer.progress();
         drop(committer);
         let (db, recovered) = loop {
             let not_before = last_reopen.map_or_else(Instant::now, |at| at + RETRY);
@@ -164,7 +185,11 @@ pub(super) fn run_committer(
                 }
             }
         };
-        committer = Committer::new(Arc::clone(&db), settings, committer_syncs);
+        committer = Committer::new(Arc::clone(&db), settings, Arc::clone(&progress));
+        // The reopened database numbers its writes from where it recovered,
+        // which may be behind what was synced before; readers of it ask for
+        // a sync until one is made.
+        progress.synced_up_to.store(0, Ordering::SeqCst);
         slot.put(db);
         slot.degraded.store(false, Ordering::Relaxed);
         tracing::info!("storage reopened; writes carry on");
