@@ -14,16 +14,39 @@ impl Storage {
     /// started with `path` as its storage serves the profiles as they were.
     /// Files are hard-linked where the filesystem allows, so a backup on
     /// the same filesystem is fast and small until the originals change.
+    ///
+    /// With `storage.sync` it answers only once everything the copy holds
+    /// is durable here too: the copy takes the WAL as it is, so it may hold
+    /// writes not yet synced, and restoring it must not bring back a write
+    /// whose sync then failed. If that cannot be confirmed, the copy is
+    /// removed and the backup fails.
     pub async fn backup(&self, path: PathBuf) -> Result<u64, WriteError> {
-        self.blocking(move |db| {
-            if path.exists() {
-                return Err(WriteError::Exists(path.display().to_string()));
-            }
-            let checkpoint = Checkpoint::new(db).map_err(storage_error)?;
-            checkpoint.create_checkpoint(&path).map_err(storage_error)?;
-            Ok(dir_size(&path))
-        })
-        .await
+        let target = path.clone();
+        let (bytes, mark) = self
+            .marked_read(move |db| {
+                if path.exists() {
+                    return Err(WriteError::Exists(path.display().to_string()));
+                }
+                let checkpoint = Checkpoint::new(db).map_err(storage_error)?;
+                checkpoint.create_checkpoint(&path).map_err(storage_error)?;
+                Ok(dir_size(&path))
+            })
+            .await?;
+        if let Err(err) = self.until_durable(mark).await {
+            let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&target))
+                .await
+                .map_err(|join| std::io::Error::other(join.to_string()))
+                .and_then(|removed| removed);
+            return Err(WriteError::Storage(match removed {
+                Ok(()) => format!(
+                    "the backup was removed, since the writes it holds could not be confirmed durable: {err}"
+                ),
+                Err(io) => format!(
+                    "the writes the backup holds could not be confirmed durable ({err}), and removing it failed, so do not restore it: {io}"
+                ),
+            }));
+        }
+        Ok(bytes)
     }
 
     /// Deletes kept versions written before `cutoff_ms` (Unix

@@ -661,8 +661,12 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     fn open(dir: &Path) -> (Storage, Recovery) {
+        open_at(&dir.join("db"))
+    }
+
+    fn open_at(path: &Path) -> (Storage, Recovery) {
         let config = StorageConfig {
-            path: dir.join("db"),
+            path: path.to_owned(),
             ..StorageConfig::default()
         };
         Storage::open(&config, &HistoryConfig::default()).expect("open")
@@ -1131,6 +1135,82 @@ mod tests {
         }
         let view = storage.view(key.clone(), None).await.expect("view");
         assert_eq!(view.data.as_deref(), Some(&b"v3"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_backup_answers_once_what_it_holds_is_durable_and_is_removed_if_that_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db_path = dir.path().join("db");
+        let (storage, _) = open(dir.path());
+        let key = ProfileKey::new("s", "k");
+        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
+        let save = |data: &[u8]| {
+            storage.save(
+                key.clone(),
+                session("a"),
+                1,
+                data.to_vec(),
+                Changes::default(),
+            )
+        };
+        assert_eq!(save(b"v1").await, Ok(1));
+
+        // A backup taken while a save waits for its sync answers after it.
+        durable::faults::hold_syncs(&db_path);
+        let saved = tokio::spawn(save(b"v2"));
+        let held = db_path.clone();
+        tokio::task::spawn_blocking(move || durable::faults::wait_for_held_sync(&held))
+            .await
+            .expect("wait for the held sync");
+        let copy = dir.path().join("copy");
+        let mut backed_up = tokio::spawn({
+            let storage = storage.clone();
+            let copy = copy.clone();
+            async move { storage.backup(copy).await }
+        });
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(300), &mut backed_up).await;
+        assert!(
+            early.is_err(),
+            "a backup answered before what it holds was durable: {early:?}"
+        );
+        durable::faults::release_syncs(&db_path);
+        assert_eq!(saved.await.expect("save task"), Ok(2));
+        assert!(backed_up.await.expect("backup task").expect("backup") > 0);
+        let (copied, _) = open_at(&copy);
+        let view = copied.view(key.clone(), None).await.expect("view the copy");
+        assert_eq!(view.data.as_deref(), Some(&b"v2"[..]));
+        copied.close().await.expect("close the copy");
+
+        // One whose writes cannot be confirmed durable is removed.
+        durable::faults::hold_syncs(&db_path);
+        let saved = tokio::spawn(save(b"v3"));
+        let held = db_path.clone();
+        tokio::task::spawn_blocking(move || durable::faults::wait_for_held_sync(&held))
+            .await
+            .expect("wait for the held sync");
+        let doubtful = dir.path().join("doubtful");
+        let backed_up = tokio::spawn({
+            let storage = storage.clone();
+            let doubtful = doubtful.clone();
+            async move { storage.backup(doubtful).await }
+        });
+        let read = db_path.clone();
+        tokio::task::spawn_blocking(move || durable::faults::wait_for_reads(&read, 2))
+            .await
+            .expect("wait for the backup's copy");
+        durable::faults::refuse_syncs(&db_path, 1);
+        durable::faults::release_syncs(&db_path);
+        assert_eq!(
+            saved.await.expect("save task"),
+            Ok(3),
+            "in doubt, then found durable"
+        );
+        match backed_up.await.expect("backup task") {
+            Err(WriteError::Storage(message)) => assert!(message.contains("removed"), "{message}"),
+            other => panic!("a backup whose writes were in doubt answered: {other:?}"),
+        }
+        assert!(!doubtful.exists(), "the doubtful backup was left behind");
     }
 
     #[tokio::test]

@@ -35,6 +35,16 @@ pub struct View {
     pub messages: Vec<Message>,
 }
 
+/// How far the database was written when a read ended, and which opening
+/// of it the read used.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ReadMark {
+    /// The database's latest sequence number after the read.
+    seen: u64,
+    /// How many times the database had been taken from readers.
+    taken: u64,
+}
+
 /// Which versions [`Storage::list_versions`] returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VersionFilter {
@@ -96,14 +106,8 @@ impl Storage {
     }
 
     /// Runs `read` like [`Self::blocking`], and with `storage.sync` answers
-    /// only once everything it could have seen is durable.
-    ///
-    /// A read sees at most the writes numbered up to the database's latest
-    /// sequence number taken after it. If a sync has reached that far, the
-    /// read is answered at once; otherwise the committer is asked for a
-    /// sync behind every write so far. If the database was taken away for
-    /// a reopen meanwhile, what the read saw may be gone, and it fails
-    /// with a storage error that asks to read again.
+    /// only once everything it could have seen is durable
+    /// ([`Self::until_durable`]).
     async fn durable_read<T: Send + 'static>(
         &self,
         read: impl FnOnce(&DB) -> Result<T, WriteError> + Send + 'static,
@@ -111,26 +115,55 @@ impl Storage {
         if !self.shared.sync {
             return self.blocking(read).await;
         }
+        let (value, mark) = self.marked_read(read).await?;
+        self.until_durable(mark).await?;
+        Ok(value)
+    }
+
+    /// Runs `read` on a blocking thread with the database, and marks how
+    /// far the database was written when it ended, for
+    /// [`Self::until_durable`].
+    pub(super) async fn marked_read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&DB) -> Result<T, WriteError> + Send + 'static,
+    ) -> Result<(T, ReadMark), WriteError> {
         let (db, taken) = self.shared.db.get_marked()?;
-        let (value, seen) = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let value = read(&db)?;
-            Ok::<_, WriteError>((value, db.latest_sequence_number()))
+            let seen = db.latest_sequence_number();
+            Ok((value, ReadMark { seen, taken }))
         })
         .await
-        .map_err(|err| WriteError::Storage(format!("a read task failed: {err}")))??;
+        .map_err(|err| WriteError::Storage(format!("a read task failed: {err}")))?
+    }
+
+    /// Resolves once everything a read marked with `mark` could have seen
+    /// is durable.
+    ///
+    /// A read sees at most the writes numbered up to the database's latest
+    /// sequence number taken after it. If a sync has reached that far, this
+    /// resolves at once; otherwise the committer is asked for a sync behind
+    /// every write so far. If the database was taken away for a reopen
+    /// meanwhile, what the read saw may be gone, and this fails with a
+    /// storage error that asks to read again. Without `storage.sync`
+    /// nothing waits.
+    pub(super) async fn until_durable(&self, mark: ReadMark) -> Result<(), WriteError> {
+        if !self.shared.sync {
+            return Ok(());
+        }
         let synced = self.shared.progress.synced_up_to.load(Ordering::SeqCst);
-        if seen > synced {
+        if mark.seen > synced {
             #[cfg(test)]
             super::durable::faults::read_waits(&self.shared.path);
             self.durable().await?;
         }
-        if self.shared.db.times_taken() != taken {
+        if self.shared.db.times_taken() != mark.taken {
             return Err(WriteError::Storage(
                 "storage was reopened after a failure while this read ran, so what it saw may be gone; read again"
                     .to_owned(),
             ));
         }
-        Ok(value)
+        Ok(())
     }
 
     /// Runs `read` on a blocking thread with the database.
