@@ -242,11 +242,15 @@ impl Report {
     }
 }
 
-/// `sessions W=32` → `sessions`, `saves W=1` → `saves_w1`, the larger
-/// saves workload → `saves_wN`, so targets need not know W.
+/// `sessions W=32` → `sessions`, `pings W=32` → `pings`, `saves W=1` →
+/// `saves_w1`, the larger saves workload → `saves_wN`, so targets need not
+/// know W. Each workload has its own slug, or one's per-workload figures
+/// (CPU per operation) would overwrite another's.
 fn workload_slug(workload: &str) -> String {
     if workload.starts_with("sessions") {
         "sessions".to_owned()
+    } else if workload.starts_with("pings") {
+        "pings".to_owned()
     } else if workload == "saves W=1" {
         "saves_w1".to_owned()
     } else {
