@@ -445,11 +445,21 @@ impl Committer {
         // Without a syncer each write syncs itself, so a batch that wrote
         // nothing must sync by itself for an `Op::Durable` in it.
         let self_synced = self.settings.sync && self.syncer.is_none();
+        // Everything written before this batch; a sync made by its write
+        // covers at least that far, so reads of it need not ask for one.
+        let before = if self_synced {
+            self.db.latest_sequence_number()
+        } else {
+            0
+        };
         let failure = if batch.batch.is_empty() {
             if self_synced && durable_asked {
                 match self.db.flush_wal(true) {
                     Ok(()) => {
                         self.progress.syncs.fetch_add(1, Ordering::Relaxed);
+                        self.progress
+                            .synced_up_to
+                            .fetch_max(before, Ordering::SeqCst);
                         None
                     }
                     Err(err) => Some(WriteError::Storage(format!(
@@ -464,6 +474,9 @@ impl Committer {
             let written = self.db.write_opt(batch.batch, &self.write_options);
             if written.is_ok() && self_synced {
                 self.progress.syncs.fetch_add(1, Ordering::Relaxed);
+                self.progress
+                    .synced_up_to
+                    .fetch_max(before, Ordering::SeqCst);
             }
             written
                 .err()

@@ -77,13 +77,15 @@ pub(super) enum Answer {
 /// readers through [`super::Storage`]; it outlives reopens.
 #[derive(Debug, Default)]
 pub(super) struct Progress {
-    /// WAL syncs made for acknowledgements; reported in stats.
+    /// WAL syncs made for acknowledgements, and for reads that asked for
+    /// one; reported in stats.
     pub(super) syncs: AtomicU64,
     /// Every write numbered up to this one is in a synced WAL. Written by
     /// whichever thread synced; reset to 0 before a reopened database is
     /// handed to readers, since its numbers may run behind the old one's.
-    /// Only syncs made by the syncer (or by the committer through it) set
-    /// it; while a write syncs itself, it stays 0 and readers always ask.
+    /// Where each write syncs itself (no syncer thread), a write sets it
+    /// to what was written before it, so a read of the latest write still
+    /// asks for a sync.
     pub(super) synced_up_to: AtomicU64,
 }
 
@@ -420,6 +422,7 @@ fn fail_if<T>(
 pub(super) mod faults {
     use std::path::{Path, PathBuf};
     use std::sync::{Condvar, Mutex, PoisonError};
+    use std::time::Duration;
 
     /// Databases, by path, and how many of their next syncs are refused.
     static FAILING: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
@@ -438,14 +441,19 @@ pub(super) mod faults {
         HELD_CHANGED.notify_all();
     }
 
+    /// How long a test waits for what a hook waits for before it fails,
+    /// rather than hang the suite.
+    const PATIENCE: Duration = Duration::from_secs(20);
+
     /// Blocks until a sync of the database at `path` is held back.
     pub(in crate::storage) fn wait_for_held_sync(path: &Path) {
         let held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
-        let _held = HELD_CHANGED
-            .wait_while(held, |held| {
+        let (_held, waited) = HELD_CHANGED
+            .wait_timeout_while(held, PATIENCE, |held| {
                 !held.iter().any(|(at, waiting)| at == path && *waiting > 0)
             })
             .unwrap_or_else(PoisonError::into_inner);
+        assert!(!waited.timed_out(), "no sync was held back");
     }
 
     /// Lets the syncs of the database at `path` go.
@@ -486,9 +494,13 @@ pub(super) mod faults {
                 .map_or(0, |(_, n)| *n)
         };
         let held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
-        let _held = HELD_CHANGED
-            .wait_while(held, |_| reads_at() < count)
+        let (_held, waited) = HELD_CHANGED
+            .wait_timeout_while(held, PATIENCE, |_| reads_at() < count)
             .unwrap_or_else(PoisonError::into_inner);
+        assert!(
+            !waited.timed_out(),
+            "fewer than {count} reads waited for a sync"
+        );
     }
 
     /// Waits while the syncs of the database at `path` are held back.

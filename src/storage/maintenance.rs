@@ -21,8 +21,18 @@ impl Storage {
     /// whose sync then failed. If that cannot be confirmed, the copy is
     /// removed and the backup fails.
     pub async fn backup(&self, path: PathBuf) -> Result<u64, WriteError> {
+        // A task of its own, so a caller that stops waiting (a client
+        // that disconnects) does not leave a copy that was never checked.
+        let storage = self.clone();
+        tokio::spawn(async move { storage.checked_backup(path).await })
+            .await
+            .map_err(|err| WriteError::Storage(format!("a backup task failed: {err}")))?
+    }
+
+    /// The backup itself: the copy, then the wait for what it holds.
+    async fn checked_backup(&self, path: PathBuf) -> Result<u64, WriteError> {
         let target = path.clone();
-        let (bytes, mark) = self
+        let (copied, mark) = self
             .marked_read(move |db| {
                 if path.exists() {
                     return Err(WriteError::Exists(path.display().to_string()));
@@ -32,7 +42,8 @@ impl Storage {
                 Ok(dir_size(&path))
             })
             .await?;
-        if let Err(err) = self.until_durable(mark).await {
+        let bytes = copied?;
+        if let Err(err) = self.until_durable(mark.whole_wal()).await {
             let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&target))
                 .await
                 .map_err(|join| std::io::Error::other(join.to_string()))

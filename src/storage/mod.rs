@@ -1044,37 +1044,62 @@ mod tests {
         storage.close().await.expect("close");
     }
 
-    /// A write left unsynced by a failed write after it is in doubt, not
-    /// failed: the WAL holds it, so the reopen that follows replays it. It
-    /// is answered once the reopened database is durable, by whether it
-    /// survived; answering it as failed would leave storage holding a write
-    /// its sender was told had not happened. The lease it was made under
-    /// carries on.
+    /// Storage at `dir` with profile s/k leased to session "a" at epoch 1
+    /// and saved once (version 1).
+    async fn saved_once(dir: &Path) -> (Storage, ProfileKey) {
+        let (storage, _) = open(dir);
+        let key = ProfileKey::new("s", "k");
+        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
+        assert_eq!(save_as_a(&storage, &key, b"v1").await, Ok(1));
+        (storage, key)
+    }
+
+    fn save_as_a(
+        storage: &Storage,
+        key: &ProfileKey,
+        data: &[u8],
+    ) -> impl Future<Output = Result<u64, WriteError>> + Send + 'static {
+        storage.save(
+            key.clone(),
+            session("a"),
+            1,
+            data.to_vec(),
+            Changes::default(),
+        )
+    }
+
+    /// Holds the syncs of the database at `db_path` back and starts
+    /// `write`; returns once it is written and its sync waits.
+    async fn with_sync_held<T: Send + 'static>(
+        db_path: &Path,
+        write: impl Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        durable::faults::hold_syncs(db_path);
+        let written = tokio::spawn(write);
+        let held = db_path.to_owned();
+        tokio::task::spawn_blocking(move || durable::faults::wait_for_held_sync(&held))
+            .await
+            .expect("wait for the held sync");
+        written
+    }
+
+    /// Blocks until `count` reads of the database at `db_path` have waited
+    /// for a sync.
+    async fn reads_waited(db_path: &Path, count: usize) {
+        let path = db_path.to_owned();
+        tokio::task::spawn_blocking(move || durable::faults::wait_for_reads(&path, count))
+            .await
+            .expect("wait for the reads");
+    }
+
     #[tokio::test]
     async fn a_read_shows_a_write_only_once_it_is_durable() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db_path = dir.path().join("db");
-        let (storage, _) = open(dir.path());
-        let key = ProfileKey::new("s", "k");
-        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
-        let save = |data: &[u8]| {
-            storage.save(
-                key.clone(),
-                session("a"),
-                1,
-                data.to_vec(),
-                Changes::default(),
-            )
-        };
-        assert_eq!(save(b"v1").await, Ok(1));
+        let (storage, key) = saved_once(dir.path()).await;
 
         // v2 is written to the database, and its sync held back.
-        durable::faults::hold_syncs(&db_path);
-        let saved = tokio::spawn(save(b"v2"));
-        let held = db_path.clone();
-        tokio::task::spawn_blocking(move || durable::faults::wait_for_held_sync(&held))
-            .await
-            .expect("wait for the held sync");
+        let saved = with_sync_held(&db_path, save_as_a(&storage, &key, b"v2")).await;
         let mut viewed = tokio::spawn({
             let storage = storage.clone();
             let key = key.clone();
@@ -1107,21 +1132,13 @@ mod tests {
         // A read that waits on a write whose sync fails is not answered
         // from the database the failure took away, even though the write
         // survives the reopen here: it might not have.
-        durable::faults::hold_syncs(&db_path);
-        let saved = tokio::spawn(save(b"v3"));
-        let held = db_path.clone();
-        tokio::task::spawn_blocking(move || durable::faults::wait_for_held_sync(&held))
-            .await
-            .expect("wait for the held sync");
+        let saved = with_sync_held(&db_path, save_as_a(&storage, &key, b"v3")).await;
         let viewed = tokio::spawn({
             let storage = storage.clone();
             let key = key.clone();
             async move { storage.view(key, None).await }
         });
-        let read = db_path.clone();
-        tokio::task::spawn_blocking(move || durable::faults::wait_for_reads(&read, 2))
-            .await
-            .expect("wait for the view's read");
+        reads_waited(&db_path, 2).await;
         durable::faults::refuse_syncs(&db_path, 1);
         durable::faults::release_syncs(&db_path);
         assert_eq!(
@@ -1135,33 +1152,35 @@ mod tests {
         }
         let view = storage.view(key.clone(), None).await.expect("view");
         assert_eq!(view.data.as_deref(), Some(&b"v3"[..]));
+
+        // What a read did not find waits too: a wipe not yet synced.
+        let wiped = with_sync_held(&db_path, storage.admin(key.clone(), AdminAction::Wipe)).await;
+        let mut viewed = tokio::spawn({
+            let storage = storage.clone();
+            let key = key.clone();
+            async move { storage.view(key, None).await }
+        });
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut viewed).await;
+        assert!(
+            early.is_err(),
+            "a view answered from a wipe that was not durable: {early:?}"
+        );
+        durable::faults::release_syncs(&db_path);
+        wiped.await.expect("wipe task").expect("wipe");
+        assert_eq!(
+            viewed.await.expect("view task").map(|view| view.data),
+            Err(WriteError::NotFound)
+        );
     }
 
     #[tokio::test]
     async fn a_backup_answers_once_what_it_holds_is_durable_and_is_removed_if_that_fails() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db_path = dir.path().join("db");
-        let (storage, _) = open(dir.path());
-        let key = ProfileKey::new("s", "k");
-        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
-        let save = |data: &[u8]| {
-            storage.save(
-                key.clone(),
-                session("a"),
-                1,
-                data.to_vec(),
-                Changes::default(),
-            )
-        };
-        assert_eq!(save(b"v1").await, Ok(1));
+        let (storage, key) = saved_once(dir.path()).await;
 
         // A backup taken while a save waits for its sync answers after it.
-        durable::faults::hold_syncs(&db_path);
-        let saved = tokio::spawn(save(b"v2"));
-        let held = db_path.clone();
-        tokio::task::spawn_blocking(move || durable::faults::wait_for_held_sync(&held))
-            .await
-            .expect("wait for the held sync");
+        let saved = with_sync_held(&db_path, save_as_a(&storage, &key, b"v2")).await;
         let copy = dir.path().join("copy");
         let mut backed_up = tokio::spawn({
             let storage = storage.clone();
@@ -1183,22 +1202,14 @@ mod tests {
         copied.close().await.expect("close the copy");
 
         // One whose writes cannot be confirmed durable is removed.
-        durable::faults::hold_syncs(&db_path);
-        let saved = tokio::spawn(save(b"v3"));
-        let held = db_path.clone();
-        tokio::task::spawn_blocking(move || durable::faults::wait_for_held_sync(&held))
-            .await
-            .expect("wait for the held sync");
+        let saved = with_sync_held(&db_path, save_as_a(&storage, &key, b"v3")).await;
         let doubtful = dir.path().join("doubtful");
         let backed_up = tokio::spawn({
             let storage = storage.clone();
             let doubtful = doubtful.clone();
             async move { storage.backup(doubtful).await }
         });
-        let read = db_path.clone();
-        tokio::task::spawn_blocking(move || durable::faults::wait_for_reads(&read, 2))
-            .await
-            .expect("wait for the backup's copy");
+        reads_waited(&db_path, 2).await;
         durable::faults::refuse_syncs(&db_path, 1);
         durable::faults::release_syncs(&db_path);
         assert_eq!(
@@ -1211,8 +1222,43 @@ mod tests {
             other => panic!("a backup whose writes were in doubt answered: {other:?}"),
         }
         assert!(!doubtful.exists(), "the doubtful backup was left behind");
+
+        // A caller that stops waiting does not leave it unchecked either.
+        let saved = with_sync_held(&db_path, save_as_a(&storage, &key, b"v4")).await;
+        let abandoned = dir.path().join("abandoned");
+        let backed_up = tokio::spawn({
+            let storage = storage.clone();
+            let abandoned = abandoned.clone();
+            async move { storage.backup(abandoned).await }
+        });
+        reads_waited(&db_path, 3).await;
+        backed_up.abort();
+        assert!(backed_up.await.is_err_and(|err| err.is_cancelled()));
+        durable::faults::refuse_syncs(&db_path, 1);
+        durable::faults::release_syncs(&db_path);
+        assert_eq!(
+            saved.await.expect("save task"),
+            Ok(4),
+            "in doubt, then found durable"
+        );
+        let removed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            while abandoned.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            removed.is_ok(),
+            "an abandoned backup in doubt was left behind"
+        );
     }
 
+    /// A write left unsynced by a failed write after it is in doubt, not
+    /// failed: the WAL holds it, so the reopen that follows replays it. It
+    /// is answered once the reopened database is durable, by whether it
+    /// survived; answering it as failed would leave storage holding a write
+    /// its sender was told had not happened. The lease it was made under
+    /// carries on.
     #[tokio::test]
     async fn a_write_in_doubt_is_answered_by_whether_it_survived_the_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");

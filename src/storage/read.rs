@@ -45,6 +45,19 @@ pub(super) struct ReadMark {
     taken: u64,
 }
 
+impl ReadMark {
+    /// The mark of a read that may have copied WAL records not yet
+    /// numbered: a write is appended to the WAL before its sequence number
+    /// is published, so a copy of the WAL files (a backup) can hold one
+    /// past the number read after it. It always waits for a sync.
+    pub(super) fn whole_wal(self) -> Self {
+        Self {
+            seen: u64::MAX,
+            ..self
+        }
+    }
+}
+
 /// Which versions [`Storage::list_versions`] returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VersionFilter {
@@ -107,7 +120,8 @@ impl Storage {
 
     /// Runs `read` like [`Self::blocking`], and with `storage.sync` answers
     /// only once everything it could have seen is durable
-    /// ([`Self::until_durable`]).
+    /// ([`Self::until_durable`]). That holds for what it did not find too:
+    /// a `NotFound` may rest on a wipe not yet synced.
     async fn durable_read<T: Send + 'static>(
         &self,
         read: impl FnOnce(&DB) -> Result<T, WriteError> + Send + 'static,
@@ -115,26 +129,31 @@ impl Storage {
         if !self.shared.sync {
             return self.blocking(read).await;
         }
-        let (value, mark) = self.marked_read(read).await?;
+        let (outcome, mark) = self.marked_read(read).await?;
+        if let Err(err @ WriteError::Storage(_)) = outcome {
+            // Nothing was read, so nothing can be shown too soon.
+            return Err(err);
+        }
         self.until_durable(mark).await?;
-        Ok(value)
+        outcome
     }
 
     /// Runs `read` on a blocking thread with the database, and marks how
     /// far the database was written when it ended, for
-    /// [`Self::until_durable`].
+    /// [`Self::until_durable`]. The error is the database's being away or
+    /// the task's failing; the read's own outcome comes back as it is.
     pub(super) async fn marked_read<T: Send + 'static>(
         &self,
         read: impl FnOnce(&DB) -> Result<T, WriteError> + Send + 'static,
-    ) -> Result<(T, ReadMark), WriteError> {
+    ) -> Result<(Result<T, WriteError>, ReadMark), WriteError> {
         let (db, taken) = self.shared.db.get_marked()?;
         tokio::task::spawn_blocking(move || {
-            let value = read(&db)?;
+            let outcome = read(&db);
             let seen = db.latest_sequence_number();
-            Ok((value, ReadMark { seen, taken }))
+            (outcome, ReadMark { seen, taken })
         })
         .await
-        .map_err(|err| WriteError::Storage(format!("a read task failed: {err}")))?
+        .map_err(|err| WriteError::Storage(format!("a read task failed: {err}")))
     }
 
     /// Resolves once everything a read marked with `mark` could have seen
@@ -143,7 +162,7 @@ impl Storage {
     /// A read sees at most the writes numbered up to the database's latest
     /// sequence number taken after it. If a sync has reached that far, this
     /// resolves at once; otherwise the committer is asked for a sync behind
-    /// every write so far. If the database was taken away for a reopen
+    /// every write so far. If the database was taken away after a failure
     /// meanwhile, what the read saw may be gone, and this fails with a
     /// storage error that asks to read again. Without `storage.sync`
     /// nothing waits.
@@ -159,7 +178,7 @@ impl Storage {
         }
         if self.shared.db.times_taken() != mark.taken {
             return Err(WriteError::Storage(
-                "storage was reopened after a failure while this read ran, so what it saw may be gone; read again"
+                "storage was taken away after a failure while this read ran, so what it saw may be gone; read again"
                     .to_owned(),
             ));
         }
