@@ -1068,19 +1068,38 @@ mod tests {
         )
     }
 
-    /// Holds the syncs of the database at `db_path` back and starts
-    /// `write`; returns once it is written and its sync waits.
-    async fn with_sync_held<T: Send + 'static>(
+    /// Holds the syncs of the database at `db_path` back and then starts
+    /// the write `start` submits (storage submits when called, so the
+    /// hold must come first); returns once it is written and its sync
+    /// waits.
+    async fn with_sync_held<T: Send + 'static, F: Future<Output = T> + Send + 'static>(
         db_path: &Path,
-        write: impl Future<Output = T> + Send + 'static,
+        start: impl FnOnce() -> F,
     ) -> tokio::task::JoinHandle<T> {
         durable::faults::hold_syncs(db_path);
-        let written = tokio::spawn(write);
+        let written = tokio::spawn(start());
         let held = db_path.to_owned();
         tokio::task::spawn_blocking(move || durable::faults::wait_for_held_sync(&held))
             .await
             .expect("wait for the held sync");
         written
+    }
+
+    fn spawn_view(
+        storage: &Storage,
+        key: &ProfileKey,
+    ) -> tokio::task::JoinHandle<Result<View, WriteError>> {
+        let storage = storage.clone();
+        let key = key.clone();
+        tokio::spawn(async move { storage.view(key, None).await })
+    }
+
+    /// Checks that `task`, which nothing can answer while the syncs are
+    /// held, has not answered: the wait only gives a read that ignores
+    /// durability the time to answer too soon.
+    async fn still_waiting<T: std::fmt::Debug>(task: &mut tokio::task::JoinHandle<T>, what: &str) {
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), task).await;
+        assert!(early.is_err(), "{what} answered: {early:?}");
     }
 
     /// Blocks until `count` reads of the database at `db_path` have waited
@@ -1099,19 +1118,9 @@ mod tests {
         let (storage, key) = saved_once(dir.path()).await;
 
         // v2 is written to the database, and its sync held back.
-        let saved = with_sync_held(&db_path, save_as_a(&storage, &key, b"v2")).await;
-        let mut viewed = tokio::spawn({
-            let storage = storage.clone();
-            let key = key.clone();
-            async move { storage.view(key, None).await }
-        });
-        // Nothing can answer the view while the sync is held, so this wait
-        // only gives a read that ignores durability the time to show v2.
-        let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut viewed).await;
-        assert!(
-            early.is_err(),
-            "a view answered while the write it could see was not durable: {early:?}"
-        );
+        let saved = with_sync_held(&db_path, || save_as_a(&storage, &key, b"v2")).await;
+        let mut viewed = spawn_view(&storage, &key);
+        still_waiting(&mut viewed, "a view of a write not yet durable").await;
         assert!(!saved.is_finished(), "the save waits for its sync");
         durable::faults::release_syncs(&db_path);
         assert_eq!(saved.await.expect("save task"), Ok(2));
@@ -1132,12 +1141,8 @@ mod tests {
         // A read that waits on a write whose sync fails is not answered
         // from the database the failure took away, even though the write
         // survives the reopen here: it might not have.
-        let saved = with_sync_held(&db_path, save_as_a(&storage, &key, b"v3")).await;
-        let viewed = tokio::spawn({
-            let storage = storage.clone();
-            let key = key.clone();
-            async move { storage.view(key, None).await }
-        });
+        let saved = with_sync_held(&db_path, || save_as_a(&storage, &key, b"v3")).await;
+        let viewed = spawn_view(&storage, &key);
         reads_waited(&db_path, 2).await;
         durable::faults::refuse_syncs(&db_path, 1);
         durable::faults::release_syncs(&db_path);
@@ -1154,17 +1159,10 @@ mod tests {
         assert_eq!(view.data.as_deref(), Some(&b"v3"[..]));
 
         // What a read did not find waits too: a wipe not yet synced.
-        let wiped = with_sync_held(&db_path, storage.admin(key.clone(), AdminAction::Wipe)).await;
-        let mut viewed = tokio::spawn({
-            let storage = storage.clone();
-            let key = key.clone();
-            async move { storage.view(key, None).await }
-        });
-        let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut viewed).await;
-        assert!(
-            early.is_err(),
-            "a view answered from a wipe that was not durable: {early:?}"
-        );
+        let wiped =
+            with_sync_held(&db_path, || storage.admin(key.clone(), AdminAction::Wipe)).await;
+        let mut viewed = spawn_view(&storage, &key);
+        still_waiting(&mut viewed, "a view of a wipe not yet durable").await;
         durable::faults::release_syncs(&db_path);
         wiped.await.expect("wipe task").expect("wipe");
         assert_eq!(
@@ -1180,19 +1178,14 @@ mod tests {
         let (storage, key) = saved_once(dir.path()).await;
 
         // A backup taken while a save waits for its sync answers after it.
-        let saved = with_sync_held(&db_path, save_as_a(&storage, &key, b"v2")).await;
+        let saved = with_sync_held(&db_path, || save_as_a(&storage, &key, b"v2")).await;
         let copy = dir.path().join("copy");
         let mut backed_up = tokio::spawn({
             let storage = storage.clone();
             let copy = copy.clone();
             async move { storage.backup(copy).await }
         });
-        let early =
-            tokio::time::timeout(std::time::Duration::from_millis(300), &mut backed_up).await;
-        assert!(
-            early.is_err(),
-            "a backup answered before what it holds was durable: {early:?}"
-        );
+        still_waiting(&mut backed_up, "a backup of a write not yet durable").await;
         durable::faults::release_syncs(&db_path);
         assert_eq!(saved.await.expect("save task"), Ok(2));
         assert!(backed_up.await.expect("backup task").expect("backup") > 0);
@@ -1202,7 +1195,7 @@ mod tests {
         copied.close().await.expect("close the copy");
 
         // One whose writes cannot be confirmed durable is removed.
-        let saved = with_sync_held(&db_path, save_as_a(&storage, &key, b"v3")).await;
+        let saved = with_sync_held(&db_path, || save_as_a(&storage, &key, b"v3")).await;
         let doubtful = dir.path().join("doubtful");
         let backed_up = tokio::spawn({
             let storage = storage.clone();
@@ -1224,7 +1217,7 @@ mod tests {
         assert!(!doubtful.exists(), "the doubtful backup was left behind");
 
         // A caller that stops waiting does not leave it unchecked either.
-        let saved = with_sync_held(&db_path, save_as_a(&storage, &key, b"v4")).await;
+        let saved = with_sync_held(&db_path, || save_as_a(&storage, &key, b"v4")).await;
         let abandoned = dir.path().join("abandoned");
         let backed_up = tokio::spawn({
             let storage = storage.clone();
