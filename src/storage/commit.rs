@@ -12,7 +12,6 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
@@ -456,10 +455,7 @@ impl Committer {
             if self_synced && durable_asked {
                 match self.db.flush_wal(true) {
                     Ok(()) => {
-                        self.progress.syncs.fetch_add(1, Ordering::Relaxed);
-                        self.progress
-                            .synced_up_to
-                            .fetch_max(before, Ordering::SeqCst);
+                        self.progress.synced(before);
                         None
                     }
                     Err(err) => Some(WriteError::Storage(format!(
@@ -473,10 +469,7 @@ impl Committer {
         } else {
             let written = self.db.write_opt(batch.batch, &self.write_options);
             if written.is_ok() && self_synced {
-                self.progress.syncs.fetch_add(1, Ordering::Relaxed);
-                self.progress
-                    .synced_up_to
-                    .fetch_max(before, Ordering::SeqCst);
+                self.progress.synced(before);
             }
             written
                 .err()

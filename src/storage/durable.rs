@@ -89,6 +89,15 @@ pub(super) struct Progress {
     pub(super) synced_up_to: AtomicU64,
 }
 
+impl Progress {
+    /// Records a successful WAL sync that covered every write numbered up
+    /// to `reached`.
+    pub(super) fn synced(&self, reached: u64) {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.synced_up_to.fetch_max(reached, Ordering::SeqCst);
+    }
+}
+
 /// The first thing that failed, once something has.
 #[derive(Clone, Debug)]
 pub(super) struct Failure {
@@ -305,10 +314,7 @@ impl Shared {
         let reached = self.db.latest_sequence_number();
         match self.db.flush_wal(true) {
             Ok(()) => {
-                self.progress.syncs.fetch_add(1, Ordering::Relaxed);
-                self.progress
-                    .synced_up_to
-                    .fetch_max(reached, Ordering::SeqCst);
+                self.progress.synced(reached);
                 true
             }
             Err(err) => {

@@ -1102,6 +1102,23 @@ mod tests {
         assert!(early.is_err(), "{what} answered: {early:?}");
     }
 
+    /// Lets the held sync of the database at `db_path` go, refused as after
+    /// a failed write, and checks that the held save was then found to
+    /// have survived the reopen, at `version`.
+    async fn refuse_the_held_sync(
+        db_path: &Path,
+        saved: tokio::task::JoinHandle<Result<u64, WriteError>>,
+        version: u64,
+    ) {
+        durable::faults::refuse_syncs(db_path, 1);
+        durable::faults::release_syncs(db_path);
+        assert_eq!(
+            saved.await.expect("save task"),
+            Ok(version),
+            "in doubt, then found durable"
+        );
+    }
+
     /// Blocks until `count` reads of the database at `db_path` have waited
     /// for a sync.
     async fn reads_waited(db_path: &Path, count: usize) {
@@ -1144,13 +1161,7 @@ mod tests {
         let saved = with_sync_held(&db_path, || save_as_a(&storage, &key, b"v3")).await;
         let viewed = spawn_view(&storage, &key);
         reads_waited(&db_path, 2).await;
-        durable::faults::refuse_syncs(&db_path, 1);
-        durable::faults::release_syncs(&db_path);
-        assert_eq!(
-            saved.await.expect("save task"),
-            Ok(3),
-            "in doubt, then found durable"
-        );
+        refuse_the_held_sync(&db_path, saved, 3).await;
         match viewed.await.expect("view task") {
             Err(WriteError::Storage(_)) => {}
             other => panic!("a read of a database taken away answered: {other:?}"),
@@ -1203,13 +1214,7 @@ mod tests {
             async move { storage.backup(doubtful).await }
         });
         reads_waited(&db_path, 2).await;
-        durable::faults::refuse_syncs(&db_path, 1);
-        durable::faults::release_syncs(&db_path);
-        assert_eq!(
-            saved.await.expect("save task"),
-            Ok(3),
-            "in doubt, then found durable"
-        );
+        refuse_the_held_sync(&db_path, saved, 3).await;
         match backed_up.await.expect("backup task") {
             Err(WriteError::Storage(message)) => assert!(message.contains("removed"), "{message}"),
             other => panic!("a backup whose writes were in doubt answered: {other:?}"),
@@ -1227,13 +1232,7 @@ mod tests {
         reads_waited(&db_path, 3).await;
         backed_up.abort();
         assert!(backed_up.await.is_err_and(|err| err.is_cancelled()));
-        durable::faults::refuse_syncs(&db_path, 1);
-        durable::faults::release_syncs(&db_path);
-        assert_eq!(
-            saved.await.expect("save task"),
-            Ok(4),
-            "in doubt, then found durable"
-        );
+        refuse_the_held_sync(&db_path, saved, 4).await;
         let removed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
             while abandoned.exists() {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -1255,19 +1254,8 @@ mod tests {
     #[tokio::test]
     async fn a_write_in_doubt_is_answered_by_whether_it_survived_the_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (storage, _) = open(dir.path());
-        let key = ProfileKey::new("s", "k");
-        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
-        let save = |data: &[u8]| {
-            storage.save(
-                key.clone(),
-                session("a"),
-                1,
-                data.to_vec(),
-                Changes::default(),
-            )
-        };
-        assert_eq!(save(b"v1").await, Ok(1));
+        let (storage, key) = saved_once(dir.path()).await;
+        let save = |data: &'static [u8]| save_as_a(&storage, &key, data);
 
         durable::faults::refuse_syncs(&dir.path().join("db"), 1);
         assert_eq!(save(b"v2").await, Ok(2), "in doubt, then found durable");
