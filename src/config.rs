@@ -14,6 +14,13 @@ use serde::Deserialize;
 /// RocksDB would flush or evict on almost every write.
 const MIN_STORAGE_MEMORY: usize = 1 << 20;
 
+/// What a `Welcome` takes besides its leases: the frame's tag, the daemon
+/// version string, three numbers and the list's length, generously.
+const WELCOME_AROUND: u64 = 256;
+
+/// How far below `max_frame` the largest `Welcome` must stay.
+const WELCOME_MARGIN: u64 = 1024;
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -127,6 +134,13 @@ pub struct LimitsConfig {
     /// it is refused at once with `TooManyLoads`. Each waiting load takes
     /// memory in the lease table until it is answered.
     pub max_queued_loads: usize,
+    /// The most leases one session may hold, counting grants being
+    /// written; a load beyond it is refused with `TooManyLeases` when its
+    /// turn comes. The `Welcome` lists every lease of a resuming session
+    /// in one frame, so this many leases with the longest names must fit
+    /// in `max_frame` ([`LimitsConfig::welcome_bound`]). Unset, it is as
+    /// many as fit ([`LimitsConfig::leases_per_session`]).
+    pub max_leases_per_session: Option<usize>,
     /// The most client connections at once.
     pub max_connections: usize,
     /// How long a new connection has to send its `Hello`.
@@ -320,6 +334,14 @@ impl Config {
         }
         if limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be above zero"));
+        }
+        if limits.leases_per_session() == 0
+            || limits.welcome_bound() + WELCOME_MARGIN > u64::from(limits.max_frame)
+        {
+            return Err(invalid(
+                "limits.max_leases_per_session",
+                "must be above zero, and that many leases with the longest names (limits.max_name) must fit in a Welcome at least 1 KiB below limits.max_frame",
+            ));
         }
         if limits.handshake_timeout.is_zero() {
             return Err(invalid("limits.handshake_timeout", "must be above zero"));
@@ -520,6 +542,34 @@ impl LimitsConfig {
             .saturating_add(user_ids)
             .saturating_add(around)
     }
+
+    /// The most bytes a `Welcome` can take under these limits: a session
+    /// holding `max_leases_per_session` leases, each listed with a store
+    /// and key of `max_name` bytes (two `u64` lengths and its `u64`
+    /// epoch around them), plus the frame's own fields. Unlike
+    /// [`LimitsConfig::profile_bound`] it is checked at startup, since a
+    /// Welcome that does not fit would lock its session out.
+    pub fn welcome_bound(&self) -> u64 {
+        (self.leases_per_session() as u64)
+            .saturating_mul(self.welcome_lease_bound())
+            .saturating_add(WELCOME_AROUND)
+    }
+
+    /// `max_leases_per_session`, or if unset as many leases with names of
+    /// `max_name` bytes as a `Welcome` 1 KiB below `max_frame` can list:
+    /// 9,889 with the default frame and names.
+    pub fn leases_per_session(&self) -> usize {
+        self.max_leases_per_session.unwrap_or_else(|| {
+            let room = u64::from(self.max_frame).saturating_sub(WELCOME_MARGIN + WELCOME_AROUND);
+            usize::try_from(room / self.welcome_lease_bound()).unwrap_or(usize::MAX)
+        })
+    }
+
+    /// The most bytes one lease takes in a `Welcome`: a store and key of
+    /// `max_name` bytes, their two `u64` lengths, and the `u64` epoch.
+    fn welcome_lease_bound(&self) -> u64 {
+        3 * 8 + 2 * self.max_name as u64
+    }
 }
 
 impl Default for LimitsConfig {
@@ -534,6 +584,7 @@ impl Default for LimitsConfig {
             max_name: 200,
             max_in_flight: 256,
             max_queued_loads: 1024,
+            max_leases_per_session: None,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::ZERO,
@@ -642,6 +693,48 @@ mod tests {
             "[limits]\nmax_frame = 65536\nmax_data = 1024\nmax_name = 1024\nmax_message = 63000\n";
         let err = Config::parse(text, Path::new("p.toml")).expect_err("too large");
         assert!(err.to_string().contains("limits.max_message"), "{err}");
+    }
+
+    #[test]
+    fn a_welcome_must_fit_every_lease_a_session_may_hold() {
+        let text = "[limits]\nmax_leases_per_session = 10000\n";
+        let err = Config::parse(text, Path::new("p.toml")).expect_err("too large");
+        assert!(
+            err.to_string().contains("limits.max_leases_per_session"),
+            "{err}"
+        );
+        let shorter = "[limits]\nmax_leases_per_session = 10000\nmax_name = 64\n";
+        Config::parse(shorter, Path::new("p.toml")).expect("fits with shorter names");
+    }
+
+    /// `welcome_bound` must bound the real encoding, or a session could
+    /// hold more leases than its `Welcome` can list.
+    #[test]
+    fn the_welcome_bound_covers_the_largest_welcome() {
+        use profiled_protocol::{HeldLease, ServerFrame, Welcome, payload_len};
+        let limits = LimitsConfig::default();
+        let name = |c: char| c.to_string().repeat(limits.max_name);
+        let welcome = ServerFrame::Welcome(Welcome {
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol_version: u32::MAX,
+            max_frame: u32::MAX,
+            connection_id: u64::MAX,
+            leases: vec![
+                HeldLease {
+                    store: name('s'),
+                    key: name('k'),
+                    epoch: u64::MAX,
+                };
+                limits.leases_per_session()
+            ],
+        });
+        assert_eq!(limits.leases_per_session(), 9889, "as the docs say");
+        let len = payload_len(&welcome).expect("encodes") as u64;
+        assert!(
+            len <= limits.welcome_bound(),
+            "{len} > {}",
+            limits.welcome_bound()
+        );
     }
 
     /// `profile_bound` must bound the real encoding, or a `Loaded` answer

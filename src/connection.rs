@@ -170,7 +170,12 @@ pub async fn serve(
         connection_id: conn,
         leases,
     });
-    if transport.send(welcome).await.is_err() {
+    if let Err(err) = transport.send(welcome).await {
+        // Over the frame limit only for leases recovered after a restart
+        // with lower limits than they were granted under
+        // (`limits.max_leases_per_session`, `max_frame`). Its leases then
+        // end with its resume grace.
+        tracing::warn!(conn, %session, %err, "could not send the welcome");
         context.leases.disconnect(conn);
         return;
     }

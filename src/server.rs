@@ -227,6 +227,7 @@ pub async fn run_with(
         force_load_timeout: config.leases.force_load_timeout,
         resume_grace: config.session.resume_grace,
         take_disconnected_at_once: config.session.take_disconnected_at_once,
+        max_leases_per_session: config.limits.leases_per_session(),
     };
     let recovered = recovery
         .leases

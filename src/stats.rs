@@ -68,6 +68,8 @@ pub enum LoadOutcome {
     ShuttingDown,
     /// Storage failed.
     StorageError,
+    /// The session held the most leases allowed.
+    TooManyLeases,
 }
 
 /// Gauges that live elsewhere, read when a report is made.
@@ -360,7 +362,7 @@ impl Default for Stats {
 }
 
 impl LoadOutcome {
-    const COUNT: usize = 7;
+    const COUNT: usize = 8;
     const ALL: [Self; Self::COUNT] = [
         Self::Granted,
         Self::Taken,
@@ -369,6 +371,7 @@ impl LoadOutcome {
         Self::Timeout,
         Self::ShuttingDown,
         Self::StorageError,
+        Self::TooManyLeases,
     ];
 
     fn name(self) -> &'static str {
@@ -380,6 +383,7 @@ impl LoadOutcome {
             Self::Timeout => "timeout",
             Self::ShuttingDown => "shutting_down",
             Self::StorageError => "storage_error",
+            Self::TooManyLeases => "too_many_leases",
         }
     }
 }

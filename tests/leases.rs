@@ -595,6 +595,37 @@ async fn loads_waiting_on_one_connection_are_bounded() {
     drop(third);
 }
 
+/// Leases held by one session are bounded: past
+/// `limits.max_leases_per_session` a load is refused with `TooManyLeases`
+/// (other sessions are not affected), and a release makes room again.
+#[tokio::test]
+async fn leases_held_by_one_session_are_bounded() {
+    let daemon = Daemon::start_with("[limits]\nmax_leases_per_session = 2\n");
+    let holder = daemon.client("holder").await;
+    let p1 = holder
+        .load(STORE, "p1", LoadPolicy::ForceLoad)
+        .await
+        .expect("load p1");
+    let _p2 = holder
+        .load(STORE, "p2", LoadPolicy::ForceLoad)
+        .await
+        .expect("load p2");
+    let refused = holder.load(STORE, "p3", LoadPolicy::ForceLoad).await;
+    assert_eq!(code(refused), ErrorCode::TooManyLeases);
+    let other = daemon.client("other").await;
+    let p3 = other
+        .load(STORE, "p3", LoadPolicy::ForceLoad)
+        .await
+        .expect("another session may");
+    p3.release(None).await.expect("release p3");
+
+    p1.release(None).await.expect("release p1");
+    holder
+        .load(STORE, "p3", LoadPolicy::ForceLoad)
+        .await
+        .expect("room again after a release");
+}
+
 /// A session taken over by a newer connection is fenced on the older one
 /// at once: of the saves the older connection still has unread or unstarted
 /// when the newer one connects, none is applied behind the newer one's

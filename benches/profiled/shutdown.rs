@@ -36,7 +36,13 @@ pub async fn run(sizes: &[usize], report: &mut Report) {
     let mut rows = Vec::new();
     for &leases in sizes {
         eprintln!("profiled shutdown with {leases} leases ...");
-        let mut daemon = ChildDaemon::spawn("", "");
+        // Each session holds a tenth of the leases, more than a session
+        // may by default with 200-byte names; the bench's are short.
+        let limits = format!(
+            "[limits]\nmax_name = 64\nmax_leases_per_session = {}\n",
+            leases.div_ceil(SESSIONS)
+        );
+        let mut daemon = ChildDaemon::spawn("", &limits);
         let clients = connect(&daemon.socket, "holder", SESSIONS, Role::Game).await;
         let started = Instant::now();
         let held = hold(&clients, "Shutdown", leases, |i| format!("k{i}")).await;

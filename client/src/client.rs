@@ -660,7 +660,7 @@ impl Client {
                 continue;
             }
             return match response.await {
-                Ok(result) => result.map_err(ClientError::Daemon),
+                Ok(result) => result,
                 Err(_) => Err(ClientError::Disconnected),
             };
         }

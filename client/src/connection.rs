@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use profiled_protocol::{
-    ClientFrame, Error, ErrorCode, Event, FrameCodec, HeldLease, Reply, Request, RequestBody,
-    Response, ServerFrame, Welcome,
+    ClientFrame, Error, ErrorCode, Event, FrameCodec, FromDaemon, HeldLease, Reply, Request,
+    RequestBody, Response, ServerFrame, Welcome,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -32,7 +32,7 @@ use crate::outbox::Outbox;
 use crate::{ClientError, ProfileEvent};
 
 /// The read half of a connection, decoding what the daemon sends.
-pub(crate) type FrameReader = FramedRead<OwnedReadHalf, FrameCodec<ServerFrame, ClientFrame>>;
+pub(crate) type FrameReader = FramedRead<OwnedReadHalf, FrameCodec<FromDaemon, ClientFrame>>;
 
 /// The write half of a connection during the handshake; afterwards it goes
 /// to the connection's [`Outbox`].
@@ -105,7 +105,7 @@ pub(crate) enum Ended {
 pub(crate) struct Pending {
     /// The caller awaits the other end. A caller that gave up has dropped
     /// it, and the response is then discarded.
-    pub(crate) reply: oneshot::Sender<Result<Reply, Error>>,
+    pub(crate) reply: oneshot::Sender<Result<Reply, ClientError>>,
     /// What the reader does to the subscriptions when the request succeeds,
     /// before anything after the response is read.
     pub(crate) effect: Effect,
@@ -341,6 +341,30 @@ impl Shared {
         drop(self.shutdown_sender().take());
     }
 
+    /// Routes one frame read from the daemon, skipping what a newer daemon
+    /// appended to the protocol: a reply this client cannot read fails its
+    /// request alone.
+    fn receive(&self, frame: FromDaemon) {
+        match frame {
+            FromDaemon::Frame(frame) => self.dispatch(frame),
+            FromDaemon::UnknownReply { id, kind } => {
+                let Some(Pending { reply, .. }) = self.lock().pending.remove(&id) else {
+                    tracing::warn!(id, "ignoring a response to no request in flight");
+                    return;
+                };
+                let _ = reply.send(Err(ClientError::Protocol(format!(
+                    "the daemon answered with reply kind {kind}, which is newer than this client"
+                ))));
+            }
+            FromDaemon::UnknownEvent { kind } => {
+                tracing::debug!(kind, "skipping an event kind newer than this client");
+            }
+            FromDaemon::UnknownFrame { kind } => {
+                tracing::debug!(kind, "skipping a frame kind newer than this client");
+            }
+        }
+    }
+
     /// Routes one frame read from the daemon.
     fn dispatch(&self, frame: ServerFrame) {
         match frame {
@@ -401,7 +425,7 @@ impl Shared {
         // go. A grant it gave up on after the check above is handed back
         // like one it had given up on before.
         if let (Err(Ok(Reply::Loaded(_))), Some((store, key, epoch))) =
-            (reply.send(result), granted)
+            (reply.send(result.map_err(ClientError::Daemon)), granted)
         {
             let mut state = self.lock();
             let slot = (store, key);
@@ -614,14 +638,14 @@ pub(crate) async fn read_frames(
             frame = reader.next() => frame,
         };
         match frame {
-            Some(Ok(ServerFrame::Refused(err))) => {
+            Some(Ok(FromDaemon::Frame(ServerFrame::Refused(err)))) => {
                 tracing::warn!(%err, "the daemon ended the connection");
                 if err.code == ErrorCode::Superseded {
                     refusal = Some(err);
                 }
                 break;
             }
-            Some(Ok(frame)) => shared.dispatch(frame),
+            Some(Ok(frame)) => shared.receive(frame),
             Some(Err(err)) => {
                 tracing::warn!(%err, "closing the connection after a read failure");
                 break;
@@ -721,7 +745,7 @@ mod tests {
         id: u64,
         key: &str,
     ) -> (
-        oneshot::Receiver<Result<Reply, Error>>,
+        oneshot::Receiver<Result<Reply, ClientError>>,
         mpsc::UnboundedReceiver<ProfileEvent>,
     ) {
         let (reply, reply_rx) = oneshot::channel();

@@ -20,8 +20,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use profiled_protocol::{
-    ClientFrame, ErrorCode, FrameCodec, Hello, PROTOCOL_VERSION, ServerFrame, SessionId, Welcome,
-    encode_frame_into,
+    ClientFrame, ErrorCode, FrameCodec, FromDaemon, Hello, PROTOCOL_VERSION, ServerFrame,
+    SessionId, Welcome, encode_frame_into,
 };
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
@@ -84,7 +84,7 @@ impl Dialer {
         let (read_half, write_half) = stream.into_split();
         let mut reader = FramedRead::new(
             read_half,
-            FrameCodec::<ServerFrame, ClientFrame>::new(max_frame),
+            FrameCodec::<FromDaemon, ClientFrame>::new(max_frame),
         );
         let mut writer = FramedWrite::new(write_half, BytesCodec::new());
 
@@ -95,8 +95,10 @@ impl Dialer {
         });
         writer.send(encode(&hello, max_frame)?).await?;
         let welcome = match reader.next().await {
-            Some(Ok(ServerFrame::Welcome(welcome))) => welcome,
-            Some(Ok(ServerFrame::Refused(err))) => return Err(ClientError::Refused(err)),
+            Some(Ok(FromDaemon::Frame(ServerFrame::Welcome(welcome)))) => welcome,
+            Some(Ok(FromDaemon::Frame(ServerFrame::Refused(err)))) => {
+                return Err(ClientError::Refused(err));
+            }
             Some(Ok(other)) => {
                 return Err(ClientError::Protocol(format!(
                     "expected a welcome, got {}",
@@ -286,12 +288,15 @@ fn jittered(backoff: Duration) -> Duration {
 }
 
 /// A frame's kind, for errors; the frame itself may be large.
-fn frame_name(frame: &ServerFrame) -> &'static str {
+fn frame_name(frame: &FromDaemon) -> String {
     match frame {
-        ServerFrame::Welcome(_) => "welcome",
-        ServerFrame::Refused(_) => "refusal",
-        ServerFrame::Response(_) => "response",
-        ServerFrame::Event(_) => "event",
+        FromDaemon::Frame(ServerFrame::Welcome(_)) => "a welcome".into(),
+        FromDaemon::Frame(ServerFrame::Refused(_)) => "a refusal".into(),
+        FromDaemon::Frame(ServerFrame::Response(_)) => "a response".into(),
+        FromDaemon::Frame(ServerFrame::Event(_)) => "an event".into(),
+        FromDaemon::UnknownReply { kind, .. } => format!("a response of reply kind {kind}"),
+        FromDaemon::UnknownEvent { kind } => format!("an event of kind {kind}"),
+        FromDaemon::UnknownFrame { kind } => format!("a frame of kind {kind}"),
     }
 }
 

@@ -535,9 +535,11 @@ async fn a_malformed_frame_closes_the_connection_without_panicking() {
     let (client, conn) = connected(&daemon, DEFAULT_MAX_FRAME).await;
     let mut stream = conn.into_inner();
     let server = async {
-        // A four-byte payload holding an unknown ServerFrame variant.
+        // An eight-byte payload holding a `ShuttingDown` event cut short
+        // of its deadline. (An unknown frame kind is not malformed: a
+        // newer daemon may send one, and it is skipped.)
         stream
-            .write_all(&[0, 0, 0, 4, 0, 0, 0, 99])
+            .write_all(&[0, 0, 0, 8, 0, 0, 0, 3, 0, 0, 0, 2])
             .await
             .expect("write garbage");
     };
@@ -1028,4 +1030,124 @@ async fn an_event_for_a_grant_nobody_read_hands_the_lease_back() {
         ),
         "the orphaned lease is released: {body:?}"
     );
+}
+
+/// What a newer daemon may send that this client does not know: a frame
+/// and an event of new kinds are skipped, a reply of a new kind fails its
+/// request alone, and a new error code or loss reason arrives as
+/// `Unknown` with the rest of its message. The connection carries on
+/// throughout, so no reconnect is needed (and none is allowed here).
+#[tokio::test]
+async fn what_a_newer_daemon_appended_is_skipped_or_named_and_the_connection_lives_on() {
+    /// Writes one frame of these already-encoded fields, as a newer daemon
+    /// would encode what this build does not know.
+    async fn send_raw(conn: &mut Conn, fields: &[&[u8]]) {
+        let payload = fields.concat();
+        let len = u32::try_from(payload.len()).expect("small");
+        let stream = conn.get_mut();
+        stream.write_all(&len.to_be_bytes()).await.expect("write");
+        stream.write_all(&payload).await.expect("write");
+    }
+    fn string(text: &str) -> Vec<u8> {
+        let mut bytes = (text.len() as u64).to_be_bytes().to_vec();
+        bytes.extend_from_slice(text.as_bytes());
+        bytes
+    }
+
+    let daemon = FakeDaemon::new();
+    let (client, mut conn) = connected_with(&daemon, DEFAULT_MAX_FRAME, no_reconnect()).await;
+    let mut profile = load_held(&client, &mut conn, "k", 5).await;
+
+    // A frame kind and an event kind from the future, each with a body.
+    send_raw(&mut conn, &[&ServerFrame::KINDS.to_be_bytes(), b"body"]).await;
+    send_raw(
+        &mut conn,
+        &[&3u32.to_be_bytes(), &Event::KINDS.to_be_bytes(), b"body"],
+    )
+    .await;
+
+    // A ping answered with a reply kind from the future fails alone.
+    let serve_unknown_reply = async {
+        let Request { id, .. } = request(&mut conn).await;
+        let kind = Reply::KINDS + 1;
+        send_raw(
+            &mut conn,
+            &[
+                &2u32.to_be_bytes(),
+                &id.to_be_bytes(),
+                &0u32.to_be_bytes(),
+                &kind.to_be_bytes(),
+                b"body",
+            ],
+        )
+        .await;
+    };
+    let (pinged, ()) = tokio::join!(client.ping(), serve_unknown_reply);
+    let err = pinged.expect_err("an unreadable reply");
+    assert!(
+        matches!(&err, ClientError::Protocol(message) if message.contains(&format!("reply kind {}", Reply::KINDS + 1))),
+        "{err:?}"
+    );
+
+    // A ping refused with an error code from the future keeps its message.
+    let serve_unknown_code = async {
+        let Request { id, .. } = request(&mut conn).await;
+        let code = ErrorCode::KINDS + 4;
+        send_raw(
+            &mut conn,
+            &[
+                &2u32.to_be_bytes(),
+                &id.to_be_bytes(),
+                &1u32.to_be_bytes(),
+                &code.to_be_bytes(),
+                &string("try later"),
+            ],
+        )
+        .await;
+    };
+    let (pinged, ()) = tokio::join!(client.ping(), serve_unknown_code);
+    let err = pinged.expect_err("a refusal");
+    assert_eq!(err.code(), Some(&ErrorCode::Unknown(ErrorCode::KINDS + 4)));
+    assert!(
+        matches!(&err, ClientError::Daemon(e) if e.message == "try later"),
+        "{err:?}"
+    );
+
+    // The lease is lost for a reason from the future: the profile hears of
+    // it, with the new owner that follows the reason.
+    send_raw(
+        &mut conn,
+        &[
+            &3u32.to_be_bytes(),
+            &1u32.to_be_bytes(),
+            &string("s"),
+            &string("k"),
+            &5u64.to_be_bytes(),
+            &LossReason::KINDS.to_be_bytes(),
+            &[1],
+            &7u64.to_be_bytes(),
+            &string("thief"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        tokio::time::timeout(PROMPTLY, profile.next_event())
+            .await
+            .expect("in time"),
+        Some(ProfileEvent::LeaseLost {
+            reason: LossReason::Unknown(LossReason::KINDS),
+            new_owner: Some(SessionId {
+                place_id: 7,
+                job_id: "thief".into(),
+            }),
+        })
+    );
+    assert_eq!(
+        profile.try_next_event(),
+        None,
+        "the skipped event reached nobody"
+    );
+
+    let (pinged, ()) = tokio::join!(client.ping(), serve_ping(&mut conn));
+    pinged.expect("the same connection still answers");
 }

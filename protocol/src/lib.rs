@@ -21,13 +21,8 @@
 //! a longer prefix is refused as soon as its four bytes arrive, before any
 //! buffer is allocated for it, and the connection is closed. A payload that
 //! does not decode to exactly one message, with no bytes left over, is
-//! malformed and also closes the connection, with one exception: after the
-//! handshake, a `Request` whose `RequestBody` variant index is one this
-//! daemon does not know (a kind appended after it was built, sent by a
-//! newer client) gets an `InvalidRequest` response to its id, and the
-//! connection carries on.
-//! The frame's length already told where it ends, so nothing past the
-//! `u32` variant index needs to be read.
+//! malformed and also closes the connection, except for a variant appended
+//! after the reader was built (see [Evolution](#evolution)).
 //!
 //! # Payload encoding
 //!
@@ -53,6 +48,29 @@
 //! Variant indexes are positions in the declarations below. Enums on the
 //! wire are append-only, so an index never changes meaning. Any change to a
 //! struct's fields changes [`PROTOCOL_VERSION`].
+//!
+//! # Evolution
+//!
+//! Variants are appended without a new protocol version, so a peer may
+//! meet an index past the last one it knows. The frame's length already
+//! says where the frame ends, so the reader skips what it cannot read and
+//! keeps the connection:
+//!
+//! - The daemon answers a `Request` of a `RequestBody` kind it does not
+//!   know with `InvalidRequest` to that request's id.
+//! - A client skips a `ServerFrame` of an unknown kind and an `Event` of an
+//!   unknown kind, and fails only the request whose `Response` carries an
+//!   `Ok` with an unknown `Reply` kind. (A daemon answers each request kind
+//!   with the replies it had when that kind was added, so this means a
+//!   broken daemon, not a newer one.)
+//! - `ErrorCode` and `LossReason` are *open*: a variant appended to either
+//!   carries no fields, so one a reader does not know is a bare `u32` and
+//!   the rest of the message (the error's `message`, `LeaseLost`'s
+//!   `new_owner`) still follows it and is read. The Rust types decode such
+//!   an index as `ErrorCode::Unknown(index)` and `LossReason::Unknown(index)`.
+//!
+//! Only the first unknown index in a frame is looked for: a known `Reply`
+//! or `Event` whose fields are broken is malformed, as before.
 //!
 //! # Messages
 //!
@@ -135,13 +153,15 @@
 //!              2 ShuttingDown { deadline_ms: u64 }
 //!              3 Message { store: String, key: String, epoch: u64, message: Message }
 //! LossReason   0 Stolen   1 ForceLoadTimeout   2 Overwritten   3 Wiped   4 Revoked
+//!              (open: later reasons carry no fields)
 //! Error          { code: ErrorCode, message: String }
 //! ErrorCode    0 UnsupportedVersion { client: u32, daemon: u32 }
 //!              1 InvalidRequest   2 TooLarge   3 AlreadyLoaded
 //!              4 Taken { owner: SessionId }
 //!              5 LeaseLost   6 Superseded   7 Timeout   8 ShuttingDown   9 Storage
 //!             10 NotFound   11 Forbidden   12 TooManyMessages { limit: u64 }
-//!             13 TooManyLoads { limit: u64 }
+//!             13 TooManyLoads { limit: u64 }   14 TooManyLeases
+//!              (open: later codes carry no fields)
 //! ```
 //!
 //! Times are milliseconds since the Unix epoch, by the daemon's clock.
@@ -225,16 +245,18 @@
 #![cfg_attr(not(test), warn(clippy::expect_used, clippy::indexing_slicing))]
 #![warn(missing_docs)]
 
+mod appended;
 mod frame;
 mod wire;
 
+pub use appended::{FromDaemon, Incoming};
 pub use frame::{
     CONFIG, FrameCodec, FrameError, Inbound, LENGTH_PREFIX, MAX_FRAME_CEILING, decode_payload,
     encode_frame, encode_frame_into, encode_payload, payload_len,
 };
 pub use wire::{
     ActiveSession, Changes, ClientFrame, DaemonStatus, Error, ErrorCode, Event, ExportPage,
-    ExportedProfile, HeldLease, Hello, Incoming, LoadPolicy, Loaded, LossReason, Message, Metric,
+    ExportedProfile, HeldLease, Hello, LoadPolicy, Loaded, LossReason, Message, Metric,
     OverwriteSource, ProfileMeta, ProfileView, Reply, Request, RequestBody, Response, Role,
     ServerFrame, SessionId, SessionInfo, VersionInfo, VersionQuery, Welcome,
 };

@@ -294,24 +294,6 @@ pub enum OverwriteSource {
     Version(u64),
 }
 
-/// What the daemon reads from a client: a [`ClientFrame`], or a request of
-/// a kind appended to [`RequestBody`] after the daemon was built. Request
-/// kinds are added without a new protocol version, so a newer client may
-/// send one; its frame is consumed whole, the stream stays in step, and
-/// the daemon answers that request alone with `InvalidRequest`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Incoming {
-    /// A frame this side understands.
-    Frame(ClientFrame),
-    /// A request whose kind this side does not know.
-    UnknownRequest {
-        /// The request's id, for the answer.
-        id: u64,
-        /// The [`RequestBody`] variant index that was sent.
-        kind: u32,
-    },
-}
-
 /// Frames sent by the daemon.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ServerFrame {
@@ -601,8 +583,12 @@ pub enum Event {
     },
 }
 
-/// Why a lease was taken from its holder.
+/// Why a lease was taken from its holder. Open: reasons appended later
+/// carry no fields, and one this build does not know decodes as
+/// [`LossReason::Unknown`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
+#[non_exhaustive]
 pub enum LossReason {
     /// Another session loaded it with [`LoadPolicy::Steal`].
     Stolen,
@@ -615,6 +601,10 @@ pub enum LossReason {
     Wiped,
     /// An admin ended the lease.
     Revoked,
+    /// A reason appended after this build, by its variant index. Never
+    /// sent by a daemon of this build.
+    #[serde(skip)]
+    Unknown(u32),
 }
 
 /// A failed request, or a refused handshake.
@@ -627,8 +617,12 @@ pub struct Error {
     pub message: String,
 }
 
-/// Error codes. Append-only, like every wire enum.
+/// Error codes. Append-only, like every wire enum, and open: codes
+/// appended later carry no fields (the error's message says the rest), and
+/// one this build does not know decodes as [`ErrorCode::Unknown`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(remote = "Self")]
+#[non_exhaustive]
 pub enum ErrorCode {
     /// The client and daemon speak different protocol versions.
     #[error("unsupported protocol version {client} (daemon speaks {daemon})")]
@@ -689,6 +683,16 @@ pub enum ErrorCode {
         /// The configured limit.
         limit: u64,
     },
+    /// The session already holds the most leases one session may
+    /// (`limits.max_leases_per_session`, named in the message); the load
+    /// was not granted. Release a profile before loading another.
+    #[error("too many leases held by this session")]
+    TooManyLeases,
+    /// A code appended after this build, by its variant index; the error's
+    /// message says what it means. Never sent by a daemon of this build.
+    #[error("error code {0}, newer than this build")]
+    #[serde(skip)]
+    Unknown(u32),
 }
 
 impl Error {
@@ -713,6 +717,33 @@ impl RequestBody {
     pub const KINDS: u32 = 17;
 }
 
+impl ServerFrame {
+    /// How many frame kinds this crate knows.
+    pub const KINDS: u32 = 4;
+}
+
+impl Reply {
+    /// How many reply kinds this crate knows.
+    pub const KINDS: u32 = 16;
+}
+
+impl Event {
+    /// How many event kinds this crate knows.
+    pub const KINDS: u32 = 4;
+}
+
+impl ErrorCode {
+    /// How many error codes this crate knows, [`ErrorCode::Unknown`] not
+    /// counted.
+    pub const KINDS: u32 = 15;
+}
+
+impl LossReason {
+    /// How many loss reasons this crate knows, [`LossReason::Unknown`] not
+    /// counted.
+    pub const KINDS: u32 = 5;
+}
+
 impl Inbound for ClientFrame {
     fn from_payload(payload: &[u8]) -> Result<Self, FrameError> {
         decode_payload(payload)
@@ -722,34 +753,5 @@ impl Inbound for ClientFrame {
 impl Inbound for ServerFrame {
     fn from_payload(payload: &[u8]) -> Result<Self, FrameError> {
         decode_payload(payload)
-    }
-}
-
-impl Inbound for Incoming {
-    /// A payload that is not a [`ClientFrame`] but starts like a `Request`
-    /// (tag 1, the `u64` id, then a `u32` kind) whose kind is past
-    /// [`RequestBody::KINDS`] is [`Incoming::UnknownRequest`]; anything
-    /// else that does not decode is malformed.
-    fn from_payload(payload: &[u8]) -> Result<Self, FrameError> {
-        let err = match decode_payload(payload) {
-            Ok(frame) => return Ok(Self::Frame(frame)),
-            Err(err) => err,
-        };
-        let header = payload
-            .split_first_chunk::<4>()
-            .and_then(|(tag, rest)| Some((tag, rest.split_first_chunk::<8>()?)))
-            .and_then(|(tag, (id, rest))| Some((tag, id, rest.split_first_chunk::<4>()?.0)));
-        match header {
-            Some((tag, id, kind))
-                if u32::from_be_bytes(*tag) == 1
-                    && u32::from_be_bytes(*kind) >= RequestBody::KINDS =>
-            {
-                Ok(Self::UnknownRequest {
-                    id: u64::from_be_bytes(*id),
-                    kind: u32::from_be_bytes(*kind),
-                })
-            }
-            _ => Err(err),
-        }
     }
 }

@@ -356,6 +356,7 @@ fn error_codes() {
             ErrorCode::TooManyLoads { limit: 4 },
             "0000000d0000000000000004".into(),
         ),
+        (ErrorCode::TooManyLeases, "0000000e".into()),
     ];
     for (code, expected) in cases {
         let frame = ServerFrame::Response(Response {

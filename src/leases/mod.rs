@@ -991,6 +991,7 @@ impl Driver {
             Err(LoadError::Taken { .. }) => LoadOutcome::Taken,
             Err(LoadError::Superseded(_)) => LoadOutcome::Superseded,
             Err(LoadError::Timeout(_)) => LoadOutcome::Timeout,
+            Err(LoadError::TooManyLeases { .. }) => LoadOutcome::TooManyLeases,
             Err(LoadError::ShuttingDown | LoadError::Storage(WriteError::Closed)) => {
                 LoadOutcome::ShuttingDown
             }
@@ -1176,6 +1177,7 @@ fn load_error(err: LoadError) -> protocol::Error {
         LoadError::Taken { owner, .. } => ErrorCode::Taken { owner },
         LoadError::Superseded(_) => ErrorCode::Superseded,
         LoadError::Timeout(_) => ErrorCode::Timeout,
+        LoadError::TooManyLeases { .. } => ErrorCode::TooManyLeases,
         LoadError::ShuttingDown => ErrorCode::ShuttingDown,
         LoadError::Storage(WriteError::Closed) => ErrorCode::ShuttingDown,
         LoadError::Storage(WriteError::NotFound) => ErrorCode::NotFound,
@@ -1253,6 +1255,7 @@ mod tests {
             force_load_timeout: Duration::from_secs(5),
             resume_grace: Duration::from_secs(60),
             take_disconnected_at_once: false,
+            max_leases_per_session: usize::MAX,
         };
         let stats = Arc::new(Stats::new());
         Leases::start(

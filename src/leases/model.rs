@@ -62,6 +62,7 @@ fn rules(take_disconnected_at_once: bool) -> LeaseRules {
         force_load_timeout: FORCE_LOAD_TIMEOUT,
         resume_grace: RESUME_GRACE,
         take_disconnected_at_once,
+        max_leases_per_session: usize::MAX,
     }
 }
 
@@ -84,6 +85,7 @@ enum Loss {
     Overwritten,
     Wiped,
     Revoked,
+    Unknown(u32),
 }
 
 impl From<LossReason> for Loss {
@@ -94,6 +96,12 @@ impl From<LossReason> for Loss {
             LossReason::Overwritten => Self::Overwritten,
             LossReason::Wiped => Self::Wiped,
             LossReason::Revoked => Self::Revoked,
+            // The daemon never sends a reason it does not know, and a
+            // reason added to the protocol crate lands here until it is
+            // listed (the enum is non-exhaustive); either would show in a
+            // model run's outcomes.
+            LossReason::Unknown(index) => Self::Unknown(index),
+            _ => Self::Unknown(u32::MAX),
         }
     }
 }

@@ -66,6 +66,15 @@ pub enum LoadError {
     /// The daemon is stopping.
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The session already holds (or is being granted) the most leases
+    /// one session may (`limits.max_leases_per_session`).
+    #[error("{key} was not granted: this session already holds {limit} leases, the most allowed")]
+    TooManyLeases {
+        /// The profile.
+        key: ProfileKey,
+        /// The limit.
+        limit: usize,
+    },
     /// Storage failed to record the grant.
     #[error("{0}")]
     Storage(WriteError),
@@ -175,6 +184,9 @@ pub struct LeaseRules {
     /// Whether a ForceLoad takes a disconnected holder's lease at once
     /// instead of when its resume grace runs out.
     pub take_disconnected_at_once: bool,
+    /// The most leases one session may hold, counting grants being
+    /// written. It bounds the `Welcome` that lists them on a reconnect.
+    pub max_leases_per_session: usize,
 }
 
 /// What a connecting session learns.
@@ -229,6 +241,9 @@ struct Session {
     /// The session's connection; `None` while it is away.
     conn: Option<ConnId>,
     held: HashSet<ProfileKey>,
+    /// Profiles being granted to the session, counted with `held`
+    /// against [`LeaseRules::max_leases_per_session`].
+    granting: HashSet<ProfileKey>,
     /// Changes at every connect and disconnect, so an expiry timer armed
     /// for an earlier absence does nothing.
     generation: u64,
@@ -341,6 +356,7 @@ impl LeaseTable {
                 .or_insert_with(|| Session {
                     conn: None,
                     held: HashSet::new(),
+                    granting: HashSet::new(),
                     generation: 0,
                 })
                 .held
@@ -366,6 +382,7 @@ impl LeaseTable {
             .or_insert_with(|| Session {
                 conn: None,
                 held: HashSet::new(),
+                granting: HashSet::new(),
                 generation,
             });
         entry.generation = generation;
@@ -537,6 +554,7 @@ impl LeaseTable {
         owner: &SessionId,
         epoch: u64,
     ) -> Option<HandOver> {
+        self.refuse_sessions_at_their_limit(key);
         let state = self.keys.get_mut(key)?;
         let Holder::Held(held) = &state.holder else {
             return None;
@@ -602,6 +620,9 @@ impl LeaseTable {
         let Granting {
             waiter, previous, ..
         } = *granting;
+        if let Some(entry) = self.sessions.get_mut(&waiter.session) {
+            entry.granting.remove(key);
+        }
         match result {
             Ok(granted) => {
                 let epoch = granted.lease.epoch;
@@ -933,6 +954,7 @@ impl LeaseTable {
     /// lets a Steal take it, asks the holder on behalf of a ForceLoad, or
     /// takes it once the ForceLoad's patience is spent.
     fn pump(&mut self, key: &ProfileKey, now: Instant) {
+        self.refuse_sessions_at_their_limit(key);
         let Some(state) = self.keys.get_mut(key) else {
             return;
         };
@@ -994,6 +1016,41 @@ impl LeaseTable {
         }
     }
 
+    /// Answers, from the head of `key`'s queue, each load whose session
+    /// already holds or is being granted
+    /// [`LeaseRules::max_leases_per_session`] leases, so that the next
+    /// grant (or the decision to take the profile from its holder) is for
+    /// a load that may have it.
+    fn refuse_sessions_at_their_limit(&mut self, key: &ProfileKey) {
+        let limit = self.rules.max_leases_per_session;
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        while let Some(head) = state.queue.front() {
+            let full = self
+                .sessions
+                .get(&head.session)
+                .is_some_and(|entry| entry.held.len() + entry.granting.len() >= limit);
+            if !full {
+                break;
+            }
+            let Some(waiter) = state.queue.pop_front() else {
+                break;
+            };
+            if let Some(c) = self.conns.get_mut(&waiter.conn) {
+                c.waiting.remove(key);
+            }
+            self.effects.push(Effect::Answer {
+                conn: waiter.conn,
+                request_id: waiter.request_id,
+                result: Err(LoadError::TooManyLeases {
+                    key: key.clone(),
+                    limit,
+                }),
+            });
+        }
+    }
+
     /// Pops the head of `key`'s queue and starts writing its grant.
     fn start_grant(&mut self, key: &ProfileKey, previous: Option<Previous>) {
         if let Some((ticket, owner)) = self.begin_grant(key, previous) {
@@ -1021,6 +1078,9 @@ impl LeaseTable {
             c.waiting.remove(key);
         }
         let owner = waiter.session.clone();
+        if let Some(entry) = self.sessions.get_mut(&owner) {
+            entry.granting.insert(key.clone());
+        }
         state.force_deadline = None;
         state.holder = Holder::Granting(Box::new(Granting {
             ticket,
@@ -1280,6 +1340,7 @@ mod tests {
             force_load_timeout: TIMEOUT,
             resume_grace: GRACE,
             take_disconnected_at_once: false,
+            max_leases_per_session: usize::MAX,
         }
     }
 
@@ -1379,6 +1440,85 @@ mod tests {
         let done = complete_grant(&mut table, effects, 1, now);
         assert_eq!(answers(&done), vec![(1, Ok(1))]);
         table
+    }
+
+    /// A session may hold `max_leases_per_session` leases, grants being
+    /// written included. A load beyond it is refused when its turn comes,
+    /// before the profile is asked of or taken from its holder, and the
+    /// next in line is served instead, a handoff included.
+    #[test]
+    fn a_session_at_its_lease_limit_is_refused_and_the_next_in_line_is_served() {
+        let now = Instant::now();
+        let mut table = LeaseTable::new(LeaseRules {
+            max_leases_per_session: 2,
+            ..rules()
+        });
+        for conn in 1..=3 {
+            table.connect(conn, session(&format!("s{conn}")), now);
+        }
+        let named = |name: &str| ProfileKey::new("s", name);
+        let load_named = |table: &mut LeaseTable, conn, name: &str, policy| {
+            table.load(
+                LoadRequest {
+                    conn,
+                    request_id: 1,
+                    key: named(name),
+                    policy,
+                    deadline: None,
+                },
+                now,
+            );
+            table.take_effects()
+        };
+        let refused = |conn, name: &str| {
+            vec![(
+                conn,
+                Err(LoadError::TooManyLeases {
+                    key: named(name),
+                    limit: 2,
+                }),
+            )]
+        };
+
+        // Two grants under way count: a third load is refused at once.
+        let a = load_named(&mut table, 1, "a", LoadPolicy::ForceLoad);
+        let b = load_named(&mut table, 1, "b", LoadPolicy::ForceLoad);
+        let c = load_named(&mut table, 1, "c", LoadPolicy::ForceLoad);
+        assert_eq!(answers(&c), refused(1, "c"));
+        assert_eq!(
+            answers(&complete_grant(&mut table, a, 1, now)),
+            vec![(1, Ok(1))]
+        );
+        assert_eq!(
+            answers(&complete_grant(&mut table, b, 1, now)),
+            vec![(1, Ok(1))]
+        );
+
+        // Session 2 holds "x". Session 1's ForceLoad of it is refused
+        // without asking session 2 for it.
+        let x = load_named(&mut table, 2, "x", LoadPolicy::ForceLoad);
+        complete_grant(&mut table, x, 1, now);
+        let forced = load_named(&mut table, 1, "x", LoadPolicy::ForceLoad);
+        assert_eq!(answers(&forced), refused(1, "x"));
+        assert!(pushes(&forced).is_empty(), "{forced:?}");
+
+        // A release makes room: 1 waits for "x" ahead of 3, then takes
+        // "c", so on 2's release "x" goes to 3 and 1 is refused.
+        assert_eq!(table.releasing(&named("a"), &session("s1"), 1), None);
+        table.released(&named("a"), 1, now);
+        table.take_effects();
+        assert!(load_named(&mut table, 1, "x", LoadPolicy::Repeat).is_empty());
+        assert!(load_named(&mut table, 3, "x", LoadPolicy::Repeat).is_empty());
+        let c = load_named(&mut table, 1, "c", LoadPolicy::ForceLoad);
+        assert_eq!(
+            answers(&complete_grant(&mut table, c, 1, now)),
+            vec![(1, Ok(1))]
+        );
+        let hand_over = table.releasing(&named("x"), &session("s2"), 1);
+        assert_eq!(hand_over.map(|h| h.next), Some(session("s3")));
+        assert_eq!(answers(&table.take_effects()), refused(1, "x"));
+        let d = load_named(&mut table, 1, "d", LoadPolicy::ForceLoad);
+        assert_eq!(answers(&d), refused(1, "d"));
     }
 
     #[test]
@@ -1901,6 +2041,7 @@ mod tests {
         let now = Instant::now();
         let mut table = LeaseTable::new(LeaseRules {
             take_disconnected_at_once: true,
+            max_leases_per_session: usize::MAX,
             ..rules()
         });
         table.connect(1, session("s1"), now);
@@ -2047,6 +2188,7 @@ mod tests {
             force_load_timeout: Duration::from_millis(50),
             resume_grace: Duration::from_millis(80),
             take_disconnected_at_once: next(2) == 0,
+            max_leases_per_session: usize::MAX,
         });
         // conn ids: session s uses conn s + 10 * generation.
         let mut conn_of: Vec<Option<ConnId>> = vec![None; sessions as usize];
