@@ -335,6 +335,12 @@ impl Config {
         if limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be above zero"));
         }
+        if limits.max_leases_per_session.is_none() && limits.leases_per_session() == 0 {
+            return Err(invalid(
+                "limits.max_frame",
+                "must leave room, 1 KiB below it, for a Welcome that lists one lease with names of limits.max_name bytes",
+            ));
+        }
         if limits.leases_per_session() == 0
             || limits.welcome_bound() + WELCOME_MARGIN > u64::from(limits.max_frame)
         {

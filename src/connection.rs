@@ -158,6 +158,7 @@ pub async fn serve(
             return;
         }
     };
+    let held = connected.leases.len();
     let leases = connected
         .leases
         .into_iter()
@@ -170,14 +171,35 @@ pub async fn serve(
         connection_id: conn,
         leases,
     });
-    if let Err(err) = transport.send(welcome).await {
-        // Over the frame limit only for leases recovered after a restart
-        // with lower limits than they were granted under
-        // (`limits.max_leases_per_session`, `max_frame`). Its leases then
-        // end with its resume grace.
-        tracing::warn!(conn, %session, %err, "could not send the welcome");
-        context.leases.disconnect(conn);
-        return;
+    match transport.send(welcome).await {
+        Ok(()) => {}
+        // Only leases recovered after a restart under lower limits than
+        // they were granted under (`limits.max_leases_per_session`,
+        // `max_frame`) can make it too large. The refusal is final for
+        // the client, which stops reconnecting, so the leases end with
+        // this disconnect's resume grace rather than being held by a
+        // session that can never resume them.
+        Err(FrameError::TooLarge { len, max }) => {
+            tracing::warn!(
+                conn,
+                %session,
+                held,
+                len,
+                max,
+                "refusing a session whose welcome is over the frame limit"
+            );
+            let message = format!(
+                "this session holds {held} leases, too many to list in a welcome of at most {max} bytes ({len}); they end with the resume grace"
+            );
+            refuse(&mut transport, ErrorCode::TooManyLeases, message).await;
+            context.leases.disconnect(conn);
+            return;
+        }
+        Err(err) => {
+            tracing::debug!(conn, %session, %err, "could not send the welcome");
+            context.leases.disconnect(conn);
+            return;
+        }
     }
     tracing::debug!(conn, %session, "session connected");
     let session = Session {

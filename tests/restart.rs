@@ -137,3 +137,37 @@ async fn a_session_resumes_its_lease_after_a_restart_and_old_epochs_stay_fenced(
         Some(&ErrorCode::LeaseLost)
     );
 }
+
+/// Leases recovered after a restart under lower limits than they were
+/// granted under can be too many for one `Welcome`. The session is then
+/// refused with `TooManyLeases`, which a client takes as final, instead of
+/// having its connection closed without a word, again at every reconnect.
+#[tokio::test]
+async fn a_session_whose_recovered_leases_outgrow_the_welcome_is_refused() {
+    const SMALL: &str = "max_data = 1024\nmax_message = 1024\nmax_name = 64\n";
+    let mut daemon = Daemon::start_with(&format!(
+        "[limits]\nmax_frame = 65536\n{SMALL}max_leases_per_session = 300\n"
+    ));
+    let holder = daemon.client("holder").await;
+    let keys: Vec<String> = (0..300).map(|i| format!("{i:060}")).collect();
+    let loads = keys
+        .iter()
+        .map(|key| holder.load(STORE, key, LoadPolicy::Cancel));
+    let held = futures::future::join_all(loads).await;
+    assert!(held.iter().all(Result::is_ok), "300 leases held");
+    daemon.kill();
+
+    // 300 leases with 60-byte keys take about 25 KiB of a Welcome.
+    daemon.restart_with(&format!("[limits]\nmax_frame = 8192\n{SMALL}"));
+    let refused =
+        profiled_client::Client::connect(daemon.socket(), common::session("holder")).await;
+    match refused {
+        Err(profiled_client::ClientError::Refused(err)) => {
+            assert_eq!(err.code, ErrorCode::TooManyLeases, "{err}");
+            assert!(err.message.contains("300 leases"), "{err}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Other sessions are served.
+    daemon.client("other").await.ping().await.expect("ping");
+}

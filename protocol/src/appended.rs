@@ -98,12 +98,18 @@ pub(crate) fn deserialize_open<'de, T: Open, D: Deserializer<'de>>(
 }
 
 /// Encodes an [`Open`] enum: an unknown variant as its bare index, which is
-/// all a variant without fields is on the wire.
+/// all a variant without fields is on the wire. An `Unknown` holding an
+/// index this build knows is refused: encoded bare, it would be that
+/// variant without its fields.
 pub(crate) fn serialize_open<T: Open, S: Serializer>(
     value: &T,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     match value.unknown_index() {
+        Some(index) if index < T::KINDS => Err(serde::ser::Error::custom(format!(
+            "{}::Unknown({index}) names a known variant",
+            T::NAME
+        ))),
         Some(index) => serializer.serialize_unit_variant(T::NAME, index, "Unknown"),
         None => value.encode_known(serializer),
     }
@@ -529,6 +535,11 @@ mod tests {
             [Ok(FromDaemon::Frame(unknown_reason.clone()))]
         );
         assert_eq!(encode_frame(&unknown_reason).expect("encode"), lost);
+
+        // An `Unknown` that names a known index would encode that variant
+        // without its fields; it is refused instead.
+        let fieldless = Error::new(ErrorCode::Unknown(4), "Taken has an owner");
+        assert!(encode_frame(&ServerFrame::Refused(fieldless)).is_err());
     }
 
     /// Each `KINDS` is one past the index of the last variant this crate

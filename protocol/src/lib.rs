@@ -58,8 +58,10 @@
 //!
 //! - The daemon answers a `Request` of a `RequestBody` kind it does not
 //!   know with `InvalidRequest` to that request's id.
-//! - A client skips a `ServerFrame` of an unknown kind and an `Event` of an
-//!   unknown kind, and fails only the request whose `Response` carries an
+//! - After the `Welcome`, a client skips a `ServerFrame` of an unknown kind
+//!   and an `Event` of an unknown kind (before it, anything but a `Welcome`
+//!   or `Refused` fails the handshake), and fails only the request whose
+//!   `Response` carries an
 //!   `Ok` with an unknown `Reply` kind. (A daemon answers each request kind
 //!   with the replies it had when that kind was added, so this means a
 //!   broken daemon, not a newer one.)

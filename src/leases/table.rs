@@ -554,12 +554,17 @@ impl LeaseTable {
         owner: &SessionId,
         epoch: u64,
     ) -> Option<HandOver> {
+        let state = self.keys.get(key)?;
+        if !matches!(&state.holder, Holder::Held(held) if held.epoch == epoch && held.session == *owner)
+        {
+            return None;
+        }
         self.refuse_sessions_at_their_limit(key);
         let state = self.keys.get_mut(key)?;
         let Holder::Held(held) = &state.holder else {
             return None;
         };
-        if held.epoch != epoch || held.session != *owner || state.queue.is_empty() {
+        if state.queue.is_empty() {
             return None;
         }
         let previous = Previous::Releasing {
@@ -1020,7 +1025,8 @@ impl LeaseTable {
     /// already holds or is being granted
     /// [`LeaseRules::max_leases_per_session`] leases, so that the next
     /// grant (or the decision to take the profile from its holder) is for
-    /// a load that may have it.
+    /// a load that may have it. A refused ForceLoad takes its deadline
+    /// with it: the holder was asked for the profile on its behalf.
     fn refuse_sessions_at_their_limit(&mut self, key: &ProfileKey) {
         let limit = self.rules.max_leases_per_session;
         let Some(state) = self.keys.get_mut(key) else {
@@ -1037,6 +1043,9 @@ impl LeaseTable {
             let Some(waiter) = state.queue.pop_front() else {
                 break;
             };
+            if state.queue.front().map(|w| w.policy) != Some(LoadPolicy::ForceLoad) {
+                state.force_deadline = None;
+            }
             if let Some(c) = self.conns.get_mut(&waiter.conn) {
                 c.waiting.remove(key);
             }
@@ -1519,6 +1528,65 @@ mod tests {
         assert_eq!(answers(&table.take_effects()), refused(1, "x"));
         let d = load_named(&mut table, 1, "d", LoadPolicy::ForceLoad);
         assert_eq!(answers(&d), refused(1, "d"));
+    }
+
+    /// A release that does not count (another epoch) refuses no waiter,
+    /// and a ForceLoad refused at the limit takes its deadline with it, so
+    /// the next ForceLoad asks the holder again.
+    #[test]
+    fn a_refusal_at_the_lease_limit_leaves_no_stale_force_deadline() {
+        let now = Instant::now();
+        let mut table = LeaseTable::new(LeaseRules {
+            max_leases_per_session: 1,
+            ..rules()
+        });
+        for conn in 1..=3 {
+            table.connect(conn, session(&format!("s{conn}")), now);
+        }
+        let asked = |effects: &[Effect]| {
+            pushes(effects).iter().any(|(conn, event)| {
+                *conn == 1 && matches!(event, LeaseEvent::ReleaseRequested { .. })
+            })
+        };
+        load(&mut table, 1, LoadPolicy::ForceLoad, now);
+        let effects = table.take_effects();
+        complete_grant(&mut table, effects, 1, now);
+        load(&mut table, 2, LoadPolicy::ForceLoad, now);
+        assert!(asked(&table.take_effects()), "the holder is asked for 2");
+        table.load(
+            LoadRequest {
+                conn: 2,
+                request_id: 7,
+                key: ProfileKey::new("s", "other"),
+                policy: LoadPolicy::ForceLoad,
+                deadline: None,
+            },
+            now,
+        );
+        let effects = table.take_effects();
+        complete_grant(&mut table, effects, 1, now);
+
+        assert_eq!(table.releasing(&key(), &session("s1"), 99), None);
+        assert!(
+            table.take_effects().is_empty(),
+            "another epoch refuses nobody"
+        );
+        assert_eq!(table.releasing(&key(), &session("s1"), 1), None);
+        assert_eq!(
+            answers(&table.take_effects()),
+            vec![(
+                2,
+                Err(LoadError::TooManyLeases {
+                    key: key(),
+                    limit: 1
+                })
+            )]
+        );
+        load(&mut table, 3, LoadPolicy::ForceLoad, now);
+        assert!(
+            asked(&table.take_effects()),
+            "the holder is asked again for 3"
+        );
     }
 
     #[test]

@@ -163,6 +163,14 @@ impl Daemon {
         self.spawn();
     }
 
+    /// Starts the daemon again on the same directory with `extra` TOML
+    /// in place of what it was started with; it must not be running.
+    #[allow(dead_code)] // Not every test binary restarts with new settings.
+    pub fn restart_with(&mut self, extra: &str) {
+        extra.clone_into(&mut self.extra_config);
+        self.restart();
+    }
+
     fn spawn(&mut self) {
         let config = format!(
             "[listen]\nsocket = {:?}\n[storage]\npath = {:?}\n{}\n",
