@@ -135,8 +135,9 @@ pub struct LimitsConfig {
     /// memory in the lease table until it is answered.
     pub max_queued_loads: usize,
     /// The most leases one session may hold, counting grants being
-    /// written; a load beyond it is refused with `TooManyLeases` when its
-    /// turn comes. The `Welcome` lists every lease of a resuming session
+    /// written; a load that finds its session at the limit once it is
+    /// first in line for its profile is refused with `TooManyLeases`. The
+    /// `Welcome` lists every lease of a resuming session
     /// in one frame, so this many leases with the longest names must fit
     /// in `max_frame` ([`LimitsConfig::welcome_bound`]). Unset, it is as
     /// many as fit ([`LimitsConfig::leases_per_session`]).

@@ -1452,8 +1452,8 @@ mod tests {
     }
 
     /// A session may hold `max_leases_per_session` leases, grants being
-    /// written included. A load beyond it is refused when its turn comes,
-    /// before the profile is asked of or taken from its holder, and the
+    /// written included. A load beyond it is refused once it is first in
+    /// line, before the profile is asked of or taken from its holder, and the
     /// next in line is served instead, a handoff included.
     #[test]
     fn a_session_at_its_lease_limit_is_refused_and_the_next_in_line_is_served() {
