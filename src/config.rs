@@ -137,10 +137,10 @@ pub struct LimitsConfig {
     /// The most leases one session may hold, counting grants being
     /// written; a load that finds its session at the limit once it is
     /// first in line for its profile is refused with `TooManyLeases`. The
-    /// `Welcome` lists every lease of a resuming session
-    /// in one frame, so this many leases with the longest names must fit
-    /// in `max_frame` ([`LimitsConfig::welcome_bound`]). Unset, it is as
-    /// many as fit ([`LimitsConfig::leases_per_session`]).
+    /// `Welcome` lists every lease of a resuming session in one frame, so
+    /// this many leases with the longest names must fit in `max_frame`
+    /// ([`LimitsConfig::welcome_bound`]). Unset, it is as many as fit
+    /// ([`LimitsConfig::leases_per_session`]).
     pub max_leases_per_session: Option<usize>,
     /// The most client connections at once.
     pub max_connections: usize,
@@ -342,7 +342,7 @@ impl Config {
                 "must leave room, 1 KiB below it, for a Welcome that lists one lease with names of limits.max_name bytes",
             ));
         }
-        if limits.leases_per_session() == 0
+        if limits.max_leases_per_session == Some(0)
             || limits.welcome_bound() + WELCOME_MARGIN > u64::from(limits.max_frame)
         {
             return Err(invalid(

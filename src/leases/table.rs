@@ -1366,7 +1366,12 @@ mod tests {
 
     /// A table with connections 1..=n for sessions "s1".."sn".
     fn table(n: u64) -> LeaseTable {
-        let mut table = LeaseTable::new(rules());
+        table_with(rules(), n)
+    }
+
+    /// [`table`] under `rules`.
+    fn table_with(rules: LeaseRules, n: u64) -> LeaseTable {
+        let mut table = LeaseTable::new(rules);
         for conn in 1..=n {
             table.connect(conn, session(&format!("s{conn}")), Instant::now());
         }
@@ -1458,13 +1463,11 @@ mod tests {
     #[test]
     fn a_session_at_its_lease_limit_is_refused_and_the_next_in_line_is_served() {
         let now = Instant::now();
-        let mut table = LeaseTable::new(LeaseRules {
+        let limited = LeaseRules {
             max_leases_per_session: 2,
             ..rules()
-        });
-        for conn in 1..=3 {
-            table.connect(conn, session(&format!("s{conn}")), now);
-        }
+        };
+        let mut table = table_with(limited, 3);
         let named = |name: &str| ProfileKey::new("s", name);
         let load_named = |table: &mut LeaseTable, conn, name: &str, policy| {
             table.load(
@@ -1536,13 +1539,11 @@ mod tests {
     #[test]
     fn a_refusal_at_the_lease_limit_leaves_no_stale_force_deadline() {
         let now = Instant::now();
-        let mut table = LeaseTable::new(LeaseRules {
+        let limited = LeaseRules {
             max_leases_per_session: 1,
             ..rules()
-        });
-        for conn in 1..=3 {
-            table.connect(conn, session(&format!("s{conn}")), now);
-        }
+        };
+        let mut table = table_with(limited, 3);
         let asked = |effects: &[Effect]| {
             pushes(effects).iter().any(|(conn, event)| {
                 *conn == 1 && matches!(event, LeaseEvent::ReleaseRequested { .. })
@@ -2109,7 +2110,6 @@ mod tests {
         let now = Instant::now();
         let mut table = LeaseTable::new(LeaseRules {
             take_disconnected_at_once: true,
-            max_leases_per_session: usize::MAX,
             ..rules()
         });
         table.connect(1, session("s1"), now);
