@@ -8,6 +8,9 @@
 //! the syncer thread makes ([`super::durable`]), or the committer itself when
 //! the syncer is idle and nothing waits behind the batch. If the write
 //! fails, every operation in the batch fails and none is acknowledged.
+//!
+//! The thread's loop, and the saves a caller commits itself while the
+//! thread is idle, are in [`super::lane`].
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -19,7 +22,7 @@ use profiled_protocol::{Changes, Message, SessionId};
 use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::oneshot;
 
-use super::durable::{self, Answer, Progress, Stranded, Syncer};
+use super::durable::{self, Answer, Progress, Stranded, SyncWatch, Syncer};
 use super::records::{self, LeaseRecord, MetaRecord};
 use super::{AdminAction, AdminDone, Families, Granted, Grantee, Sent, WriteError, unix_ms};
 use crate::ProfileKey;
@@ -76,10 +79,13 @@ pub(super) enum Op {
     Close {
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Wakes the committer thread to find the failure an inline write
+    /// recorded ([`super::lane`]); it changes nothing and has no answer.
+    Wake,
 }
 
 /// A save or release, checked against the stored lease.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Write {
     /// The profile.
     pub(super) key: ProfileKey,
@@ -138,6 +144,13 @@ impl Queue {
         }
     }
 
+    /// Puts `op`, just taken, back in front, for whatever reads the queue
+    /// next.
+    pub(super) fn put_back(&mut self, op: Op) {
+        debug_assert!(self.ahead.is_none(), "an operation was taken first");
+        self.ahead = Some(op);
+    }
+
     /// Whether no operation is waiting.
     pub(super) fn is_empty(&mut self) -> bool {
         if self.ahead.is_none() {
@@ -165,7 +178,7 @@ pub(super) enum Ended {
 }
 
 /// What a batch did.
-enum Outcome {
+pub(super) enum Outcome {
     /// It was written, or every operation in it was refused on its own.
     Committed,
     /// It held a `Close`.
@@ -173,6 +186,11 @@ enum Outcome {
     /// Its write failed; every operation in it was failed.
     WriteFailed(String),
 }
+
+/// An inline write that RocksDB would have held back for a stall, so was
+/// not applied ([`Committer::commit_inline`]).
+#[derive(Debug)]
+pub(super) struct Stalled;
 
 /// How a committer works; a replacement committer after a reopen gets the
 /// same.
@@ -203,6 +221,9 @@ impl Settings {
 pub(super) struct Committer {
     db: Arc<DB>,
     write_options: WriteOptions,
+    /// For inline writes ([`Committer::commit_inline`]): refused at once,
+    /// rather than slowed down, while RocksDB stalls writes.
+    inline_options: WriteOptions,
     settings: Settings,
     /// The records of held leases as the last committed batch left them.
     /// Only the committer writes meta and lease records, so this copy is
@@ -267,9 +288,12 @@ impl Committer {
         };
         let mut write_options = WriteOptions::default();
         write_options.set_sync(settings.sync && syncer.is_none());
+        let mut inline_options = WriteOptions::default();
+        inline_options.set_no_slowdown(true);
         Self {
             db,
             write_options,
+            inline_options,
             settings,
             syncer,
             progress,
@@ -280,74 +304,51 @@ impl Committer {
         }
     }
 
-    /// Runs until a `Close` op, until every sender is gone, or until a
-    /// batch's write fails; says which.
-    pub(super) fn run(&self, ops: &mut Queue) -> Ended {
-        let max_batch = self.settings.max_batch;
-        let mut batch = Vec::with_capacity(max_batch);
-        loop {
-            let first = match &self.syncer {
-                Some(syncer) => match next_op(ops, syncer) {
-                    Ok(first) => first,
-                    Err(failure) => return ended(failure),
-                },
-                None => ops.recv(),
-            };
-            let Some(first) = first else {
-                break;
-            };
-            batch.push(first);
-            while batch.len() < max_batch {
-                match ops.try_recv() {
-                    Some(op) => batch.push(op),
-                    None => break,
-                }
+    /// Finishes a `Close` once its batch is committed: answers what a
+    /// failure left in doubt as such, since no reopen will judge it, and
+    /// flushes everything unless something failed (`write_failure`, or a
+    /// failure the syncer recorded), in which case the disk is not written
+    /// again. Says how the flush went, for the `Close`'s answer.
+    pub(super) fn close(&self, write_failure: Option<String>) -> Result<(), String> {
+        let mut failure = write_failure;
+        if let Some(syncer) = &self.syncer {
+            if let Some(message) = &failure {
+                syncer.write_failed(message);
             }
-            let more_waiting = || !ops.is_empty();
-            match self.commit(&mut batch, more_waiting) {
-                Outcome::Committed => {}
-                Outcome::Close(reply, write_failure) => {
-                    let mut failure = write_failure;
-                    if let Some(syncer) = &self.syncer {
-                        if let Some(message) = &failure {
-                            syncer.write_failed(message);
-                        }
-                        // With no reopen to come, what a failure left in
-                        // doubt stays so.
-                        let stranded = syncer.take_stranded();
-                        failure = syncer.failure().map(|failure| failure.message);
-                        let doubt = WriteError::Storage(format!(
-                            "the daemon is stopping after a storage failure; this write may or may not have been kept: {}",
-                            failure.as_deref().unwrap_or_default()
-                        ));
-                        durable::answer_in_doubt(stranded, &doubt);
-                    }
-                    // After a failure the disk is not written again.
-                    let flushed = match failure {
-                        Some(message) => Err(message),
-                        None => self.flush(),
-                    };
-                    let _ = reply.send(flushed);
-                    return Ended::Closed;
-                }
-                Outcome::WriteFailed(message) => {
-                    // RocksDB refuses to sync after a failed write, so the
-                    // batches still with the syncer are stranded. A write
-                    // that failed because a sync had failed is the sync's
-                    // failure: whichever was recorded first decides.
-                    return match &self.syncer {
-                        Some(syncer) => {
-                            syncer.write_failed(&message);
-                            syncer.failure().map_or(Ended::Failed(message), ended)
-                        }
-                        // Each write syncs itself without a syncer thread.
-                        None if durable::is_sync_failure(&message) => Ended::SyncFailed(message),
-                        None => Ended::Failed(message),
-                    };
-                }
-            }
+            let stranded = syncer.take_stranded();
+            failure = syncer.failure().map(|failure| failure.message);
+            let doubt = WriteError::Storage(format!(
+                "the daemon is stopping after a storage failure; this write may or may not have been kept: {}",
+                failure.as_deref().unwrap_or_default()
+            ));
+            durable::answer_in_doubt(stranded, &doubt);
         }
-        Ended::Closed
+        match failure {
+            Some(message) => Err(message),
+            None => self.flush(),
+        }
+    }
+
+    /// How the committer ends after a batch's write failed with `message`.
+    /// RocksDB refuses to sync after a failed write, so the batches still
+    /// with the syncer are stranded. A write that failed because a sync had
+    /// failed is the sync's failure: whichever was recorded first decides.
+    pub(super) fn failed(&self, message: String) -> Ended {
+        match &self.syncer {
+            Some(syncer) => {
+                syncer.write_failed(&message);
+                syncer.failure().map_or(Ended::Failed(message), ended)
+            }
+            // Each write syncs itself without a syncer thread.
+            None if durable::is_sync_failure(&message) => Ended::SyncFailed(message),
+            None => Ended::Failed(message),
+        }
+    }
+
+    /// What the committer thread watches of the syncer between batches;
+    /// `None` without one.
+    pub(super) fn sync_watch(&self) -> Option<SyncWatch> {
+        self.syncer.as_ref().map(Syncer::watch)
     }
 
     /// The written batches whose answers wait, after a failure, for a reopen
@@ -373,12 +374,44 @@ impl Committer {
     /// batch fail with `Closed`. `more_waiting` says whether another
     /// operation is already waiting; it is asked only when the syncer is
     /// idle, to decide who syncs.
-    fn commit(&self, ops: &mut Vec<Op>, more_waiting: impl FnOnce() -> bool) -> Outcome {
+    pub(super) fn commit(&self, ops: &mut Vec<Op>, more_waiting: impl FnOnce() -> bool) -> Outcome {
+        match self.commit_with(ops, false, more_waiting) {
+            Ok(outcome) => outcome,
+            // Only an inline write is refused for a stall; this one waited.
+            Err(Stalled) => Outcome::Committed,
+        }
+    }
+
+    /// Applies and answers one save on the caller's thread, in buffered
+    /// mode, and says what happened ([`super::lane`]). The save is not
+    /// applied, and `Err(Stalled)` returned, if RocksDB would have held the
+    /// write back for a stall: the caller's thread must not sleep in
+    /// RocksDB, so the caller hands the save to the committer thread.
+    pub(super) fn commit_inline(
+        &self,
+        write: Write,
+    ) -> Result<(Result<u64, WriteError>, Outcome), Stalled> {
+        let (reply, mut answer) = oneshot::channel();
+        let outcome = self.commit_with(&mut vec![Op::Write { write, reply }], true, || false)?;
+        // With no syncer (buffered mode), a batch is answered before its
+        // commit returns.
+        let answer = answer.try_recv().unwrap_or(Err(WriteError::Closed));
+        Ok((answer, outcome))
+    }
+
+    /// [`Committer::commit`], and for `inline` writes
+    /// [`Committer::commit_inline`].
+    fn commit_with(
+        &self,
+        ops: &mut Vec<Op>,
+        inline: bool,
+        more_waiting: impl FnOnce() -> bool,
+    ) -> Result<Outcome, Stalled> {
         let Some(families) = Families::of(&self.db) else {
             // Unreachable after a successful open; fail the batch rather
             // than panic in the daemon.
             ops.clear();
-            return Outcome::Committed;
+            return Ok(Outcome::Committed);
         };
         let mut cache = self.cache.borrow_mut();
         let mut batch = Batch {
@@ -439,6 +472,7 @@ impl Committer {
                     answers.push(Answer::Durable(reply, Ok(())));
                 }
                 Op::Close { reply } => close = Some(reply),
+                Op::Wake => {}
             }
         }
         // Without a syncer each write syncs itself, so a batch that wrote
@@ -467,13 +501,14 @@ impl Committer {
                 None
             }
         } else {
-            let written = self.db.write_opt(batch.batch, &self.write_options);
+            // On a stall nothing was written. The answers are dropped
+            // unsent (the caller has kept the save to hand on), and so are
+            // the batch's cache entries, which later reads refill.
+            let written = self.write_batch(batch.batch, inline)?;
             if written.is_ok() && self_synced {
                 self.progress.synced(before);
             }
-            written
-                .err()
-                .map(|err| WriteError::Storage(err.into_string()))
+            written.err().map(WriteError::Storage)
         };
         if failure.is_none() {
             cache.put_back(batch.slots);
@@ -503,7 +538,26 @@ impl Committer {
             (None, Some(syncer)) => syncer.answer_when_synced(seq, answers),
             (failure, _) => durable::deliver(answers, failure.as_ref()),
         }
-        outcome
+        Ok(outcome)
+    }
+
+    /// Writes `batch`, as an inline write if `inline`: then a write
+    /// RocksDB would hold back for a stall is refused, unapplied.
+    fn write_batch(&self, batch: WriteBatch, inline: bool) -> Result<Result<(), String>, Stalled> {
+        #[cfg(test)]
+        if durable::faults::writes_refused(self.db.path()) {
+            return Ok(Err("an injected failed write".to_owned()));
+        }
+        let options = if inline {
+            &self.inline_options
+        } else {
+            &self.write_options
+        };
+        match self.db.write_opt(batch, options) {
+            Ok(()) => Ok(Ok(())),
+            Err(err) if inline && err.kind() == rocksdb::ErrorKind::Incomplete => Err(Stalled),
+            Err(err) => Ok(Err(err.into_string())),
+        }
     }
 
     fn grant(
@@ -891,33 +945,8 @@ impl Committer {
     }
 }
 
-/// How long the committer waits for an operation, while the syncer holds
-/// batches, before it looks again whether their sync failed.
-const SYNC_POLL: Duration = Duration::from_millis(50);
-
-/// The next operation, or the failure recorded meanwhile. While the syncer
-/// holds batches, the wait is cut into [`SYNC_POLL`] steps, so a sync that
-/// fails while nothing arrives still ends the committer; once the syncer
-/// is idle, any failure is already recorded, and the wait is plain.
-fn next_op(ops: &mut Queue, syncer: &Syncer) -> Result<Option<Op>, durable::Failure> {
-    loop {
-        let idle = syncer.is_idle();
-        if let Some(failure) = syncer.failure() {
-            return Err(failure);
-        }
-        if idle {
-            return Ok(ops.recv());
-        }
-        match ops.recv_timeout(SYNC_POLL) {
-            Ok(op) => return Ok(Some(op)),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return Ok(None),
-        }
-    }
-}
-
 /// How a committer that recorded `failure` ends.
-fn ended(failure: durable::Failure) -> Ended {
+pub(super) fn ended(failure: durable::Failure) -> Ended {
     if failure.sync {
         Ended::SyncFailed(failure.message)
     } else {
@@ -953,7 +982,7 @@ impl Op {
             | Self::Pending { key, .. } => Some(key),
             Self::Write { write, .. } => Some(&write.key),
             Self::HandOver { release, .. } => Some(&release.key),
-            Self::Durable { .. } | Self::Close { .. } => None,
+            Self::Durable { .. } | Self::Close { .. } | Self::Wake => None,
         }
     }
 }
@@ -1084,6 +1113,7 @@ pub(super) fn refuse(op: Op, err: &WriteError) -> Option<oneshot::Sender<Result<
             let _ = reply.send(Err(err.clone()));
         }
         Op::Close { reply } => return Some(reply),
+        Op::Wake => {}
     }
     None
 }

@@ -167,6 +167,12 @@ enum Work {
     Barrier(Sender<()>),
 }
 
+/// What the committer thread watches of its syncer while it waits for work,
+/// without holding the committer, which inline writers may be using
+/// ([`super::lane`]).
+#[derive(Clone, Debug)]
+pub(super) struct SyncWatch(Arc<Shared>);
+
 impl Syncer {
     /// Starts the syncer thread for `db`.
     pub(super) fn start(db: Arc<DB>, progress: Arc<Progress>) -> std::io::Result<Self> {
@@ -243,6 +249,11 @@ impl Syncer {
         self.shared.failure()
     }
 
+    /// A watch on this syncer for the committer thread.
+    pub(super) fn watch(&self) -> SyncWatch {
+        SyncWatch(Arc::clone(&self.shared))
+    }
+
     /// Records that a batch's write failed, unless something failed
     /// before: no sync is attempted after it, and the batches still
     /// waiting are stranded.
@@ -264,6 +275,18 @@ impl Syncer {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         )
+    }
+}
+
+impl SyncWatch {
+    /// As [`Syncer::is_idle`].
+    pub(super) fn is_idle(&self) -> bool {
+        self.0.queued.load(Ordering::Acquire) == 0
+    }
+
+    /// As [`Syncer::failure`].
+    pub(super) fn failure(&self) -> Option<Failure> {
+        self.0.failure()
     }
 }
 
@@ -532,12 +555,31 @@ pub(super) mod faults {
     }
 
     /// Whether this sync of the database at `path` is to be refused.
+    /// Databases, by path, and how many of their next batch writes fail.
+    static FAILING_WRITES: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+    /// Fails the next `count` batch writes of the database at `path`, each
+    /// before RocksDB sees it, as a full disk would.
+    pub(in crate::storage) fn refuse_writes(path: &Path, count: usize) {
+        FAILING_WRITES
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((path.to_owned(), count));
+    }
+
+    /// Whether the next batch write of the database at `path` is to fail.
+    pub(in crate::storage) fn writes_refused(path: &Path) -> bool {
+        take_one(&FAILING_WRITES, path)
+    }
+
     pub(super) fn syncs_refused(path: &Path) -> bool {
-        let mut failing = FAILING.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(entry) = failing
-            .iter_mut()
-            .find(|(at, left)| at == path && *left > 0)
-        else {
+        take_one(&FAILING, path)
+    }
+
+    /// Takes one of the faults left for `path` in `faults`, if any is.
+    fn take_one(faults: &Mutex<Vec<(PathBuf, usize)>>, path: &Path) -> bool {
+        let mut faults = faults.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(entry) = faults.iter_mut().find(|(at, left)| at == path && *left > 0) else {
             return false;
         };
         entry.1 -= 1;

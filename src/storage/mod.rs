@@ -28,6 +28,7 @@
 
 mod commit;
 mod durable;
+mod lane;
 mod maintenance;
 mod read;
 mod records;
@@ -200,6 +201,9 @@ struct Shared {
     retention_ms: u64,
     /// Feeds the committer thread, which holds the receiving end.
     ops: std::sync::mpsc::Sender<commit::Op>,
+    /// The committer, shared with its thread, through which every write is
+    /// submitted and saves may be committed inline.
+    lane: Arc<lane::Lane>,
     /// WAL syncs made for acknowledgements, counted by the committer's
     /// syncer (or the committer, when each write syncs itself), and how far
     /// they made the WAL durable, which reads check.
@@ -281,14 +285,22 @@ impl Storage {
             commit::Settings::of(config, rules),
             Arc::clone(&progress),
         );
+        let lane = Arc::new(lane::Lane::new(committer, !config.sync));
         let slot = Arc::new(recovery::DbSlot::new(db));
+        let thread_lane = Arc::clone(&lane);
         let thread_slot = Arc::clone(&slot);
         let thread_path = path.clone();
         let handle = std::thread::Builder::new()
             .name("profiled-commit".to_owned())
             .spawn(move || {
                 let mut queue = commit::Queue::new(receiver);
-                recovery::run_committer(committer, &mut queue, &thread_slot, &thread_path, memory);
+                recovery::run_committer(
+                    &thread_lane,
+                    &mut queue,
+                    &thread_slot,
+                    &thread_path,
+                    memory,
+                );
             })
             .map_err(|err| StorageError::Committer(err.to_string()))?;
         let shared = Arc::new(Shared {
@@ -296,6 +308,7 @@ impl Storage {
             path: path.clone(),
             retention_ms: duration_ms(history.retention),
             ops,
+            lane,
             progress,
             sync: config.sync,
             committer: Mutex::new(Some(handle)),
@@ -356,7 +369,9 @@ impl Storage {
     }
 
     /// Writes `data` if `owner` holds `key` under `epoch`. Resolves to the
-    /// profile's new version once the write is durable.
+    /// profile's new version once the write is durable. In buffered mode,
+    /// with the committer idle, the save is committed before this returns,
+    /// on the caller's thread ([`lane`]).
     pub fn save(
         &self,
         key: ProfileKey,
@@ -365,14 +380,17 @@ impl Storage {
         data: Vec<u8>,
         changes: Changes,
     ) -> impl Future<Output = Result<u64, WriteError>> + Send + 'static {
-        self.write(commit::Write {
+        let (reply, done) = oneshot::channel();
+        let write = commit::Write {
             key,
             owner,
             epoch,
             data: Some(data),
             changes,
             release: false,
-        })
+        };
+        self.shared.lane.save(&self.shared.ops, write, reply);
+        async move { done.await.unwrap_or(Err(WriteError::Closed)) }
     }
 
     /// Ends `owner`'s lease on `key` under `epoch`, writing `data` first if
@@ -521,9 +539,7 @@ impl Storage {
     }
 
     fn submit(&self, op: commit::Op) {
-        // A send only fails once the committer has stopped; the op's reply
-        // sender is then dropped and its caller sees `Closed`.
-        let _ = self.shared.ops.send(op);
+        self.shared.lane.submit(&self.shared.ops, op);
     }
 }
 

@@ -38,6 +38,7 @@ use tokio::sync::watch;
 
 use super::commit::{self, Committer, Ended, Queue};
 use super::durable::{self, Stranded};
+use super::lane::Lane;
 use super::{Memory, WriteError, open_db};
 
 /// The open database, shared by the committer thread and the readers.
@@ -131,7 +132,7 @@ impl DbSlot {
 /// The committer thread: commits until closed, reopening the database
 /// whenever a write fails.
 pub(super) fn run_committer(
-    mut committer: Committer,
+    lane: &Lane,
     ops: &mut Queue,
     slot: &DbSlot,
     path: &Path,
@@ -142,13 +143,22 @@ pub(super) fn run_committer(
     // follow the next failed batch at once and use up what space is left.
     let mut last_reopen: Option<Instant> = None;
     loop {
-        let mut failure = match committer.run(ops) {
-            Ended::Closed => return,
-            Ended::Failed(message) => message,
-            Ended::SyncFailed(message) => {
-                let stranded = committer.take_stranded();
+        let (mut failure, committer) = match lane.run(ops) {
+            (Ended::Closed, _) => return,
+            (Ended::Failed(message), Some(committer)) => (message, committer),
+            (Ended::SyncFailed(message), committer) => {
+                let stranded = committer
+                    .as_ref()
+                    .map(Committer::take_stranded)
+                    .unwrap_or_default();
                 drop(committer);
-                fail_for_good(slot, ops, stranded, &message);
+                fail_for_good(lane, slot, ops, stranded, &message);
+                return;
+            }
+            // A failure always comes with the committer; without one there
+            // is nothing to reopen with.
+            (Ended::Failed(message), None) => {
+                fail_for_good(lane, slot, ops, Vec::new(), &message);
                 return;
             }
         };
@@ -160,7 +170,7 @@ pub(super) fn run_committer(
         drop(committer);
         let (db, recovered) = loop {
             let not_before = last_reopen.map_or_else(Instant::now, |at| at + RETRY);
-            let Some(db) = reopen(slot, ops, path, memory, &failure, not_before) else {
+            let Some(db) = reopen(lane, slot, ops, path, memory, &failure, not_before) else {
                 let doubt = WriteError::Storage(format!(
                     "storage stopped before it recovered from a failure, so this write may or may not have been kept: {failure}"
                 ));
@@ -172,7 +182,7 @@ pub(super) fn run_committer(
                 Ok(recovered) => break (db, recovered),
                 Err(err) if durable::is_sync_failure(&err) => {
                     abandon(db);
-                    fail_for_good(slot, ops, stranded, &err);
+                    fail_for_good(lane, slot, ops, stranded, &err);
                     return;
                 }
                 Err(err) => {
@@ -185,12 +195,13 @@ pub(super) fn run_committer(
                 }
             }
         };
-        committer = Committer::new(Arc::clone(&db), settings, Arc::clone(&progress));
+        let committer = Committer::new(Arc::clone(&db), settings, Arc::clone(&progress));
         // The reopened database numbers its writes from where it recovered,
         // which may be behind what was synced before; readers of it ask for
         // a sync until one is made.
         progress.synced_up_to.store(0, Ordering::SeqCst);
         slot.put(db);
+        lane.put(committer);
         slot.degraded.store(false, Ordering::Relaxed);
         tracing::info!("storage reopened; writes carry on");
         // Answered only now, so a caller told its write survived can read
@@ -202,7 +213,13 @@ pub(super) fn run_committer(
 /// After a failed WAL sync: answers the batches in doubt as such, marks
 /// storage failed for good (the server stops), and refuses everything
 /// until closed, without touching the database again.
-fn fail_for_good(slot: &DbSlot, ops: &mut Queue, stranded: Vec<Stranded>, failure: &str) {
+fn fail_for_good(
+    lane: &Lane,
+    slot: &DbSlot,
+    ops: &mut Queue,
+    stranded: Vec<Stranded>,
+    failure: &str,
+) {
     slot.degraded.store(true, Ordering::Relaxed);
     // Readers, pruning and backups stop using the database, whose memory
     // may hold what the disk lost; and it is never closed, since closing
@@ -216,7 +233,7 @@ fn fail_for_good(slot: &DbSlot, ops: &mut Queue, stranded: Vec<Stranded>, failur
     ));
     durable::answer_in_doubt(stranded, &doubt);
     slot.fatal.send_replace(Some(failure.to_owned()));
-    refuse_until_closed(ops, failure);
+    refuse_until_closed(lane, ops, failure);
 }
 
 /// Stops `db`'s flushes and compactions and leaves it open for good:
@@ -228,10 +245,10 @@ fn abandon(db: Arc<DB>) {
 
 /// Fails every operation until a `Close` arrives or every sender is gone,
 /// after a failed WAL sync.
-fn refuse_until_closed(ops: &mut Queue, failure: &str) {
+fn refuse_until_closed(lane: &Lane, ops: &mut Queue, failure: &str) {
     let refusal = WriteError::Storage(format!("storage failed for good: {failure}"));
     while let Some(op) = ops.recv() {
-        if let Some(reply) = commit::refuse(op, &refusal) {
+        if let Some(reply) = lane.refuse(op, &refusal) {
             let _ = reply.send(Err(refusal.to_string()));
             return;
         }
@@ -277,6 +294,7 @@ fn answer_stranded(stranded: Vec<Stranded>, recovered: u64) {
 /// failing every operation that arrives meanwhile. Returns `None` if a
 /// `Close` arrived or every sender is gone.
 fn reopen(
+    lane: &Lane,
     slot: &DbSlot,
     ops: &mut Queue,
     path: &Path,
@@ -311,7 +329,7 @@ fn reopen(
         };
         match ops.recv_timeout(wait) {
             Ok(op) => {
-                if let Some(reply) = commit::refuse(op, &refusal) {
+                if let Some(reply) = lane.refuse(op, &refusal) {
                     let _ = reply.send(Err(refusal.to_string()));
                     return None;
                 }
