@@ -289,6 +289,7 @@ impl Committer {
         let mut write_options = WriteOptions::default();
         write_options.set_sync(settings.sync && syncer.is_none());
         let mut inline_options = WriteOptions::default();
+        inline_options.set_sync(settings.sync && syncer.is_none());
         inline_options.set_no_slowdown(true);
         Self {
             db,
@@ -382,21 +383,18 @@ impl Committer {
         }
     }
 
-    /// Applies and answers one save on the caller's thread, in buffered
-    /// mode, and says what happened ([`super::lane`]). The save is not
-    /// applied, and `Err(Stalled)` returned, if RocksDB would have held the
-    /// write back for a stall: the caller's thread must not sleep in
-    /// RocksDB, so the caller hands the save to the committer thread.
+    /// Applies one save on the caller's thread and says what happened
+    /// ([`super::lane`]); `reply` is answered as for any batch. The save is
+    /// not applied, and `reply` dropped unanswered, if RocksDB would have
+    /// held the write back for a stall (`Err(Stalled)`): the caller's
+    /// thread must not sleep in RocksDB, so the caller hands the save to the
+    /// committer thread.
     pub(super) fn commit_inline(
         &self,
         write: Write,
-    ) -> Result<(Result<u64, WriteError>, Outcome), Stalled> {
-        let (reply, mut answer) = oneshot::channel();
-        let outcome = self.commit_with(&mut vec![Op::Write { write, reply }], true, || false)?;
-        // With no syncer (buffered mode), a batch is answered before its
-        // commit returns.
-        let answer = answer.try_recv().unwrap_or(Err(WriteError::Closed));
-        Ok((answer, outcome))
+        reply: oneshot::Sender<Result<u64, WriteError>>,
+    ) -> Result<Outcome, Stalled> {
+        self.commit_with(&mut vec![Op::Write { write, reply }], true, || false)
     }
 
     /// [`Committer::commit`], and for `inline` writes

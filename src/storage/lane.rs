@@ -106,14 +106,13 @@ impl Lane {
     }
 
     /// Commits `write` inline if the committer is idle and this is
-    /// buffered mode, or else sends it to the thread through `ops`; either
-    /// way `reply` gets the answer.
+    /// buffered mode, or else sends it to the thread through `ops`. Returns
+    /// where the answer will come.
     pub(super) fn save(
         &self,
         ops: &Sender<Op>,
         write: Write,
-        reply: oneshot::Sender<Result<u64, WriteError>>,
-    ) {
+    ) -> oneshot::Receiver<Result<u64, WriteError>> {
         if self.inline {
             let state = match self.state.try_lock() {
                 Ok(state) => Some(state),
@@ -123,21 +122,19 @@ impl Lane {
             };
             if let Some(mut state) = state {
                 match self.commit_inline(&mut state, &write) {
-                    Inline::Answered(answer) => {
-                        let _ = reply.send(answer);
-                        return;
-                    }
+                    Inline::Committed(answer) => return answer,
                     Inline::Failed(answer) => {
                         drop(state);
-                        let _ = reply.send(answer);
                         self.submit(ops, Op::Wake);
-                        return;
+                        return answer;
                     }
                     Inline::NotNow => {}
                 }
             }
         }
+        let (reply, answer) = oneshot::channel();
         self.submit(ops, Op::Write { write, reply });
+        answer
     }
 
     /// The committer thread: commits batches taken off `ops` until a
@@ -237,18 +234,18 @@ impl Lane {
         if now.saturating_duration_since(state.last_commit) < IDLE_BEFORE_INLINE {
             return Inline::NotNow;
         }
+        let (reply, answer) = oneshot::channel();
         // Cloned, so that a stalled save can still go to the thread.
-        let committed = committer.commit_inline(write.clone());
+        let committed = committer.commit_inline(write.clone(), reply);
         state.last_commit = now;
         match committed {
-            Ok((answer, Outcome::Committed)) => Inline::Answered(answer),
-            Ok((answer, Outcome::WriteFailed(message))) => {
+            Err(commit::Stalled) => Inline::NotNow,
+            Ok(Outcome::WriteFailed(message)) => {
                 state.failed = Some(message);
                 Inline::Failed(answer)
             }
             // A lone save holds no `Close`.
-            Ok((answer, Outcome::Close(..))) => Inline::Answered(answer),
-            Err(commit::Stalled) => Inline::NotNow,
+            Ok(Outcome::Committed | Outcome::Close(..)) => Inline::Committed(answer),
         }
     }
 
@@ -261,12 +258,13 @@ impl Lane {
     }
 }
 
-/// What became of a save offered for an inline commit.
+/// What became of a save offered for an inline commit; the receivers get
+/// its answer.
 enum Inline {
     /// It was committed, or refused on its own (a lost lease).
-    Answered(Result<u64, WriteError>),
+    Committed(oneshot::Receiver<Result<u64, WriteError>>),
     /// Its write failed; the thread must be woken to reopen the database.
-    Failed(Result<u64, WriteError>),
+    Failed(oneshot::Receiver<Result<u64, WriteError>>),
     /// It was not applied: it goes to the thread.
     NotNow,
 }
@@ -430,8 +428,7 @@ mod tests {
             release
         };
         assert_eq!(release.await, Ok(0));
-        let (reply, answer) = oneshot::channel();
-        lane.save(&storage.shared.ops, late, reply);
+        let answer = lane.save(&storage.shared.ops, late);
         assert_eq!(answer.await.expect("answered"), Err(WriteError::LeaseLost));
         let view = storage.view(key, None).await.expect("view");
         assert_eq!(view.data, None, "the late save changed nothing");

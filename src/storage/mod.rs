@@ -380,7 +380,6 @@ impl Storage {
         data: Vec<u8>,
         changes: Changes,
     ) -> impl Future<Output = Result<u64, WriteError>> + Send + 'static {
-        let (reply, done) = oneshot::channel();
         let write = commit::Write {
             key,
             owner,
@@ -389,7 +388,7 @@ impl Storage {
             changes,
             release: false,
         };
-        self.shared.lane.save(&self.shared.ops, write, reply);
+        let done = self.shared.lane.save(&self.shared.ops, write);
         async move { done.await.unwrap_or(Err(WriteError::Closed)) }
     }
 
