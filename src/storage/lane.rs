@@ -357,6 +357,22 @@ mod tests {
         }
     }
 
+    /// Saves `data` to `key` as session `a`.
+    fn save_as_a(
+        storage: &Storage,
+        key: &ProfileKey,
+        epoch: u64,
+        data: &[u8],
+    ) -> impl Future<Output = Result<u64, WriteError>> {
+        storage.save(
+            key.clone(),
+            session("a"),
+            epoch,
+            data.to_vec(),
+            Changes::default(),
+        )
+    }
+
     /// A save of `data` by session `a`.
     fn save_by_a(key: &ProfileKey, epoch: u64, data: &[u8]) -> commit::Write {
         commit::Write {
@@ -376,25 +392,13 @@ mod tests {
         let key = ProfileKey::new("s", "k");
         let epoch = grant(&storage, &key, "a").await;
         idle(&storage).await;
-        let inline = storage.save(
-            key.clone(),
-            session("a"),
-            epoch,
-            b"one".to_vec(),
-            Changes::default(),
-        );
+        let inline = save_as_a(&storage, &key, epoch, b"one");
         assert_eq!(inline.now_or_never(), Some(Ok(1)), "answered on the spot");
 
         // With the committer busy (its lock held, as during a batch), the
         // save goes to the thread and is answered once the lock is free.
         let busy = storage.shared.lane.lock();
-        let queued = storage.save(
-            key.clone(),
-            session("a"),
-            epoch,
-            b"two".to_vec(),
-            Changes::default(),
-        );
+        let queued = save_as_a(&storage, &key, epoch, b"two");
         let mut queued = Box::pin(queued);
         assert_eq!((&mut queued).now_or_never(), None, "not committed inline");
         drop(busy);
@@ -447,13 +451,7 @@ mod tests {
         let epoch = grant(&storage, &key, "a").await;
         idle(&storage).await;
         durable::faults::refuse_writes(&path, 1);
-        let failed = storage.save(
-            key.clone(),
-            session("a"),
-            epoch,
-            b"lost".to_vec(),
-            Changes::default(),
-        );
+        let failed = save_as_a(&storage, &key, epoch, b"lost");
         assert_eq!(
             failed.now_or_never(),
             Some(Err(WriteError::Storage(
@@ -472,13 +470,7 @@ mod tests {
         // Saves carry on, committed inline again once the reopen is done.
         let until = Instant::now() + Duration::from_secs(20);
         loop {
-            let saved = storage.save(
-                key.clone(),
-                session("a"),
-                epoch,
-                b"kept".to_vec(),
-                Changes::default(),
-            );
+            let saved = save_as_a(&storage, &key, epoch, b"kept");
             match saved.await {
                 Ok(version) => {
                     assert_eq!(version, 1, "the failed save took no version");
@@ -492,13 +484,7 @@ mod tests {
             }
         }
         idle(&storage).await;
-        let inline = storage.save(
-            key.clone(),
-            session("a"),
-            epoch,
-            b"again".to_vec(),
-            Changes::default(),
-        );
+        let inline = save_as_a(&storage, &key, epoch, b"again");
         assert_eq!(inline.now_or_never(), Some(Ok(2)), "inline again");
         let view = storage.view(key, None).await.expect("view");
         assert_eq!(view.data.as_deref(), Some(&b"again"[..]));
@@ -513,13 +499,7 @@ mod tests {
         let key = ProfileKey::new("s", "k");
         let epoch = grant(&storage, &key, "a").await;
         storage.close().await.expect("close");
-        let late = storage.save(
-            key.clone(),
-            session("a"),
-            epoch,
-            b"late".to_vec(),
-            Changes::default(),
-        );
+        let late = save_as_a(&storage, &key, epoch, b"late");
         assert_eq!(late.await, Err(WriteError::Closed));
         drop(storage);
         let storage = buffered(&path);
