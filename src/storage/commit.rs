@@ -397,6 +397,20 @@ impl Committer {
         self.commit_with(&mut vec![Op::Write { write, reply }], true, || false)
     }
 
+    /// How many answers the syncer's last sync sent; 0 without a syncer.
+    pub(super) fn last_sync_answered(&self) -> usize {
+        self.syncer.as_ref().map_or(0, Syncer::last_answered)
+    }
+
+    /// The failure the syncer recorded, if any: a sync that failed, or
+    /// failed to run, after a batch's write had succeeded.
+    pub(super) fn sync_failure(&self) -> Option<String> {
+        self.syncer
+            .as_ref()
+            .and_then(Syncer::failure)
+            .map(|failure| failure.message)
+    }
+
     /// [`Committer::commit`], and for `inline` writes
     /// [`Committer::commit_inline`].
     fn commit_with(

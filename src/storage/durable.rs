@@ -156,6 +156,10 @@ struct Shared {
     /// committer syncs by itself only when this is zero, so it never
     /// answers a batch before an earlier one is durable.
     queued: AtomicUsize,
+    /// How many answers the last sync sent: more than one means writers
+    /// are sharing syncs, and a save should not take a sync of its own
+    /// ([`super::lane`]).
+    last_answered: AtomicUsize,
 }
 
 /// What the syncer is given.
@@ -183,6 +187,7 @@ impl Syncer {
             stranded: Mutex::new(Vec::new()),
             progress,
             queued: AtomicUsize::new(0),
+            last_answered: AtomicUsize::new(0),
         });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -227,6 +232,9 @@ impl Syncer {
     /// written while the syncer [`is_idle`](Self::is_idle), with no other
     /// write waiting to overlap the sync with.
     pub(super) fn sync_and_answer(&self, seq: u64, answers: Vec<Answer>) {
+        self.shared
+            .last_answered
+            .store(answers.len(), Ordering::Relaxed);
         if self.shared.sync() {
             deliver(answers, None);
         } else {
@@ -247,6 +255,11 @@ impl Syncer {
     /// The first failure, if any.
     pub(super) fn failure(&self) -> Option<Failure> {
         self.shared.failure()
+    }
+
+    /// How many answers the last sync sent.
+    pub(super) fn last_answered(&self) -> usize {
+        self.shared.last_answered.load(Ordering::Relaxed)
     }
 
     /// A watch on this syncer for the committer thread.
@@ -406,6 +419,14 @@ fn run(shared: &Shared, work: &Receiver<Work>) {
     while let Ok(first) = work.recv() {
         taken.push(first);
         taken.extend(work.try_iter());
+        let answering = taken
+            .iter()
+            .map(|item| match item {
+                Work::Answers(_, answers) => answers.len(),
+                Work::Barrier(_) => 0,
+            })
+            .sum();
+        shared.last_answered.store(answering, Ordering::Relaxed);
         let synced = shared.sync();
         for item in taken.drain(..) {
             match item {

@@ -1,15 +1,15 @@
 //! The way every write reaches the [`Committer`], in the order submitted.
 //!
 //! The committer thread takes operations off a channel and commits them in
-//! batches ([`Lane::run`]). In buffered mode (`storage.sync` off) a save
-//! submitted while the thread has nothing to do is committed by its caller
-//! instead, on the caller's own task ([`Lane::save`]): an unsynced write
-//! takes tens of microseconds, less than the two thread wakes it spares
-//! (the committer's, and the caller's for the answer). With `storage.sync`
-//! on, everything goes to the thread, since an inline sync would hold a
-//! runtime worker for a disk round trip. Only saves are committed inline:
-//! grants and releases come from the lease driver, one task, which would
-//! then wait out each write itself.
+//! batches ([`Lane::run`]). A save submitted while the thread has nothing
+//! to do is committed by its caller instead, on the caller's own task
+//! ([`Lane::save`]), sparing two thread wakes: the committer's, and the
+//! caller's for the answer. With `storage.sync` on, the caller also syncs
+//! the WAL, as the committer thread does for a batch with nothing behind
+//! it, so it holds its runtime worker for that disk round trip; the rules
+//! under **Idle** keep that to saves that come one at a time. Only saves
+//! are committed inline: grants and releases come from the lease driver,
+//! one task, which would then wait out each write itself.
 //!
 //! **Order.** `queued` counts the operations sent to the thread and not yet
 //! done. A sender counts its operation before sending it; the thread
@@ -20,15 +20,26 @@
 //! earlier write.
 //!
 //! **Failure.** An inline save whose write fails is answered as failed, as
-//! a batch would be. Its caller records the failure, which stops inline
-//! commits, and wakes the thread ([`Op::Wake`]); the thread takes the
-//! committer out of the lane and reopens the database as after any failed
-//! write ([`super::recovery`]), then puts a new committer in, and inline
-//! commits resume.
+//! a batch would be; one whose sync fails is left in doubt, as a batch
+//! would be. Its caller records the failure, which stops inline commits,
+//! and wakes the thread ([`Op::Wake`]); the thread takes the committer out
+//! of the lane and reopens the database, or stops, as after any failure
+//! ([`super::recovery`]); after a reopen it puts a new committer in, and
+//! inline commits resume.
 //!
 //! **Stalls.** An inline save does not wait out a RocksDB write stall:
 //! RocksDB refuses it at once, unapplied, and it goes to the thread, which
-//! waits. So a runtime worker never sleeps in RocksDB.
+//! waits. An inline save still does what any write does on the runtime
+//! worker: the point reads of a cache miss, and the WAL's `write(2)`.
+//!
+//! **Idle.** Under load the queue empties for moments between batches; a
+//! save committed inline then is a batch of one, and the thread waits on
+//! the lock behind it. So a save is committed inline only once the lock
+//! has been let go for [`IDLE_BEFORE_INLINE`] since the last batch or
+//! inline attempt, and only if that batch held one operation and the last
+//! WAL sync answered one: when a sync has just answered many writers, the
+//! first of their next saves would otherwise take a sync of its own ahead
+//! of the others, and each round of writers would need two.
 //!
 //! **Close.** The thread takes the committer out of the lane when it
 //! closes, so nothing is written after its final flush.
@@ -53,47 +64,45 @@ pub(super) struct Lane {
     /// Operations sent to the thread and not yet committed or refused;
     /// inline commits wait for zero (see the module docs).
     queued: AtomicUsize,
-    /// Whether saves may be committed inline: in buffered mode.
-    inline: bool,
 }
 
 /// What the lock guards.
 #[derive(Debug)]
-struct State {
+pub(super) struct State {
     /// `None` while the thread reopens the database after a failure, and
     /// once it has closed.
     committer: Option<Committer>,
     /// The failure of an inline save's write, until the thread takes it
     /// to reopen the database. No save is committed inline meanwhile.
     failed: Option<String>,
-    /// When the last batch or inline save was committed.
+    /// When the last batch or inline attempt let go of the lock.
     last_commit: Instant,
+    /// How many operations the last batch held (1 for an inline save).
+    last_batch: usize,
 }
 
 /// How long the committer thread waits for an operation, while the syncer
 /// holds batches, before it looks again whether their sync failed.
 const SYNC_POLL: Duration = Duration::from_millis(50);
 
-/// How long the committer must have had nothing to commit before a save is
-/// committed inline. Under load the queue empties for moments between
-/// batches; a save committed inline in such a moment is a batch of one,
-/// and the thread waits on the lock behind it, which cost buffered saves
-/// at W = 32 about 13% of their throughput when measured without this
-/// rule. At W = 1 the gap between saves is a client's round trip, about
-/// 100 µs on the machine measured, so they are still committed inline.
+/// How long the committer must have been idle before a save is committed
+/// inline (see the module docs); without this rule buffered saves at W = 32
+/// lost about 13% of their throughput. At W = 1 the gap between saves is a
+/// client's round trip, about 100 µs on the machine measured, so they are
+/// still committed inline.
 const IDLE_BEFORE_INLINE: Duration = Duration::from_micros(50);
 
 impl Lane {
-    /// A lane for `committer`, committing saves inline if `inline`.
-    pub(super) fn new(committer: Committer, inline: bool) -> Self {
+    /// A lane for `committer`.
+    pub(super) fn new(committer: Committer) -> Self {
         Self {
             state: Mutex::new(State {
                 committer: Some(committer),
                 failed: None,
                 last_commit: Instant::now(),
+                last_batch: 0,
             }),
             queued: AtomicUsize::new(0),
-            inline,
         }
     }
 
@@ -105,31 +114,28 @@ impl Lane {
         let _ = ops.send(op);
     }
 
-    /// Commits `write` inline if the committer is idle and this is
-    /// buffered mode, or else sends it to the thread through `ops`. Returns
-    /// where the answer will come.
+    /// Commits `write` inline if the committer is idle, or else sends it
+    /// to the thread through `ops`. Returns where the answer will come.
     pub(super) fn save(
         &self,
         ops: &Sender<Op>,
         write: Write,
     ) -> oneshot::Receiver<Result<u64, WriteError>> {
-        if self.inline {
-            let state = match self.state.try_lock() {
-                Ok(state) => Some(state),
-                Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-                // The thread is committing a batch: queue behind it.
-                Err(TryLockError::WouldBlock) => None,
-            };
-            if let Some(mut state) = state {
-                match self.commit_inline(&mut state, &write) {
-                    Inline::Committed(answer) => return answer,
-                    Inline::Failed(answer) => {
-                        drop(state);
-                        self.submit(ops, Op::Wake);
-                        return answer;
-                    }
-                    Inline::NotNow => {}
+        let state = match self.state.try_lock() {
+            Ok(state) => Some(state),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            // The thread is committing a batch: queue behind it.
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut state) = state {
+            match self.commit_inline(&mut state, &write) {
+                Inline::Committed(answer) => return answer,
+                Inline::Failed(answer) => {
+                    drop(state);
+                    self.submit(ops, Op::Wake);
+                    return answer;
                 }
+                Inline::NotNow => {}
             }
         }
         let (reply, answer) = oneshot::channel();
@@ -189,11 +195,18 @@ impl Lane {
             let outcome = committer.commit(&mut batch, || !ops.is_empty());
             self.queued.fetch_sub(taken, Ordering::SeqCst);
             state.last_commit = Instant::now();
+            state.last_batch = taken;
             match outcome {
                 Outcome::Committed => {}
                 Outcome::Close(reply, write_failure) => {
-                    let _ = reply.send(committer.close(write_failure));
-                    return (Ended::Closed, state.committer.take());
+                    // Out of the lane before the flush, so that nothing is
+                    // committed inline after it even if the flush panics.
+                    let closing = state.committer.take();
+                    let flushed = closing
+                        .as_ref()
+                        .map_or(Ok(()), |committer| committer.close(write_failure));
+                    let _ = reply.send(flushed);
+                    return (Ended::Closed, closing);
                 }
                 Outcome::WriteFailed(message) => {
                     let ended = committer.failed(message);
@@ -231,26 +244,45 @@ impl Lane {
             return Inline::NotNow;
         };
         let now = Instant::now();
-        if now.saturating_duration_since(state.last_commit) < IDLE_BEFORE_INLINE {
+        if now.saturating_duration_since(state.last_commit) < IDLE_BEFORE_INLINE
+            || state.last_batch > 1
+            || committer.last_sync_answered() > 1
+        {
             return Inline::NotNow;
         }
         let (reply, answer) = oneshot::channel();
-        // Cloned, so that a stalled save can still go to the thread.
+        // Cloned, so that a stalled save can still go to the thread. (The
+        // batch consumes the write; giving it back unapplied would save
+        // this copy of the data.)
         let committed = committer.commit_inline(write.clone(), reply);
-        state.last_commit = now;
-        match committed {
-            Err(commit::Stalled) => Inline::NotNow,
-            Ok(Outcome::WriteFailed(message)) => {
+        state.last_commit = Instant::now();
+        state.last_batch = 1;
+        let failure = match committed {
+            Err(commit::Stalled) => return Inline::NotNow,
+            Ok(Outcome::WriteFailed(message)) => Some(message),
+            // The write went through, but its sync may have failed. (A lone
+            // save holds no `Close`.)
+            Ok(Outcome::Committed | Outcome::Close(..)) => committer.sync_failure(),
+        };
+        match failure {
+            Some(message) => {
                 state.failed = Some(message);
                 Inline::Failed(answer)
             }
-            // A lone save holds no `Close`.
-            Ok(Outcome::Committed | Outcome::Close(..)) => Inline::Committed(answer),
+            None => Inline::Committed(answer),
         }
     }
 
     fn take(&self) -> Option<Committer> {
         self.lock().committer.take()
+    }
+
+    /// Holds the lock, as the thread does for a batch, so that saves made
+    /// meanwhile go to the thread: for tests whose saves must not wait for
+    /// a sync on the test's own thread.
+    #[cfg(test)]
+    pub(super) fn busy(&self) -> MutexGuard<'_, State> {
+        self.lock()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -263,7 +295,8 @@ impl Lane {
 enum Inline {
     /// It was committed, or refused on its own (a lost lease).
     Committed(oneshot::Receiver<Result<u64, WriteError>>),
-    /// Its write failed; the thread must be woken to reopen the database.
+    /// Its write or its sync failed; the thread must be woken to reopen
+    /// the database or stop.
     Failed(oneshot::Receiver<Result<u64, WriteError>>),
     /// It was not applied: it goes to the thread.
     NotNow,
@@ -306,9 +339,14 @@ mod tests {
 
     /// Opens a buffered (`sync = false`) storage at `path`.
     fn buffered(path: &Path) -> Storage {
+        open(path, false)
+    }
+
+    /// Opens a storage at `path` that syncs (`storage.sync`) if `sync`.
+    fn open(path: &Path, sync: bool) -> Storage {
         let config = StorageConfig {
             path: path.to_owned(),
-            sync: false,
+            sync,
             ..StorageConfig::default()
         };
         Storage::open(&config, &HistoryConfig::default())
@@ -340,16 +378,16 @@ mod tests {
     /// Waits until a save would be committed inline: the committer thread
     /// answers a batch's operations before it lets go of the lock and the
     /// count, so a caller woken by an answer may find it still busy, and
-    /// it must then have been idle for [`IDLE_BEFORE_INLINE`].
+    /// it must then have been idle for [`IDLE_BEFORE_INLINE`] after a batch
+    /// of one. (Every batch and sync in these tests holds one operation.)
     async fn idle(storage: &Storage) {
         let lane = &storage.shared.lane;
         let until = Instant::now() + Duration::from_secs(20);
         let idle = || {
             lane.queued.load(Ordering::SeqCst) == 0
-                && lane
-                    .state
-                    .try_lock()
-                    .is_ok_and(|state| state.last_commit.elapsed() >= IDLE_BEFORE_INLINE)
+                && lane.state.try_lock().is_ok_and(|state| {
+                    state.last_commit.elapsed() >= IDLE_BEFORE_INLINE && state.last_batch <= 1
+                })
         };
         while !idle() {
             assert!(Instant::now() < until, "the committer never went idle");
@@ -386,7 +424,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_buffered_save_is_committed_before_save_returns_only_when_the_committer_is_idle() {
+    async fn a_buffered_save_is_committed_before_save_returns_unless_the_committer_is_busy() {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = buffered(&dir.path().join("db"));
         let key = ProfileKey::new("s", "k");
@@ -419,8 +457,9 @@ mod tests {
         let key = ProfileKey::new("s", "k");
         let epoch = grant(&storage, &key, "a").await;
         let lane = Arc::clone(&storage.shared.lane);
-
         let late = save_by_a(&key, epoch, b"after the release");
+        // Idle, so that only the count can keep the save from going inline.
+        idle(&storage).await;
         let release = {
             let mut state = lane.lock();
             let release =
@@ -483,11 +522,65 @@ mod tests {
                 Err(err) => panic!("unexpected error while recovering: {err}"),
             }
         }
+        // The thread may have batched the wake with a save; after a batch
+        // of more than one, the next save goes to the thread too.
+        let settled = save_as_a(&storage, &key, epoch, b"settled");
+        assert_eq!(settled.await, Ok(2));
         idle(&storage).await;
         let inline = save_as_a(&storage, &key, epoch, b"again");
-        assert_eq!(inline.now_or_never(), Some(Ok(2)), "inline again");
+        assert_eq!(inline.now_or_never(), Some(Ok(3)), "inline again");
         let view = storage.view(key, None).await.expect("view");
         assert_eq!(view.data.as_deref(), Some(&b"again"[..]));
+        storage.close().await.expect("close");
+    }
+
+    /// With `storage.sync` on, a save the idle committer would have synced
+    /// by itself is written and synced on the caller's thread instead. If
+    /// that sync fails, the save is in doubt like any batch whose sync
+    /// failed: the thread is woken to reopen the database, and the save is
+    /// answered by whether it survived, without waiting for another write.
+    #[tokio::test]
+    async fn a_synced_save_is_committed_inline_and_a_failed_sync_wakes_the_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let storage = open(&path, true);
+        let key = ProfileKey::new("s", "k");
+        let epoch = grant(&storage, &key, "a").await;
+        idle(&storage).await;
+        let syncs = storage.wal_syncs();
+        let inline = storage.save(
+            key.clone(),
+            session("a"),
+            epoch,
+            b"one".to_vec(),
+            Changes::default(),
+        );
+        assert_eq!(
+            inline.now_or_never(),
+            Some(Ok(1)),
+            "written and synced on the spot"
+        );
+        assert_eq!(storage.wal_syncs(), syncs + 1, "with a sync of its own");
+
+        idle(&storage).await;
+        durable::faults::refuse_syncs(&path, 1);
+        let in_doubt = storage.save(
+            key.clone(),
+            session("a"),
+            epoch,
+            b"two".to_vec(),
+            Changes::default(),
+        );
+        let answer = tokio::time::timeout(Duration::from_secs(20), in_doubt)
+            .await
+            .expect("answered without another write");
+        assert_eq!(answer, Ok(2), "in doubt, then found durable");
+        assert!(
+            storage.shared.db.times_taken() >= 1,
+            "the database was reopened"
+        );
+        let view = storage.view(key, None).await.expect("view");
+        assert_eq!(view.data.as_deref(), Some(&b"two"[..]));
         storage.close().await.expect("close");
     }
 

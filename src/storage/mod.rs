@@ -285,7 +285,7 @@ impl Storage {
             commit::Settings::of(config, rules),
             Arc::clone(&progress),
         );
-        let lane = Arc::new(lane::Lane::new(committer, !config.sync));
+        let lane = Arc::new(lane::Lane::new(committer));
         let slot = Arc::new(recovery::DbSlot::new(db));
         let thread_lane = Arc::clone(&lane);
         let thread_slot = Arc::clone(&slot);
@@ -1086,13 +1086,18 @@ mod tests {
     /// Holds the syncs of the database at `db_path` back and then starts
     /// the write `start` submits (storage submits when called, so the
     /// hold must come first); returns once it is written and its sync
-    /// waits.
+    /// waits. The write is made by the committer thread: a save committed
+    /// inline would wait for its sync on this test's own thread.
     async fn with_sync_held<T: Send + 'static, F: Future<Output = T> + Send + 'static>(
+        storage: &Storage,
         db_path: &Path,
         start: impl FnOnce() -> F,
     ) -> tokio::task::JoinHandle<T> {
         durable::faults::hold_syncs(db_path);
-        let written = tokio::spawn(start());
+        let written = {
+            let _busy = storage.shared.lane.busy();
+            tokio::spawn(start())
+        };
         let held = db_path.to_owned();
         tokio::task::spawn_blocking(move || durable::faults::wait_for_held_sync(&held))
             .await
@@ -1150,7 +1155,7 @@ mod tests {
         let (storage, key) = saved_once(dir.path()).await;
 
         // v2 is written to the database, and its sync held back.
-        let saved = with_sync_held(&db_path, || save_as_a(&storage, &key, b"v2")).await;
+        let saved = with_sync_held(&storage, &db_path, || save_as_a(&storage, &key, b"v2")).await;
         let mut viewed = spawn_view(&storage, &key);
         still_waiting(&mut viewed, "a view of a write not yet durable").await;
         assert!(!saved.is_finished(), "the save waits for its sync");
@@ -1173,7 +1178,7 @@ mod tests {
         // A read that waits on a write whose sync fails is not answered
         // from the database the failure took away, even though the write
         // survives the reopen here: it might not have.
-        let saved = with_sync_held(&db_path, || save_as_a(&storage, &key, b"v3")).await;
+        let saved = with_sync_held(&storage, &db_path, || save_as_a(&storage, &key, b"v3")).await;
         let viewed = spawn_view(&storage, &key);
         reads_waited(&db_path, 2).await;
         refuse_the_held_sync(&db_path, saved, 3).await;
@@ -1185,8 +1190,10 @@ mod tests {
         assert_eq!(view.data.as_deref(), Some(&b"v3"[..]));
 
         // What a read did not find waits too: a wipe not yet synced.
-        let wiped =
-            with_sync_held(&db_path, || storage.admin(key.clone(), AdminAction::Wipe)).await;
+        let wiped = with_sync_held(&storage, &db_path, || {
+            storage.admin(key.clone(), AdminAction::Wipe)
+        })
+        .await;
         let mut viewed = spawn_view(&storage, &key);
         still_waiting(&mut viewed, "a view of a wipe not yet durable").await;
         durable::faults::release_syncs(&db_path);
@@ -1204,7 +1211,7 @@ mod tests {
         let (storage, key) = saved_once(dir.path()).await;
 
         // A backup taken while a save waits for its sync answers after it.
-        let saved = with_sync_held(&db_path, || save_as_a(&storage, &key, b"v2")).await;
+        let saved = with_sync_held(&storage, &db_path, || save_as_a(&storage, &key, b"v2")).await;
         let copy = dir.path().join("copy");
         let mut backed_up = tokio::spawn({
             let storage = storage.clone();
@@ -1221,7 +1228,7 @@ mod tests {
         copied.close().await.expect("close the copy");
 
         // One whose writes cannot be confirmed durable is removed.
-        let saved = with_sync_held(&db_path, || save_as_a(&storage, &key, b"v3")).await;
+        let saved = with_sync_held(&storage, &db_path, || save_as_a(&storage, &key, b"v3")).await;
         let doubtful = dir.path().join("doubtful");
         let backed_up = tokio::spawn({
             let storage = storage.clone();
@@ -1237,7 +1244,7 @@ mod tests {
         assert!(!doubtful.exists(), "the doubtful backup was left behind");
 
         // A caller that stops waiting does not leave it unchecked either.
-        let saved = with_sync_held(&db_path, || save_as_a(&storage, &key, b"v4")).await;
+        let saved = with_sync_held(&storage, &db_path, || save_as_a(&storage, &key, b"v4")).await;
         let abandoned = dir.path().join("abandoned");
         let backed_up = tokio::spawn({
             let storage = storage.clone();

@@ -155,9 +155,11 @@ pub(super) fn run_committer(
                 fail_for_good(lane, slot, ops, stranded, &message);
                 return;
             }
-            // A failure always comes with the committer; without one there
-            // is nothing to reopen with.
+            // Not reached: the lane records a failure only while it holds
+            // the committer, and gives it back with it. Without one there
+            // is nothing to reopen with, so stop as after a failed sync.
             (Ended::Failed(message), None) => {
+                tracing::error!(error = %message, "a write failed and the committer is gone; stopping");
                 fail_for_good(lane, slot, ops, Vec::new(), &message);
                 return;
             }
