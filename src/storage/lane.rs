@@ -330,12 +330,13 @@ mod tests {
     use std::time::Instant;
 
     use futures::FutureExt;
-    use profiled_protocol::{Changes, SessionId};
+    use profiled_protocol::Changes;
 
     use super::*;
     use crate::ProfileKey;
     use crate::config::{HistoryConfig, StorageConfig};
-    use crate::storage::{Grantee, Storage, durable};
+    use crate::storage::tests::{grant_epoch, save_as_a, session};
+    use crate::storage::{Storage, durable};
 
     /// Opens a buffered (`sync = false`) storage at `path`.
     fn buffered(path: &Path) -> Storage {
@@ -352,27 +353,6 @@ mod tests {
         Storage::open(&config, &HistoryConfig::default())
             .expect("open")
             .0
-    }
-
-    fn session(job: &str) -> SessionId {
-        SessionId {
-            place_id: 1,
-            job_id: job.to_owned(),
-        }
-    }
-
-    /// Grants `key` to session `job` and returns the lease's epoch.
-    async fn grant(storage: &Storage, key: &ProfileKey, job: &str) -> u64 {
-        let to = Grantee {
-            session: session(job),
-            uid: None,
-        };
-        storage
-            .grant(key.clone(), to)
-            .await
-            .expect("grant")
-            .lease
-            .epoch
     }
 
     /// Waits until a save would be committed inline: the committer thread
@@ -395,22 +375,6 @@ mod tests {
         }
     }
 
-    /// Saves `data` to `key` as session `a`.
-    fn save_as_a(
-        storage: &Storage,
-        key: &ProfileKey,
-        epoch: u64,
-        data: &[u8],
-    ) -> impl Future<Output = Result<u64, WriteError>> {
-        storage.save(
-            key.clone(),
-            session("a"),
-            epoch,
-            data.to_vec(),
-            Changes::default(),
-        )
-    }
-
     /// A save of `data` by session `a`.
     fn save_by_a(key: &ProfileKey, epoch: u64, data: &[u8]) -> commit::Write {
         commit::Write {
@@ -428,15 +392,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = buffered(&dir.path().join("db"));
         let key = ProfileKey::new("s", "k");
-        let epoch = grant(&storage, &key, "a").await;
+        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
         idle(&storage).await;
-        let inline = save_as_a(&storage, &key, epoch, b"one");
+        let inline = save_as_a(&storage, &key, b"one");
         assert_eq!(inline.now_or_never(), Some(Ok(1)), "answered on the spot");
 
         // With the committer busy (its lock held, as during a batch), the
         // save goes to the thread and is answered once the lock is free.
         let busy = storage.shared.lane.lock();
-        let queued = save_as_a(&storage, &key, epoch, b"two");
+        let queued = save_as_a(&storage, &key, b"two");
         let mut queued = Box::pin(queued);
         assert_eq!((&mut queued).now_or_never(), None, "not committed inline");
         drop(busy);
@@ -455,7 +419,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = buffered(&dir.path().join("db"));
         let key = ProfileKey::new("s", "k");
-        let epoch = grant(&storage, &key, "a").await;
+        let epoch = grant_epoch(&storage, &key, "a").await;
         let lane = Arc::clone(&storage.shared.lane);
         let late = save_by_a(&key, epoch, b"after the release");
         // Idle, so that only the count can keep the save from going inline.
@@ -487,10 +451,10 @@ mod tests {
         let path = dir.path().join("db");
         let storage = buffered(&path);
         let key = ProfileKey::new("s", "k");
-        let epoch = grant(&storage, &key, "a").await;
+        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
         idle(&storage).await;
         durable::faults::refuse_writes(&path, 1);
-        let failed = save_as_a(&storage, &key, epoch, b"lost");
+        let failed = save_as_a(&storage, &key, b"lost");
         assert_eq!(
             failed.now_or_never(),
             Some(Err(WriteError::Storage(
@@ -509,7 +473,7 @@ mod tests {
         // Saves carry on, committed inline again once the reopen is done.
         let until = Instant::now() + Duration::from_secs(20);
         loop {
-            let saved = save_as_a(&storage, &key, epoch, b"kept");
+            let saved = save_as_a(&storage, &key, b"kept");
             match saved.await {
                 Ok(version) => {
                     assert_eq!(version, 1, "the failed save took no version");
@@ -524,10 +488,10 @@ mod tests {
         }
         // The thread may have batched the wake with a save; after a batch
         // of more than one, the next save goes to the thread too.
-        let settled = save_as_a(&storage, &key, epoch, b"settled");
+        let settled = save_as_a(&storage, &key, b"settled");
         assert_eq!(settled.await, Ok(2));
         idle(&storage).await;
-        let inline = save_as_a(&storage, &key, epoch, b"again");
+        let inline = save_as_a(&storage, &key, b"again");
         assert_eq!(inline.now_or_never(), Some(Ok(3)), "inline again");
         let view = storage.view(key, None).await.expect("view");
         assert_eq!(view.data.as_deref(), Some(&b"again"[..]));
@@ -545,7 +509,7 @@ mod tests {
         let path = dir.path().join("db");
         let storage = open(&path, true);
         let key = ProfileKey::new("s", "k");
-        let epoch = grant(&storage, &key, "a").await;
+        let epoch = grant_epoch(&storage, &key, "a").await;
         idle(&storage).await;
         let syncs = storage.wal_syncs();
         let inline = storage.save(
@@ -590,9 +554,9 @@ mod tests {
         let path = dir.path().join("db");
         let storage = buffered(&path);
         let key = ProfileKey::new("s", "k");
-        let epoch = grant(&storage, &key, "a").await;
+        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
         storage.close().await.expect("close");
-        let late = save_as_a(&storage, &key, epoch, b"late");
+        let late = save_as_a(&storage, &key, b"late");
         assert_eq!(late.await, Err(WriteError::Closed));
         drop(storage);
         let storage = buffered(&path);

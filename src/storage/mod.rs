@@ -687,7 +687,7 @@ mod tests {
         Storage::open(&config, &HistoryConfig::default()).expect("open")
     }
 
-    fn session(job: &str) -> SessionId {
+    pub(super) fn session(job: &str) -> SessionId {
         SessionId {
             place_id: 1,
             job_id: job.to_owned(),
@@ -703,7 +703,7 @@ mod tests {
     }
 
     /// Grants `key` to session `job` and returns the lease's epoch.
-    async fn grant_epoch(storage: &Storage, key: &ProfileKey, job: &str) -> u64 {
+    pub(super) async fn grant_epoch(storage: &Storage, key: &ProfileKey, job: &str) -> u64 {
         storage
             .grant(key.clone(), grantee(job))
             .await
@@ -1069,7 +1069,8 @@ mod tests {
         (storage, key)
     }
 
-    fn save_as_a(
+    /// Saves `data` to `key` as session `a`, under the first lease's epoch.
+    pub(super) fn save_as_a(
         storage: &Storage,
         key: &ProfileKey,
         data: &[u8],
