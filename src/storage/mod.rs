@@ -252,14 +252,6 @@ const MAX_WAL_BYTES: u64 = 128 << 20;
 /// generous `storage.memtable_bytes` keeps.
 const MAX_FAMILY_MEMTABLE: usize = 64 << 20;
 
-/// The largest memtable of a family of small records (meta, leases,
-/// messages). A save rewrites its profile's meta record, so under load that
-/// memtable holds hundreds of thousands of versions of a few thousand keys,
-/// and every insert and lookup walks a skip list that deep: the committer's
-/// largest cost (docs/PERFORMANCE.md, sixth round). Flushing it sooner is
-/// cheap, since a flush keeps only the newest version of each key.
-const MAX_SMALL_MEMTABLE: usize = 8 << 20;
-
 const CF_META: &str = "meta";
 const CF_DATA: &str = "data";
 const CF_LEASES: &str = "leases";
@@ -638,10 +630,8 @@ fn open_db(path: &Path, memory: Memory) -> Result<DB, StorageError> {
     small.set_block_based_table_factory(&table);
     // No one family may hold the whole budget: each flushes on its own at
     // a quarter of it (see the write buffer manager above).
-    let family_memtable = (memory.memtables / 4).min(MAX_FAMILY_MEMTABLE);
+    small.set_write_buffer_size((memory.memtables / 4).min(MAX_FAMILY_MEMTABLE));
     let mut data = small.clone();
-    data.set_write_buffer_size(family_memtable);
-    small.set_write_buffer_size(family_memtable.min(MAX_SMALL_MEMTABLE));
     data.set_compression_type(rocksdb::DBCompressionType::Lz4);
 
     let families = vec![
