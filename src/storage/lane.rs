@@ -86,11 +86,14 @@ pub(super) struct State {
 const SYNC_POLL: Duration = Duration::from_millis(50);
 
 /// How long the committer must have been idle before a save is committed
-/// inline (see the module docs); without this rule buffered saves at W = 32
-/// lost about 13% of their throughput. At W = 1 the gap between saves is a
-/// client's round trip, about 100 µs on the machine measured, so they are
-/// still committed inline.
-const IDLE_BEFORE_INLINE: Duration = Duration::from_micros(50);
+/// inline (see the module docs). Saves that one task makes back to back,
+/// such as a connection's pipelined requests, come within a few µs of each
+/// other and go to the thread, which gives them one batch and one sync; a
+/// lone writer's next save comes a client's round trip later (no less than
+/// about 20 µs on the machines measured, 100 µs on one whose idle CPUs
+/// halt) and is committed inline. At 50 µs, the lone writer's saves went to
+/// the thread on the faster machine (docs/PERFORMANCE.md).
+const IDLE_BEFORE_INLINE: Duration = Duration::from_micros(10);
 
 impl Lane {
     /// A lane for `committer`.
@@ -407,6 +410,49 @@ mod tests {
         assert_eq!(queued.await, Ok(2));
         let view = storage.view(key, None).await.expect("view");
         assert_eq!(view.data.as_deref(), Some(&b"two"[..]));
+        storage.close().await.expect("close");
+    }
+
+    /// A save right after a batch of several goes to the thread, however
+    /// long the committer has been idle; once a batch of one has been
+    /// committed, saves go inline again.
+    #[tokio::test]
+    async fn a_save_right_after_a_batch_of_several_goes_to_the_thread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = buffered(&dir.path().join("db"));
+        let key = ProfileKey::new("s", "k");
+        assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
+        // Two saves queued while the lock is held are taken as one batch.
+        let busy = storage.shared.lane.lock();
+        let first = save_as_a(&storage, &key, b"one");
+        let second = save_as_a(&storage, &key, b"two");
+        drop(busy);
+        assert_eq!((first.await, second.await), (Ok(1), Ok(2)));
+        let lane = &storage.shared.lane;
+        let until = Instant::now() + Duration::from_secs(20);
+        while lane.state.try_lock().is_err() {
+            assert!(Instant::now() < until, "the committer kept its lock");
+            tokio::task::yield_now().await;
+        }
+        let after_batch = {
+            let mut state = lane.lock();
+            assert_eq!(state.last_batch, 2, "one batch of two");
+            // Idle long enough that only the batch keeps it from going
+            // inline.
+            std::thread::sleep(IDLE_BEFORE_INLINE);
+            let after_batch = save_by_a(&key, 1, b"three");
+            assert!(
+                matches!(lane.commit_inline(&mut state, &after_batch), Inline::NotNow),
+                "a save right after a batch of several goes to the thread"
+            );
+            // The thread commits it as a batch of one.
+            lane.save(&storage.shared.ops, after_batch)
+        };
+        assert_eq!(after_batch.await.expect("answered"), Ok(3));
+
+        idle(&storage).await;
+        let inline = save_as_a(&storage, &key, b"four");
+        assert_eq!(inline.now_or_never(), Some(Ok(4)), "inline again");
         storage.close().await.expect("close");
     }
 
