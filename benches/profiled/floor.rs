@@ -10,14 +10,20 @@
 //! - *fdatasync*: append 2 KiB to a file under `TMPDIR` (the disk the
 //!   daemons write to) and `fdatasync` it, one after another, as a write-ahead
 //!   log with one writer would.
-//! - *synced echo*: the echo at W = 1 with a server that appends each
-//!   request's 2 KiB to a file under `TMPDIR` and `fdatasync`s it before it
-//!   replies: the least a durable acknowledgement over this socket can take,
+//! - *fdatasync over*: the same, but overwriting blocks of a file written
+//!   and synced beforehand, as a recycled write-ahead log (RocksDB's, with
+//!   `recycle_log_file_num`) does: each sync then carries no growth of the
+//!   file, and costs less on most file systems.
+//! - *synced echo*: the echo at W = 1 with a server that writes each
+//!   request over blocks of a file under `TMPDIR` written beforehand, as
+//!   *fdatasync over* does, and `fdatasync`s it before it replies: the least a durable acknowledgement over this socket can take,
 //!   and so the floor of the fsync save at W = 1 (the target compares that
-//!   save with one fdatasync alone).
+//!   save with one fdatasync over allocated blocks, the cheaper kind, which
+//!   is the kind profiled's recycled WAL makes).
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -37,9 +43,12 @@ const REPLY_SIZE: usize = 32;
 const FSYNC_FOR: Duration = Duration::from_secs(2);
 /// How many fdatasyncs the loop stops after, if it gets there first.
 const FSYNC_MAX: usize = 10_000;
+/// The size of the files written beforehand for the syncs over allocated
+/// blocks; the synced echo wraps around in its file.
+const LOG_BYTES: usize = FSYNC_MAX * DATA_SIZE;
 
-/// Measures the floors and records `floor.echo.*`, `floor.fdatasync.*` and
-/// `floor.synced_echo.w1.*`.
+/// Measures the floors and records `floor.echo.*`, `floor.fdatasync.*`,
+/// `floor.fdatasync_over.*` and `floor.synced_echo.w1.*`.
 pub async fn run(params: Params, report: &mut Report) {
     let run_for = params.run_for.min(Duration::from_secs(5));
     println!(
@@ -66,16 +75,24 @@ pub async fn run(params: Params, report: &mut Report) {
     let _ = stop.send(());
     server.join().expect("echo server thread");
     eprintln!("floor fdatasync ...");
-    let stat = tokio::task::spawn_blocking(fdatasync)
+    let stat = tokio::task::spawn_blocking(|| fdatasync(false))
         .await
         .expect("fdatasync task");
     print_row("fdatasync", &stat);
     record(report, "floor.fdatasync", &stat);
+    eprintln!("floor fdatasync over ...");
+    let stat = tokio::task::spawn_blocking(|| fdatasync(true))
+        .await
+        .expect("fdatasync task");
+    print_row("fdatasync over", &stat);
+    record(report, "floor.fdatasync_over", &stat);
     // The synced echo's log lives under TMPDIR, on the disk the daemons
     // write to, like the fdatasync loop's.
     let log_dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("synced-echo.sock");
-    let (stop, server) = echo_server(&socket, Some(log_dir.path().join("wal")));
+    let log = log_dir.path().join("wal");
+    drop(prefilled(&log));
+    let (stop, server) = echo_server(&socket, Some(log));
     eprintln!("floor synced echo W=1 ...");
     let stat = echo(&socket, 1, run_for.min(FSYNC_FOR)).await;
     print_row("synced echo W=1", &stat);
@@ -101,8 +118,9 @@ fn record(report: &mut Report, base: &str, stat: &Stat) {
 }
 
 /// Starts the echo server on its own thread and runtime, bound before this
-/// returns; sending on the channel stops it. With a `log`, each connection
-/// appends every request to that file and syncs it before it replies.
+/// returns; sending on the channel stops it. With a `log` (a file written
+/// beforehand), each connection writes every request over its blocks and
+/// syncs it before it replies.
 fn echo_server(
     socket: &Path,
     log: Option<PathBuf>,
@@ -124,8 +142,7 @@ fn echo_server(
                     let (stream, _) = listener.accept().await.expect("accept echo");
                     let log = log.as_ref().map(|path| {
                         File::options()
-                            .create(true)
-                            .append(true)
+                            .write(true)
                             .open(path)
                             .expect("open the synced echo's log")
                     });
@@ -145,13 +162,15 @@ fn echo_server(
 }
 
 /// Answers each length-prefixed frame with a reply of `REPLY_SIZE` bytes,
-/// after appending its body to `log` and syncing it if there is one. The
+/// after writing its body over the next blocks of `log` (from the start
+/// again at its end) and syncing it, if there is one. The
 /// sync blocks the runtime's worker, which at W = 1 has nothing else to do.
 async fn serve(mut stream: UnixStream, mut log: Option<File>) {
     let mut frame = vec![0u8; REQUEST_SIZE];
     let mut reply = [0u8; REPLY_SIZE];
     let body = u32::try_from(REPLY_SIZE - 4).expect("reply size");
     reply[..4].copy_from_slice(&body.to_be_bytes());
+    let mut offset = 0;
     loop {
         let mut header = [0u8; 4];
         if stream.read_exact(&mut header).await.is_err() {
@@ -163,8 +182,12 @@ async fn serve(mut stream: UnixStream, mut log: Option<File>) {
             return;
         }
         if let Some(log) = &mut log {
-            log.write_all(&frame)
-                .expect("append to the synced echo's log");
+            if offset + frame.len() > LOG_BYTES {
+                offset = 0;
+            }
+            log.write_all_at(&frame, offset as u64)
+                .expect("write the synced echo's log");
+            offset += frame.len();
             log.sync_data().expect("fdatasync the synced echo's log");
         }
         if stream.write_all(&reply).await.is_err() {
@@ -204,12 +227,18 @@ async fn echo(socket: &Path, connections: usize, run_for: Duration) -> Stat {
     Stat::new(samples, end - start)
 }
 
-/// Appends `DATA_SIZE` bytes and fdatasyncs, one after another, on a new
-/// file under `TMPDIR`, so each sync also carries the file's growth as a
-/// log's would.
-fn fdatasync() -> Stat {
+/// Writes `DATA_SIZE` bytes and fdatasyncs, one after another, on a new
+/// file under `TMPDIR`. Appended, each sync also carries the file's growth
+/// as a new log's would; `over` blocks written and synced beforehand, it
+/// carries only the data, as a recycled log's does.
+fn fdatasync(over: bool) -> Stat {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut file = File::create(dir.path().join("wal")).expect("create file");
+    let path = dir.path().join("wal");
+    let mut file = if over {
+        prefilled(&path)
+    } else {
+        File::create(&path).expect("create file")
+    };
     let block = vec![0x5au8; DATA_SIZE];
     let mut samples = Vec::with_capacity(FSYNC_MAX);
     let start = Instant::now();
@@ -220,4 +249,19 @@ fn fdatasync() -> Stat {
         samples.push(sent.elapsed());
     }
     Stat::new(samples, start.elapsed())
+}
+
+/// Creates a file of `LOG_BYTES` at `path`, written and synced, and
+/// returns it open for writing from its start.
+fn prefilled(path: &Path) -> File {
+    let mut file = File::create(path).expect("create file");
+    let block = vec![0u8; DATA_SIZE];
+    for _ in 0..LOG_BYTES / DATA_SIZE {
+        file.write_all(&block).expect("fill");
+    }
+    file.sync_all().expect("sync the filled file");
+    File::options()
+        .write(true)
+        .open(path)
+        .expect("reopen the filled file")
 }

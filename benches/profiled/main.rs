@@ -13,7 +13,8 @@
 //! - **floor**: what the machine allows at best, run first: a Unix-socket
 //!   echo of save-sized requests at W = 1 and W = N (the server on its own
 //!   runtime and threads), 2 KiB appends each followed by fdatasync on a
-//!   file under `TMPDIR`, and the echo at W = 1 with a server that appends
+//!   file under `TMPDIR`, the same overwriting blocks written beforehand
+//!   (as a recycled write-ahead log does), and the echo at W = 1 with a server that appends
 //!   and fdatasyncs each request before it replies (the floor of a durable
 //!   save's round trip). The targets table prints the floor beside each
 //!   latency target that has one.

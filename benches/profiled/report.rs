@@ -322,14 +322,14 @@ fn targets() -> Vec<Target> {
             0.5,
         ),
         Target {
-            what: "fsync save p50 at W=1, x one fdatasync p50",
+            what: "fsync save p50 at W=1, x one fdatasync over p50",
             numerator: "compare.fsync.saves_w1.save.profiled.p50_us".to_owned(),
-            denominator: Some("floor.fdatasync.p50_us".to_owned()),
+            denominator: Some("floor.fdatasync_over.p50_us".to_owned()),
             at_least: false,
             bound: 1.2,
             floor: Some((
                 "floor.synced_echo.w1.p50_us".to_owned(),
-                Some("floor.fdatasync.p50_us".to_owned()),
+                Some("floor.fdatasync_over.p50_us".to_owned()),
             )),
         },
         Target {
