@@ -74,18 +74,17 @@ pub async fn run(params: Params, report: &mut Report) {
     }
     let _ = stop.send(());
     server.join().expect("echo server thread");
-    eprintln!("floor fdatasync ...");
-    let stat = tokio::task::spawn_blocking(|| fdatasync(false))
-        .await
-        .expect("fdatasync task");
-    print_row("fdatasync", &stat);
-    record(report, "floor.fdatasync", &stat);
-    eprintln!("floor fdatasync over ...");
-    let stat = tokio::task::spawn_blocking(|| fdatasync(true))
-        .await
-        .expect("fdatasync task");
-    print_row("fdatasync over", &stat);
-    record(report, "floor.fdatasync_over", &stat);
+    for (name, slug, over) in [
+        ("fdatasync", "fdatasync", false),
+        ("fdatasync over", "fdatasync_over", true),
+    ] {
+        eprintln!("floor {name} ...");
+        let stat = tokio::task::spawn_blocking(move || fdatasync(over))
+            .await
+            .expect("fdatasync task");
+        print_row(name, &stat);
+        record(report, &format!("floor.{slug}"), &stat);
+    }
     // The synced echo's log lives under TMPDIR, on the disk the daemons
     // write to, like the fdatasync loop's.
     let log_dir = tempfile::tempdir().expect("tempdir");
