@@ -16,10 +16,11 @@
 //!   file, and costs less on most file systems.
 //! - *synced echo*: the echo at W = 1 with a server that writes each
 //!   request over blocks of a file under `TMPDIR` written beforehand, as
-//!   *fdatasync over* does, and `fdatasync`s it before it replies: the least a durable acknowledgement over this socket can take,
-//!   and so the floor of the fsync save at W = 1 (the target compares that
-//!   save with one fdatasync over allocated blocks, the cheaper kind, which
-//!   is the kind profiled's recycled WAL makes).
+//!   *fdatasync over* does, and `fdatasync`s it before it replies: the
+//!   least a durable acknowledgement over this socket can take, and so the
+//!   floor of the fsync save at W = 1 (the target compares that save with
+//!   one fdatasync over allocated blocks, the cheaper kind, which is the
+//!   kind profiled's recycled WAL makes).
 
 use std::fs::File;
 use std::io::Write;
@@ -162,8 +163,8 @@ fn echo_server(
 
 /// Answers each length-prefixed frame with a reply of `REPLY_SIZE` bytes,
 /// after writing its body over the next blocks of `log` (from the start
-/// again at its end) and syncing it, if there is one. The
-/// sync blocks the runtime's worker, which at W = 1 has nothing else to do.
+/// again at its end) and syncing it, if there is one. The sync blocks the
+/// runtime's worker, which at W = 1 has nothing else to do.
 async fn serve(mut stream: UnixStream, mut log: Option<File>) {
     let mut frame = vec![0u8; REQUEST_SIZE];
     let mut reply = [0u8; REPLY_SIZE];

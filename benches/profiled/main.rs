@@ -14,9 +14,9 @@
 //!   echo of save-sized requests at W = 1 and W = N (the server on its own
 //!   runtime and threads), 2 KiB appends each followed by fdatasync on a
 //!   file under `TMPDIR`, the same overwriting blocks written beforehand
-//!   (as a recycled write-ahead log does), and the echo at W = 1 with a server that appends
-//!   and fdatasyncs each request before it replies (the floor of a durable
-//!   save's round trip). The targets table prints the floor beside each
+//!   (as a recycled write-ahead log does), and the echo at W = 1 with a
+//!   server that writes each request that way and fdatasyncs it before it
+//!   replies (the floor of a durable save's round trip). The targets table prints the floor beside each
 //!   latency target that has one.
 //! - **compare**: the sessions and saves workloads on profiled and on each
 //!   peer, at fsync and at buffered durability. Each workload runs for
