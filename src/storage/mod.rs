@@ -252,6 +252,11 @@ const MAX_WAL_BYTES: u64 = 128 << 20;
 /// generous `storage.memtable_bytes` keeps.
 const MAX_FAMILY_MEMTABLE: usize = 64 << 20;
 
+/// The hash buckets of a `data` memtable. A 64 MiB memtable of 2 KiB
+/// profiles holds about 30,000 distinct keys, so chains stay a few keys
+/// long; the bucket array costs 512 KiB of each memtable's budget.
+const DATA_MEMTABLE_BUCKETS: usize = 1 << 16;
+
 const CF_META: &str = "meta";
 const CF_DATA: &str = "data";
 const CF_LEASES: &str = "leases";
@@ -600,6 +605,11 @@ fn open_db(path: &Path, memory: Memory) -> Result<DB, StorageError> {
     // replayed that much. Past this size RocksDB flushes the families that
     // pin the oldest WAL file.
     options.set_max_total_wal_size(MAX_WAL_BYTES);
+    // Only one batch is written at a time (one committer, or one inline
+    // commit under the lane's lock), so RocksDB's concurrent memtable
+    // inserts would buy nothing; and the hash memtable of `data` below
+    // requires them off.
+    options.set_allow_concurrent_memtable_write(false);
 
     // Every family's memtables share one budget, past which RocksDB
     // flushes the family whose memtable is oldest. Its stall (a write waits until a flush frees
@@ -631,15 +641,31 @@ fn open_db(path: &Path, memory: Memory) -> Result<DB, StorageError> {
     // No one family may hold the whole budget: each flushes on its own at
     // a quarter of it (see the write buffer manager above).
     small.set_write_buffer_size((memory.memtables / 4).min(MAX_FAMILY_MEMTABLE));
-    let mut data = small.clone();
-    data.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let mut history = small.clone();
+    history.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // `data` is only ever read and written one whole key at a time, never
+    // iterated, so its memtable hashes each key to a bucket of its own
+    // versions. In the default skip list every save's insert walked about
+    // eight levels of nodes spread over a memtable far larger than the
+    // CPU's cache: a tenth of the daemon's CPU at W = 32
+    // (docs/PERFORMANCE.md, eighth round). The prefix extractor that keys
+    // the buckets is the whole key. An iterator over `data` would see only
+    // one key unless it asked for total order; a flush, which does, sorts a
+    // copy of the memtable first, on a background thread.
+    let mut data = history.clone();
+    data.set_prefix_extractor(rocksdb::SliceTransform::create_noop());
+    data.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
+        bucket_count: DATA_MEMTABLE_BUCKETS,
+        height: 4,
+        branching_factor: 4,
+    });
 
     let families = vec![
         ColumnFamilyDescriptor::new(CF_META, small.clone()),
-        ColumnFamilyDescriptor::new(CF_DATA, data.clone()),
+        ColumnFamilyDescriptor::new(CF_DATA, data),
         ColumnFamilyDescriptor::new(CF_LEASES, small.clone()),
         ColumnFamilyDescriptor::new(CF_MESSAGES, small),
-        ColumnFamilyDescriptor::new(CF_HISTORY, data),
+        ColumnFamilyDescriptor::new(CF_HISTORY, history),
     ];
     DB::open_cf_descriptors(&options, path, families).map_err(db_err)
 }
@@ -1411,6 +1437,70 @@ mod tests {
         );
         storage.close().await.expect("close");
         assert_eq!(unflushed(&db), [0; 5]);
+    }
+
+    /// `data`'s memtable hashes whole keys. Profiles whose keys prefix one
+    /// another, each saved many times, still read back their own latest
+    /// data: from the memtable, from a table file after a flush, from both
+    /// at once, and after a reopen.
+    #[tokio::test]
+    async fn profiles_whose_keys_prefix_each_other_read_back_their_own_latest_data() {
+        fn data(key: &ProfileKey, round: usize) -> Vec<u8> {
+            format!("{key} {round}").into_bytes()
+        }
+        async fn save_rounds(
+            storage: &Storage,
+            leases: &[(ProfileKey, u64)],
+            rounds: std::ops::Range<usize>,
+        ) {
+            for round in rounds {
+                for (key, epoch) in leases {
+                    let saved = storage.save(
+                        key.clone(),
+                        session("a"),
+                        *epoch,
+                        data(key, round),
+                        Changes::default(),
+                    );
+                    saved.await.expect("save");
+                }
+            }
+        }
+        async fn check(storage: &Storage, leases: &[(ProfileKey, u64)], round: usize, when: &str) {
+            for (key, _) in leases {
+                let view = storage.view(key.clone(), None).await.expect("view");
+                assert_eq!(view.data, Some(data(key, round)), "{key} {when}");
+            }
+        }
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (storage, _) = open(dir.path());
+        let mut leases = Vec::new();
+        for (store, key) in [
+            ("s", "a"),
+            ("s", "ab"),
+            ("s", "abc"),
+            ("sa", "b"),
+            ("s", "b"),
+        ] {
+            let key = ProfileKey::new(store, key);
+            let epoch = grant_epoch(&storage, &key, "a").await;
+            leases.push((key, epoch));
+        }
+        save_rounds(&storage, &leases, 0..4).await;
+        check(&storage, &leases, 3, "in the memtable").await;
+        let db = storage.shared.db.get().expect("db");
+        db.flush_cf(db.cf_handle(CF_DATA).expect("family"))
+            .expect("flush");
+        drop(db);
+        check(&storage, &leases, 3, "after a flush").await;
+        save_rounds(&storage, &leases, 4..6).await;
+        check(&storage, &leases, 5, "over a flushed version").await;
+        storage.close().await.expect("close");
+        drop(storage);
+        let (storage, _) = open(dir.path());
+        check(&storage, &leases, 5, "after a reopen").await;
+        storage.close().await.expect("close");
     }
 
     /// With `sync` on, no write is answered before a WAL sync that began
