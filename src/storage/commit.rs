@@ -1003,7 +1003,9 @@ impl RecordCache {
     /// Moves the cached records of the profiles `ops` touch out of the
     /// cache, as the batch's starting slots.
     fn take_for(&mut self, ops: &[Op]) -> HashMap<Vec<u8>, Slot> {
-        let mut slots = HashMap::new();
+        // Sized once: growing it entry by entry rehashed several times in
+        // every large batch.
+        let mut slots = HashMap::with_capacity(ops.len());
         if self.entries.is_empty() {
             return slots;
         }

@@ -35,6 +35,9 @@ const ITEM_FORMAT: u8 = 1;
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();
 
+/// The bytes reserved for an encoded record before encoding starts.
+const ENCODE_CAPACITY: usize = 64;
+
 /// The largest total of lengths a decoded record may claim. No record is
 /// larger than a frame (the limits keep a profile's metadata within one),
 /// and a frame is at most 1 GiB; a damaged length beyond that is an error
@@ -253,7 +256,11 @@ pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
 }
 
 fn encode_as<T: Serialize>(format: u8, record: &T) -> Vec<u8> {
-    let mut out = vec![format];
+    // Room for a typical meta or lease record, which bincode writes a few
+    // bytes at a time: growing from one byte reallocated four or five
+    // times per record, 2% of the daemon's CPU in fsync sessions.
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    out.push(format);
     // Encoding plain structs into a Vec cannot fail.
     if let Err(err) = bincode::serde::encode_into_std_write(record, &mut out, CONFIG) {
         unreachable!("encoding a record into memory failed: {err}");
