@@ -662,16 +662,18 @@ impl Committer {
             meta.version += 1;
             meta.updated_at_ms = now_ms;
         }
-        if let Some(data) = &data {
+        if let Some(data) = data {
             let due = now_ms.saturating_sub(meta.kept_at_ms) >= interval_ms;
             let unkept = meta.kept_version != meta.version;
             if unkept && (write.release || due) {
-                keep(&mut batch.batch, families, &write.key, meta, data, now_ms);
+                keep(&mut batch.batch, families, &write.key, meta, &data, now_ms);
                 slot.kept.push((meta.version, data.clone()));
             }
             if changed_data {
-                batch.batch.put_cf(families.data, &db_key, data);
-                slot.written = Some(Some(data.clone()));
+                // The batch copies the bytes; the slot takes the buffer
+                // itself, for later writes in this batch to read.
+                batch.batch.put_cf(families.data, &db_key, &data);
+                slot.written = Some(Some(data));
             }
         }
         batch
