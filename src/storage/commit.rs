@@ -560,6 +560,10 @@ impl Committer {
         if durable::faults::writes_refused(self.db.path()) {
             return Ok(Err("an injected failed write".to_owned()));
         }
+        #[cfg(test)]
+        if inline && durable::faults::inline_write_stalls(self.db.path()) {
+            return Err(Stalled);
+        }
         let options = if inline {
             &self.inline_options
         } else {

@@ -575,7 +575,6 @@ pub(super) mod faults {
             .push((path.to_owned(), count));
     }
 
-    /// Whether this sync of the database at `path` is to be refused.
     /// Databases, by path, and how many of their next batch writes fail.
     static FAILING_WRITES: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
 
@@ -593,8 +592,38 @@ pub(super) mod faults {
         take_one(&FAILING_WRITES, path)
     }
 
+    /// Whether this sync of the database at `path` is to be refused.
     pub(super) fn syncs_refused(path: &Path) -> bool {
         take_one(&FAILING, path)
+    }
+
+    /// Databases, by path, and how many of their next inline writes stall.
+    static STALLING: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+    /// Makes the next `count` inline writes of the database at `path` be
+    /// refused as RocksDB refuses a write it would stall (with
+    /// `no_slowdown`): before anything is written.
+    pub(in crate::storage) fn stall_inline_writes(path: &Path, count: usize) {
+        STALLING
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((path.to_owned(), count));
+    }
+
+    /// Whether this inline write of the database at `path` is to stall.
+    pub(in crate::storage) fn inline_write_stalls(path: &Path) -> bool {
+        take_one(&STALLING, path)
+    }
+
+    /// How many injected stalls the database at `path` has not met yet.
+    pub(in crate::storage) fn stalls_left(path: &Path) -> usize {
+        STALLING
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(at, _)| at == path)
+            .map(|(_, left)| left)
+            .sum()
     }
 
     /// Takes one of the faults left for `path` in `faults`, if any is.

@@ -485,6 +485,39 @@ mod tests {
         storage.close().await.expect("close");
     }
 
+    /// A save whose inline write RocksDB would stall goes to the thread,
+    /// which commits it exactly once: at either durability it takes one
+    /// version, and the save after it goes inline again.
+    #[tokio::test]
+    async fn a_stalled_inline_save_is_committed_once_by_the_thread() {
+        for sync in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("db");
+            let storage = open(&path, sync);
+            let key = ProfileKey::new("s", "k");
+            assert_eq!(grant_epoch(&storage, &key, "a").await, 1);
+            idle(&storage).await;
+            durable::faults::stall_inline_writes(&path, 1);
+            let stalled = save_as_a(&storage, &key, b"one");
+            assert_eq!(
+                durable::faults::stalls_left(&path),
+                0,
+                "sync = {sync}: the save was tried inline"
+            );
+            assert_eq!(stalled.await, Ok(1), "sync = {sync}: committed once");
+            idle(&storage).await;
+            let inline = save_as_a(&storage, &key, b"two");
+            if sync {
+                assert_eq!(inline.await, Ok(2), "sync = {sync}");
+            } else {
+                assert_eq!(inline.now_or_never(), Some(Ok(2)), "inline again");
+            }
+            let view = storage.view(key, None).await.expect("view");
+            assert_eq!((view.version, view.data.as_deref()), (2, Some(&b"two"[..])));
+            storage.close().await.expect("close");
+        }
+    }
+
     /// An inline save whose write fails is answered as failed, and the
     /// thread is woken to reopen the database at once, without waiting for
     /// another write to find the failure.
