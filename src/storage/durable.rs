@@ -569,10 +569,7 @@ pub(super) mod faults {
     /// Makes the next `count` WAL syncs of the database at `path` be
     /// refused, as after a failed write.
     pub(in crate::storage) fn refuse_syncs(path: &Path, count: usize) {
-        FAILING
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((path.to_owned(), count));
+        add(&FAILING, path, count);
     }
 
     /// Databases, by path, and how many of their next batch writes fail.
@@ -581,10 +578,7 @@ pub(super) mod faults {
     /// Fails the next `count` batch writes of the database at `path`, each
     /// before RocksDB sees it, as a full disk would.
     pub(in crate::storage) fn refuse_writes(path: &Path, count: usize) {
-        FAILING_WRITES
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((path.to_owned(), count));
+        add(&FAILING_WRITES, path, count);
     }
 
     /// Whether the next batch write of the database at `path` is to fail.
@@ -604,10 +598,7 @@ pub(super) mod faults {
     /// refused as RocksDB refuses a write it would stall (with
     /// `no_slowdown`): before anything is written.
     pub(in crate::storage) fn stall_inline_writes(path: &Path, count: usize) {
-        STALLING
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((path.to_owned(), count));
+        add(&STALLING, path, count);
     }
 
     /// Whether this inline write of the database at `path` is to stall.
@@ -624,6 +615,14 @@ pub(super) mod faults {
             .filter(|(at, _)| at == path)
             .map(|(_, left)| left)
             .sum()
+    }
+
+    /// Adds `count` faults for `path` to `faults`.
+    fn add(faults: &Mutex<Vec<(PathBuf, usize)>>, path: &Path, count: usize) {
+        faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((path.to_owned(), count));
     }
 
     /// Takes one of the faults left for `path` in `faults`, if any is.
