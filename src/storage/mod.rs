@@ -252,10 +252,19 @@ const MAX_WAL_BYTES: u64 = 128 << 20;
 /// generous `storage.memtable_bytes` keeps.
 const MAX_FAMILY_MEMTABLE: usize = 64 << 20;
 
-/// The hash buckets of a `data` memtable. A 64 MiB memtable of 2 KiB
+/// The most hash buckets of a `data` memtable. A 64 MiB memtable of 2 KiB
 /// profiles holds about 30,000 distinct keys, so chains stay a few keys
-/// long; the bucket array costs 512 KiB of each memtable's budget.
-const DATA_MEMTABLE_BUCKETS: usize = 1 << 16;
+/// long; the bucket array costs 512 KiB of that memtable.
+const MAX_DATA_MEMTABLE_BUCKETS: usize = 1 << 16;
+
+/// The hash buckets of a `data` memtable of `write_buffer` bytes: one per
+/// KiB, within [`MAX_DATA_MEMTABLE_BUCKETS`], so that the bucket array
+/// (eight bytes a bucket, allocated with the memtable) stays under 1% of
+/// it. A fixed count would fill the smallest memtables allowed (256 KiB)
+/// with the array alone, and every write would flush.
+fn data_memtable_buckets(write_buffer: usize) -> usize {
+    (write_buffer / 1024).clamp(1, MAX_DATA_MEMTABLE_BUCKETS)
+}
 
 const CF_META: &str = "meta";
 const CF_DATA: &str = "data";
@@ -640,22 +649,24 @@ fn open_db(path: &Path, memory: Memory) -> Result<DB, StorageError> {
     small.set_block_based_table_factory(&table);
     // No one family may hold the whole budget: each flushes on its own at
     // a quarter of it (see the write buffer manager above).
-    small.set_write_buffer_size((memory.memtables / 4).min(MAX_FAMILY_MEMTABLE));
+    let write_buffer = (memory.memtables / 4).min(MAX_FAMILY_MEMTABLE);
+    small.set_write_buffer_size(write_buffer);
     let mut history = small.clone();
     history.set_compression_type(rocksdb::DBCompressionType::Lz4);
     // `data` is only ever read and written one whole key at a time, never
     // iterated, so its memtable hashes each key to a bucket of its own
     // versions. In the default skip list every save's insert walked about
     // eight levels of nodes spread over a memtable far larger than the
-    // CPU's cache: a tenth of the daemon's CPU at W = 32
-    // (docs/PERFORMANCE.md, eighth round). The prefix extractor that keys
-    // the buckets is the whole key. An iterator over `data` would see only
-    // one key unless it asked for total order; a flush, which does, sorts a
-    // copy of the memtable first, on a background thread.
+    // CPU's cache: with meta's insert, a tenth of the daemon's CPU at
+    // W = 32 (docs/PERFORMANCE.md, eighth round). The prefix extractor
+    // that keys the buckets is the whole key. An iterator over `data`
+    // would see only one key unless it asked for total order; a flush,
+    // which does, sorts a copy of the memtable first, on a background
+    // thread.
     let mut data = history.clone();
     data.set_prefix_extractor(rocksdb::SliceTransform::create_noop());
     data.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
-        bucket_count: DATA_MEMTABLE_BUCKETS,
+        bucket_count: data_memtable_buckets(write_buffer),
         height: 4,
         branching_factor: 4,
     });
@@ -1500,6 +1511,42 @@ mod tests {
         drop(storage);
         let (storage, _) = open(dir.path());
         check(&storage, &leases, 5, "after a reopen").await;
+        storage.close().await.expect("close");
+    }
+
+    /// At the smallest memtable budget allowed a `data` memtable still
+    /// holds many saves: its hash buckets are sized to it, where a fixed
+    /// array could fill it alone and make every write flush.
+    #[tokio::test]
+    async fn the_smallest_memtable_budget_still_holds_many_saves() {
+        const SAVES: u64 = 20;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StorageConfig {
+            path: dir.path().join("db"),
+            sync: false,
+            memtable_bytes: 1 << 20,
+            ..StorageConfig::default()
+        };
+        let (storage, _) = Storage::open(&config, &HistoryConfig::default()).expect("open");
+        let key = ProfileKey::new("s", "k");
+        let epoch = grant_epoch(&storage, &key, "a").await;
+        for round in 0..SAVES {
+            let saved = storage.save(
+                key.clone(),
+                session("a"),
+                epoch,
+                vec![0; 100],
+                Changes::default(),
+            );
+            assert_eq!(saved.await, Ok(round + 1));
+        }
+        let db = storage.shared.db.get().expect("db");
+        let family = db.cf_handle(CF_DATA).expect("family");
+        let in_memtable = db
+            .property_int_value_cf(family, "rocksdb.num-entries-active-mem-table")
+            .expect("property");
+        assert_eq!(in_memtable, Some(SAVES), "no save was flushed away");
+        drop(db);
         storage.close().await.expect("close");
     }
 
