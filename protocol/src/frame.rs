@@ -146,32 +146,38 @@ pub fn encode_frame_into<T: Serialize>(
     dst: &mut BytesMut,
     max_frame: u32,
 ) -> Result<(), FrameError> {
+    // Sized first, so that a frame over the limit is refused before any
+    // of it is written, and `dst` grows once rather than step by step as
+    // bincode writes: growing it for a 2 KiB save was 5% of a client's CPU.
+    let len = payload_len(item)?;
+    let len32 = match u32::try_from(len) {
+        Ok(len32) if len32 <= max_frame => len32,
+        _ => {
+            return Err(FrameError::TooLarge {
+                len: len as u64,
+                max: max_frame,
+            });
+        }
+    };
     let start = dst.len();
-    dst.put_u32(0);
+    dst.reserve(LENGTH_PREFIX + len);
+    dst.put_u32(len32);
     let mut writer = dst.writer();
     let written = bincode::serde::encode_into_std_write(item, &mut writer, CONFIG);
     let dst = writer.into_inner();
-    let len = match written {
-        Ok(len) => len,
+    match written {
+        Ok(written) if written == len => Ok(()),
+        // Serialize implementations that write differently each time are
+        // not ours; the frame is dropped rather than sent mislabelled.
+        Ok(written) => {
+            dst.truncate(start);
+            Err(FrameError::Malformed(format!(
+                "the payload took {written} bytes after measuring {len}"
+            )))
+        }
         Err(err) => {
             dst.truncate(start);
-            return Err(FrameError::Malformed(err.to_string()));
-        }
-    };
-    match u32::try_from(len) {
-        Ok(len32) if len32 <= max_frame => {
-            // The prefix was reserved above, so this range exists.
-            if let Some(prefix) = dst.get_mut(start..start + LENGTH_PREFIX) {
-                prefix.copy_from_slice(&len32.to_be_bytes());
-            }
-            Ok(())
-        }
-        _ => {
-            dst.truncate(start);
-            Err(FrameError::TooLarge {
-                len: len as u64,
-                max: max_frame,
-            })
+            Err(FrameError::Malformed(err.to_string()))
         }
     }
 }
