@@ -535,17 +535,9 @@ pub(super) mod faults {
     /// Blocks until `count` reads of the database at `path` have waited
     /// for a sync.
     pub(in crate::storage) fn wait_for_reads(path: &Path, count: usize) {
-        let reads_at = || {
-            UNSYNCED_READS
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .find(|(at, _)| at == path)
-                .map_or(0, |(_, n)| *n)
-        };
         let held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
         let (_held, waited) = HELD_CHANGED
-            .wait_timeout_while(held, PATIENCE, |_| reads_at() < count)
+            .wait_timeout_while(held, PATIENCE, |_| count_for(&UNSYNCED_READS, path) < count)
             .unwrap_or_else(PoisonError::into_inner);
         assert!(
             !waited.timed_out(),
@@ -608,13 +600,7 @@ pub(super) mod faults {
 
     /// How many injected stalls the database at `path` has not met yet.
     pub(in crate::storage) fn stalls_left(path: &Path) -> usize {
-        STALLING
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|(at, _)| at == path)
-            .map(|(_, left)| left)
-            .sum()
+        count_for(&STALLING, path)
     }
 
     /// Adds `count` faults for `path` to `faults`.
@@ -623,6 +609,17 @@ pub(super) mod faults {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((path.to_owned(), count));
+    }
+
+    /// The total that `counts` holds for `path`.
+    fn count_for(counts: &Mutex<Vec<(PathBuf, usize)>>, path: &Path) -> usize {
+        counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(at, _)| at == path)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Takes one of the faults left for `path` in `faults`, if any is.
