@@ -23,7 +23,7 @@
 //!   kind profiled's recycled WAL makes).
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -252,7 +252,7 @@ fn fdatasync(over: bool) -> Stat {
 }
 
 /// Creates a file of `LOG_BYTES` at `path`, written and synced, and
-/// returns it open for writing from its start.
+/// returns it positioned at its start for writing over.
 fn prefilled(path: &Path) -> File {
     let mut file = File::create(path).expect("create file");
     let block = vec![0u8; DATA_SIZE];
@@ -260,8 +260,6 @@ fn prefilled(path: &Path) -> File {
         file.write_all(&block).expect("fill");
     }
     file.sync_all().expect("sync the filled file");
-    File::options()
-        .write(true)
-        .open(path)
-        .expect("reopen the filled file")
+    file.rewind().expect("rewind the filled file");
+    file
 }
