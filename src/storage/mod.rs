@@ -1452,8 +1452,9 @@ mod tests {
 
     /// `data`'s memtable hashes whole keys. Profiles whose keys prefix one
     /// another, each saved many times, still read back their own latest
-    /// data: from the memtable, from a table file after a flush, from both
-    /// at once, and after a reopen.
+    /// data and version, and an export still lists them in key order: from
+    /// the memtables, from table files after a flush, from both at once,
+    /// and after a reopen.
     #[tokio::test]
     async fn profiles_whose_keys_prefix_each_other_read_back_their_own_latest_data() {
         fn data(key: &ProfileKey, round: usize) -> Vec<u8> {
@@ -1478,10 +1479,24 @@ mod tests {
             }
         }
         async fn check(storage: &Storage, leases: &[(ProfileKey, u64)], round: usize, when: &str) {
+            // Each round saves every profile once; the grant wrote no data.
+            let version = u64::try_from(round + 1).expect("round");
             for (key, _) in leases {
                 let view = storage.view(key.clone(), None).await.expect("view");
                 assert_eq!(view.data, Some(data(key, round)), "{key} {when}");
+                assert_eq!(view.meta.version, version, "{key} {when}");
             }
+            let (exported, more) = storage
+                .export("s".to_owned(), None, 10, usize::MAX)
+                .await
+                .expect("export");
+            let listed: Vec<_> = exported
+                .iter()
+                .map(|record| (record.key.as_str(), record.meta.version))
+                .collect();
+            let expected = ["a", "ab", "abc", "b"].map(|key| (key, version));
+            assert_eq!(listed, expected, "{when}");
+            assert_eq!(more, None, "{when}");
         }
 
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1501,8 +1516,10 @@ mod tests {
         save_rounds(&storage, &leases, 0..4).await;
         check(&storage, &leases, 3, "in the memtable").await;
         let db = storage.shared.db.get().expect("db");
-        db.flush_cf(db.cf_handle(CF_DATA).expect("family"))
-            .expect("flush");
+        for family in [CF_DATA, CF_META] {
+            db.flush_cf(db.cf_handle(family).expect("family"))
+                .expect("flush");
+        }
         drop(db);
         check(&storage, &leases, 3, "after a flush").await;
         save_rounds(&storage, &leases, 4..6).await;
