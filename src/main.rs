@@ -20,9 +20,10 @@ use profiled::signals::{Reloader, nth_stop, spawn_signal_thread};
 /// slots), and glibc's allocator spent 5 to 9% of the daemon's CPU on
 /// them; with jemalloc the daemon's CPU per save at W = 32 fell 4 to 17%
 /// in two sets of rounds, and its memory per held lease rose from 856
-/// bytes to between 867 and 954, as freed pages are returned later
-/// (docs/PERFORMANCE.md, ninth round). Only the binary sets it: the library leaves the choice to
-/// whoever links it, and RocksDB's C++ keeps the C library's.
+/// bytes to between 867 and 960, as freed pages are returned later
+/// (docs/PERFORMANCE.md, ninth round). Only the binary sets it: the
+/// library leaves the choice to whoever links it, and RocksDB's C++ keeps
+/// the C library's.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
