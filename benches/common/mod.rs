@@ -92,7 +92,7 @@ impl Drop for ChildDaemon {
 /// Runs the built daemon binary on `config`, its stdout discarded so logs
 /// do not mix with the figures.
 fn start(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_profiled"))
+    server_command(env!("CARGO_BIN_EXE_profiled"))
         .arg("--config")
         .arg(config)
         .stdout(Stdio::null())
@@ -215,6 +215,55 @@ pub fn runs(program: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|status| status.success())
+}
+
+/// The environment variable naming the CPUs every server runs on.
+pub const SERVER_CPUS: &str = "PROFILED_BENCH_SERVER_CPUS";
+
+/// The environment variable naming the CPUs the bench's own clients run on.
+pub const CLIENT_CPUS: &str = "PROFILED_BENCH_CLIENT_CPUS";
+
+/// The CPU list (as `taskset -c` takes it: `0`, `2-3`, `0,4-7`) that the
+/// environment variable `var` gives, if it gives one.
+pub fn cpu_list(var: &str) -> Option<String> {
+    std::env::var(var)
+        .ok()
+        .map(|list| list.trim().to_owned())
+        .filter(|list| !list.is_empty())
+}
+
+/// A command that runs `program` as a server: on the CPUs of
+/// [`SERVER_CPUS`] when it is set, so that servers and the bench's clients
+/// need not share cores. `taskset` sets the affinity and then execs the
+/// program, so the child's pid is the server's own (signals and procfs
+/// figures reach it), and every thread or process it starts inherits the
+/// affinity.
+pub fn server_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match cpu_list(SERVER_CPUS) {
+        Some(cpus) => {
+            let mut command = Command::new("taskset");
+            command.arg("-c").arg(cpus).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Pins the calling thread, and the threads it starts from now on, to the
+/// CPUs that the environment variable `var` names; does nothing if it is
+/// unset. Panics if `taskset` cannot apply the list, since figures from
+/// the wrong CPUs would pass for the asked ones.
+pub fn pin_this_thread(var: &str) {
+    let Some(cpus) = cpu_list(var) else {
+        return;
+    };
+    let thread = nix::unistd::gettid().to_string();
+    let status = Command::new("taskset")
+        .args(["-p", "-c", &cpus, &thread])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap_or_else(|err| panic!("{var}={cpus}: cannot run taskset: {err}"));
+    assert!(status.success(), "{var}={cpus}: taskset failed: {status}");
 }
 
 /// A setting from the environment, or `default` if unset or unparsable.

@@ -125,8 +125,10 @@ fn echo_server(
     socket: &Path,
     log: Option<PathBuf>,
 ) -> (oneshot::Sender<()>, std::thread::JoinHandle<()>) {
+    // The echo is a server: it runs where the real servers do.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("echo-server")
+        .on_thread_start(|| crate::common::pin_this_thread(crate::common::SERVER_CPUS))
         .enable_all()
         .build()
         .expect("echo runtime");
@@ -136,6 +138,7 @@ fn echo_server(
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
+        crate::common::pin_this_thread(crate::common::SERVER_CPUS);
         runtime.block_on(async move {
             let accept = async {
                 loop {

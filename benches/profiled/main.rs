@@ -90,7 +90,13 @@
 //!
 //! Every system is a child process on its own temporary directory and
 //! Unix socket; the bench's clients share one tokio runtime, with
-//! `PROFILED_BENCH_CLIENT_WORKERS` worker threads (default: one per core).
+//! `PROFILED_BENCH_CLIENT_WORKERS` worker threads (default: one per core
+//! the bench may run on). By default servers and clients share every core,
+//! so each system's figures include the cost of its client. To compare the
+//! servers alone, give them cores of their own: `PROFILED_BENCH_SERVER_CPUS`
+//! and `PROFILED_BENCH_CLIENT_CPUS` take CPU lists as `taskset -c` does
+//! (`0`, `2-3`), and pin every server (profiled, Redis, PostgreSQL, the
+//! floor's echo) and the bench's own threads to them.
 //! A peer that is not installed is skipped with a note. The last lines are JSON, one
 //! object per figure, for scripts.
 
@@ -129,6 +135,9 @@ fn main() {
         profiles: env_or("PROFILED_BENCH_PROFILES", 10_000u64).max(1),
         leases: env_or("PROFILED_BENCH_LEASES", 100usize).max(1),
     };
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // Before the runtime starts, so that its workers inherit the pinning.
+    common::pin_this_thread(common::CLIENT_CPUS);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Ok(workers) = std::env::var("PROFILED_BENCH_CLIENT_WORKERS") {
         let workers = workers
@@ -140,11 +149,17 @@ fn main() {
     let mut report = Report::new();
     println!(
         "profiled bench: {} cores, {} GiB memory, TMPDIR on {}, idle CPUs {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cores,
         common::memory_gib(),
         std::env::temp_dir().display(),
         idle_cpus(),
     );
+    if let Some(cpus) = common::cpu_list(common::SERVER_CPUS) {
+        println!("servers pinned to CPUs {cpus}");
+    }
+    if let Some(cpus) = common::cpu_list(common::CLIENT_CPUS) {
+        println!("the bench's clients pinned to CPUs {cpus}");
+    }
     if wants("floor") {
         runtime.block_on(floor::run(params, &mut report));
     }

@@ -16,7 +16,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -119,7 +119,7 @@ impl PgServer {
             None
         };
         let command = |program: &str| {
-            let mut command = Command::new(program);
+            let mut command = crate::common::server_command(program);
             // The bench's own directory may not be readable by that user.
             command.current_dir(dir.path());
             if let Some((uid, gid)) = owner {

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -96,7 +96,7 @@ impl RedisServer {
             Durability::Fsync => "always",
             Durability::Buffered => "everysec",
         };
-        let child = Command::new("redis-server")
+        let child = crate::common::server_command("redis-server")
             .arg("--port")
             .arg("0")
             .arg("--unixsocket")
