@@ -41,6 +41,16 @@
 //! first of their next saves would otherwise take a sync of its own ahead
 //! of the others, and each round of writers would need two.
 //!
+//! **One worker.** A synced inline save holds its runtime worker for a
+//! disk round trip. Where that worker is the runtime's only one (a daemon
+//! given a single core, or a current-thread runtime), no other connection
+//! is read meanwhile, so the next save comes alone and syncs alone as
+//! well: on one core, saves at W = 32 ran at 3,565/s with one sync each,
+//! against 25,118/s with 0.07 syncs each on two workers
+//! (docs/PERFORMANCE.md, eleventh round). So a save that syncs is
+//! committed inline only where another worker keeps serving; buffered
+//! saves, which hold the worker for no disk round trip, are not limited.
+//!
 //! **Close.** The thread takes the committer out of the lane when it
 //! closes, so nothing is written after its final flush.
 
@@ -246,6 +256,9 @@ impl Lane {
         let Some(committer) = &state.committer else {
             return Inline::NotNow;
         };
+        if committer.settings().sync && !other_workers_serve() {
+            return Inline::NotNow;
+        }
         let now = Instant::now();
         if now.saturating_duration_since(state.last_commit) < IDLE_BEFORE_INLINE
             || state.last_batch > 1
@@ -303,6 +316,14 @@ enum Inline {
     Failed(oneshot::Receiver<Result<u64, WriteError>>),
     /// It was not applied: it goes to the thread.
     NotNow,
+}
+
+/// Whether the calling thread may wait out a WAL sync while the rest of
+/// the daemon carries on: true off any runtime, and on a runtime with
+/// more than one worker (see **One worker** in the module docs).
+fn other_workers_serve() -> bool {
+    tokio::runtime::Handle::try_current()
+        .map_or(true, |runtime| runtime.metrics().num_workers() > 1)
 }
 
 /// The next operation, or the failure recorded meanwhile. While the syncer
@@ -487,8 +508,9 @@ mod tests {
 
     /// A save whose inline write RocksDB would stall goes to the thread,
     /// which commits it exactly once: at either durability it takes one
-    /// version, and the save after it goes inline again.
-    #[tokio::test]
+    /// version, and the save after it goes inline again. (Two workers, so
+    /// that a synced save may go inline at all.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stalled_inline_save_is_committed_once_by_the_thread() {
         for sync in [false, true] {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -579,7 +601,9 @@ mod tests {
     /// that sync fails, the save is in doubt like any batch whose sync
     /// failed: the thread is woken to reopen the database, and the save is
     /// answered by whether it survived, without waiting for another write.
-    #[tokio::test]
+    // Two workers: on one, a synced save is not committed inline (the
+    // next test).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_synced_save_is_committed_inline_and_a_failed_sync_wakes_the_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
@@ -621,6 +645,32 @@ mod tests {
         );
         let view = storage.view(key, None).await.expect("view");
         assert_eq!(view.data.as_deref(), Some(&b"two"[..]));
+        storage.close().await.expect("close");
+    }
+
+    /// On a runtime with one worker (as `#[tokio::test]` gives), a save
+    /// that syncs goes to the thread, however idle the committer: its sync
+    /// would stop every other task on the runtime.
+    #[tokio::test]
+    async fn a_synced_save_goes_to_the_thread_where_no_other_worker_serves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = open(&dir.path().join("db"), true);
+        let key = ProfileKey::new("s", "k");
+        let epoch = grant_epoch(&storage, &key, "a").await;
+        idle(&storage).await;
+        let lane = &storage.shared.lane;
+        let write = save_by_a(&key, epoch, b"one");
+        {
+            let mut state = lane.lock();
+            assert!(
+                matches!(lane.commit_inline(&mut state, &write), Inline::NotNow),
+                "a synced save on the only worker goes to the thread"
+            );
+        }
+        let answer = lane.save(&storage.shared.ops, write);
+        assert_eq!(answer.await.expect("answered"), Ok(1));
+        let view = storage.view(key, None).await.expect("view");
+        assert_eq!(view.data.as_deref(), Some(&b"one"[..]));
         storage.close().await.expect("close");
     }
 
